@@ -1,0 +1,266 @@
+"""Typed configuration: every knob of a reddino run in one place.
+
+A run is described by one YAML file (see ``reddino/configs/``) plus ``key.sub=value`` overrides.
+Unknown keys are errors, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """What images feed pretraining and how Ray Data moves them."""
+
+    paths: list[str] = Field(default_factory=list, description="Parquet dataset dirs (each with manifest.json).")
+    sources: list[str] | None = None
+    unit: Literal["patch", "cell"] | None = "patch"
+    source_weights: dict[str, float] | None = None
+    resize: int | None = 224  # every image is resized to this square before cropping (RedDino)
+    shuffle_seed: int = 0
+    read_parallelism: int | None = None
+    map_batch_size: int = 32  # rows per Ray Data augmentation task
+    map_concurrency: int = 1  # concurrent CPU augmentation tasks (per trainer, all workers)
+    cpus_per_map_task: float = 1.0
+    prefetch_batches: int = 2
+
+
+class CropConfig(_Section):
+    """DINOv2 multi-crop and pixel augmentation."""
+
+    global_crops_number: int = 2
+    global_crops_size: int = 224
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)
+    local_crops_number: int = 1
+    local_crops_size: int = 98
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    policy: Literal["dinov2", "rbc", "none"] = "rbc"
+    rbc_pick: int = 4  # RedDino: pick k of the n pixel transforms ...
+    rbc_p: float = 0.85  # ... each applied with probability p
+    flip_rotate_p: float = 0.85
+
+    @model_validator(mode="after")
+    def _check(self) -> "CropConfig":
+        if self.global_crops_number < 1:
+            raise ValueError("crops.global_crops_number must be >= 1")
+        if self.local_crops_number < 0:
+            raise ValueError("crops.local_crops_number must be >= 0 (0 = no local crops)")
+        return self
+
+
+class MaskConfig(_Section):
+    """iBOT block masking of the global crops."""
+
+    sample_probability: float = 0.5
+    ratio_min: float = 0.1
+    ratio_max: float = 0.5
+
+
+class ModelConfig(_Section):
+    arch: str = "vit_small_patch14_dinov2"
+    img_size: int = 224
+    patch_size: int | None = None  # None: the architecture's own
+    drop_path_rate: float = 0.0
+    pretrained: str | None = None  # local file: timm or original DINOv2 state dict, or a reddino export
+    head_prototypes: int = 131072
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    ibot_separate_head: bool = False
+    ibot_head_prototypes: int | None = None  # only with a separate head; None = head_prototypes
+
+
+class LossConfig(_Section):
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.0
+    centering: Literal["ema", "sinkhorn_knopp"] = "sinkhorn_knopp"
+    sinkhorn_iterations: int = 3
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+
+
+class OptimConfig(_Section):
+    base_lr: float = 2e-4  # at a global batch of `lr_reference_batch`, scaled by sqrt(batch / reference)
+    lr_reference_batch: int = 1024
+    min_lr: float = 1e-6
+    warmup_epochs: float = 0.1
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    clip_grad: float | None = 3.0
+    patch_embed_lr_mult: float = 0.2
+    layerwise_decay: float = 1.0
+    freeze_last_layer_epochs: float = 0.0
+    momentum_teacher: float = 0.994
+    final_momentum_teacher: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_accum_steps: int = 1
+
+
+class TrainConfig(_Section):
+    epochs: int = 10
+    iters_per_epoch: int = 3200
+    batch_size_per_worker: int = 280
+    num_workers: int = 1
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on GPU only; CPU runs fp32
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    seed: int = 0
+    storage_path: str = "~/.reddino/runs"
+    run_name: str | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    log_every: int = 10
+    monitor_every: int = 50  # teacher entropy + RankMe
+    collapse_rankme_min: float | None = None  # stop if RankMe falls below this (None = only warn)
+    export_path: str | None = None  # teacher backbone export; default <run dir>/backbone.pt
+
+
+class EvalHookConfig(_Section):
+    """In-training kNN score of the teacher on a fixed labelled set (the sweep tunes on it)."""
+
+    data: str | None = None
+    every: int = 0  # steps; 0 = only at the end (if data is set)
+    max_images: int = 2000
+    k: int = 20
+    exclude_labels: list[int] | None = None
+    metric: str = "knn20_balanced_accuracy"
+
+
+class MLflowConfig(_Section):
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under ~/.reddino
+    experiment: str = "reddino-pretrain"
+    enabled: bool = True
+
+
+class RunConfig(_Section):
+    """A whole pretraining run."""
+
+    name: str = "reddino"
+    data: DataConfig = Field(default_factory=DataConfig)
+    crops: CropConfig = Field(default_factory=CropConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalHookConfig = Field(default_factory=EvalHookConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.epochs * self.train.iters_per_epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, e.g. for MLflow params."""
+        return _flatten(self.to_dict())
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+        return path
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and field."""
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path, or the name of a shipped preset (``tiny_cpu`` → reddino/configs/tiny_cpu.yaml)."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml", CONFIG_DIR / p.name):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file not found: {path} (shipped presets: {', '.join(presets)})")
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["train.epochs=2", "crops.global_crops_scale=[0.3,1]"]`` → nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Read a YAML preset/file, apply overrides, validate. Errors name the file and the field."""
+    raw: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        p = resolve_config_path(path)
+        where = str(p)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: top level must be a mapping")
+    update = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    merged = deep_merge(raw, update)
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        lines = [f"{where}: invalid config"]
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,81 @@
+"""What a checkpoint holds and how it is written and read back.
+
+A checkpoint directory holds `state.pt` (student, teacher, heads, centres, optimizer, grad scaler,
+step, data pass, RNG states), `data_state.npz` (keys of the rows trained on in the current pass, all
+workers together) and `run_config.yaml`. The final one also holds the exported teacher backbone.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+DATA_STATE_FILE = "data_state.npz"
+CONFIG_FILE = "run_config.yaml"
+BACKBONE_FILE = "teacher_backbone.safetensors"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    data_pass: int = 0
+    consumed: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    images_seen: int = 0
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save(
+    directory: Path, *, model, optimizer, scaler, state: TrainState, config_yaml: str, extra: dict | None = None
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": state.step,
+        "data_pass": state.data_pass,
+        "images_seen": state.images_seen,
+        "rng": rng_state(),
+        "extra": extra or {},
+    }
+    torch.save(payload, directory / STATE_FILE)
+    np.savez(directory / DATA_STATE_FILE, consumed=state.consumed, data_pass=np.int64(state.data_pass))
+    (directory / CONFIG_FILE).write_text(config_yaml)
+    return directory
+
+
+def load(directory: Path, *, model, optimizer=None, scaler=None) -> TrainState:
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a reddino checkpoint: {STATE_FILE} is missing")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(payload["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    if scaler is not None and payload.get("scaler") is not None:
+        scaler.load_state_dict(payload["scaler"])
+    set_rng_state(payload["rng"])
+    data = np.load(directory / DATA_STATE_FILE)
+    return TrainState(
+        step=int(payload["step"]),
+        data_pass=int(payload["data_pass"]),
+        consumed=data["consumed"].astype(np.int64),
+        images_seen=int(payload.get("images_seen", 0)),
+    )

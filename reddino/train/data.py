@@ -1,0 +1,155 @@
+"""The pretraining data stream: Parquet → Ray Data (decode, multi-crop, masks) → each Train worker.
+
+Exact resume. Every row has a content hash (`sha256`); its first 8 bytes are the row's key. A
+worker remembers the keys it trained on in the current pass over the data; checkpoints store the
+union over workers. After a restart the first pass drops those keys *before* augmentation (a skip
+list held by a small named Ray actor, so it reaches Ray Data tasks on any node and can be cleared
+when the pass ends). The resumed run therefore neither replays nor skips a row of the pass it was in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+from reddino.config import RunConfig
+
+
+def sha_to_keys(sha256: np.ndarray | list[str]) -> np.ndarray:
+    """Hex content hashes → int64 row keys (first 8 bytes; collisions ~n²/2⁶⁵, negligible)."""
+    return np.array([int(h[:16], 16) for h in sha256], dtype=np.uint64).view(np.int64)
+
+
+class SkipList:
+    """Ray actor: the keys the current pass must drop (empty when not resuming)."""
+
+    def __init__(self) -> None:
+        self._keys = np.empty(0, dtype=np.int64)
+        self._version = 0
+
+    def set(self, keys: np.ndarray) -> int:
+        self._keys = np.unique(np.asarray(keys, dtype=np.int64))
+        self._version += 1
+        return self._version
+
+    def get(self) -> tuple[int, np.ndarray]:
+        return self._version, self._keys
+
+
+def skip_list_actor(name: str):
+    """Get or create the named skip-list actor of a run (lives as long as the Ray job)."""
+    import ray
+
+    return (
+        ray.remote(SkipList)
+        .options(name=name, get_if_exists=True, num_cpus=0, lifetime=None)
+        .remote()
+    )
+
+
+class DropConsumed:
+    """Ray Data batch UDF: removes rows whose key is in the run's skip list, adds the `key` column."""
+
+    def __init__(self, actor_name: str | None) -> None:
+        self.actor_name = actor_name
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = sha_to_keys(batch["sha256"])
+        batch = dict(batch)
+        batch["key"] = keys
+        if self.actor_name is None:
+            return batch
+        import ray
+
+        _, skip = ray.get(ray.get_actor(self.actor_name).get.remote())
+        if skip.size == 0:
+            return batch
+        keep = ~np.isin(keys, skip)
+        if keep.all():
+            return batch
+        return {name: column[keep] for name, column in batch.items()}
+
+
+class Augment:
+    """Ray Data batch UDF: decode + resize + multi-crop + iBOT masks; keeps only tensor columns."""
+
+    def __init__(self, cfg_dict: dict[str, Any], patch_size: int) -> None:
+        self.cfg_dict = cfg_dict
+        self.patch_size = patch_size
+        self._transform = None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._transform is None:  # built lazily, in the Ray Data worker process
+            from reddino.data.augment import MultiCropTransform
+
+            cfg = RunConfig.model_validate(self.cfg_dict)
+            self._transform = MultiCropTransform(
+                cfg.crops, cfg.mask, patch_size=self.patch_size, resize=cfg.data.resize, seed=cfg.train.seed
+            )
+        out = self._transform({"image": batch["image"], "sha256": batch["sha256"]})
+        result = {"global_crops": out["global_crops"], "masks": out["masks"], "key": batch["key"]}
+        local = out.get("local_crops")
+        if local is not None and local.shape[1] > 0:
+            result["local_crops"] = local
+        return result
+
+
+def build_train_dataset(cfg: RunConfig, patch_size: int, skip_actor_name: str | None):
+    """The streaming training dataset (unlabelled use: labels are never read)."""
+    from reddino.data import read_rbc_dataset
+
+    if not cfg.data.paths:
+        raise ValueError("data.paths is empty: give Parquet dirs made by `reddino ingest` or `reddino synth`")
+    ds = read_rbc_dataset(
+        cfg.data.paths,
+        sources=cfg.data.sources,
+        units=[cfg.data.unit] if cfg.data.unit else None,
+        source_weights=cfg.data.source_weights,
+        columns=["image", "sha256"],
+        shuffle_seed=cfg.data.shuffle_seed,
+        override_num_blocks=cfg.data.read_parallelism,
+    )
+    ds = ds.map_batches(DropConsumed(skip_actor_name), batch_size=None, zero_copy_batch=True, num_cpus=0.1)
+    ds = ds.map_batches(
+        Augment(cfg.to_dict(), patch_size),
+        batch_size=cfg.data.map_batch_size,
+        num_cpus=cfg.data.cpus_per_map_task,
+        concurrency=cfg.data.map_concurrency,
+    )
+    return ds
+
+
+class BatchStream:
+    """Endless per-worker batches over successive passes, recording the keys consumed in the current pass."""
+
+    def __init__(self, shard, batch_size: int, data_pass: int, prefetch_batches: int = 2) -> None:
+        self.shard = shard
+        self.batch_size = batch_size
+        self.data_pass = data_pass
+        self.prefetch_batches = prefetch_batches
+        self.consumed: list[np.ndarray] = []
+        self.on_pass_end = None  # callable run (on every worker) before a new pass starts
+
+    def consumed_keys(self) -> np.ndarray:
+        return np.concatenate(self.consumed) if self.consumed else np.empty(0, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            produced = 0
+            for batch in self.shard.iter_torch_batches(
+                batch_size=self.batch_size, drop_last=True, prefetch_batches=self.prefetch_batches, device="cpu"
+            ):
+                keys = batch["key"].numpy()
+                self.consumed.append(keys.copy())
+                produced += 1
+                yield batch
+            if produced == 0:
+                raise RuntimeError(
+                    f"a full pass over the training data gave no batch of {self.batch_size} rows on this "
+                    "worker: the dataset is smaller than batch_size_per_worker × workers"
+                )
+            self.data_pass += 1
+            self.consumed = []
+            if self.on_pass_end is not None:
+                self.on_pass_end(self.data_pass)

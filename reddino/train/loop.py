@@ -1,0 +1,328 @@
+"""The per-worker DINOv2 training loop (runs inside each Ray Train worker).
+
+Read top to bottom: build model + optimizer → restore the latest checkpoint → stream batches →
+step (schedules, forward, backward, clip, AdamW, teacher EMA) → log / monitor / evaluate /
+checkpoint → export the teacher backbone at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from reddino.config import RunConfig
+from reddino.train import checkpoint as ckpt
+from reddino.train.data import BatchStream, skip_list_actor
+
+
+class StopTraining(Exception):
+    """A clean, deliberate stop (non-finite loss, collapse); the last good checkpoint is kept."""
+
+
+def _all_gather_keys(keys: np.ndarray) -> np.ndarray:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return keys
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, keys)
+    return np.concatenate(gathered)
+
+
+def _any_rank(flag: bool, device) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class _MLflowLogger:
+    """Rank-0 metric logging into the run the driver created (no-op without a run id)."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
+        self.client = None
+        self.run_id = run_id
+        if run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._pending: list = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+        if len(self._pending) >= 200:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.client is not None and self._pending:
+            self.client.log_batch(self.run_id, metrics=self._pending)
+            self._pending = []
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from reddino.model import DINOv2SSL, export_backbone, rankme, teacher_entropy
+    from reddino.train.schedules import build_schedules
+
+    cfg = RunConfig.model_validate(loop_config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed + rank)
+    if not on_gpu:
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+
+    # --- model, optimizer ---
+    model = DINOv2SSL.from_config(cfg.model, cfg.loss)
+    patch_size = model.patch_size
+    model.to(device)
+    param_groups = model.param_groups(cfg.optim)
+    optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=tuple(cfg.optim.betas))
+    use_autocast = on_gpu and cfg.train.precision in ("bf16", "fp16")
+    amp_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if (on_gpu and cfg.train.precision == "fp16") else None
+
+    # --- restore ---
+    state = ckpt.TrainState()
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = ckpt.load(Path(d), model=model, optimizer=optimizer, scaler=scaler)
+        # RNG: ranks differ in data order anyway; keep the per-rank stream distinct.
+        torch.manual_seed(cfg.train.seed * 1000 + state.step + rank)
+        if rank == 0:
+            print(f"[reddino] resumed at step {state.step} (data pass {state.data_pass}, "
+                  f"{state.consumed.size} rows of this pass already consumed)", flush=True)
+
+    if world > 1:
+        ddp_model = ray.train.torch.prepare_model(
+            model, move_to_device=False, parallel_strategy=cfg.train.strategy,
+            parallel_strategy_kwargs={"broadcast_buffers": False} if cfg.train.strategy == "ddp" else None,
+        )
+    else:
+        ddp_model = model
+
+    # --- data ---
+    skip_name = loop_config.get("skip_actor")
+    skip_actor = skip_list_actor(skip_name) if skip_name else None
+    if rank == 0 and skip_actor is not None:
+        import ray
+
+        ray.get(skip_actor.set.remote(state.consumed))
+    _barrier()
+    shard = ray.train.get_dataset_shard("train")
+    stream = BatchStream(shard, cfg.train.batch_size_per_worker, state.data_pass, cfg.data.prefetch_batches)
+    if restored is not None and skip_actor is None and state.consumed.size:
+        raise RuntimeError("resuming mid-pass needs the skip-list actor")
+
+    def _pass_ended(new_pass: int) -> None:
+        # The skip list only concerns the pass that was interrupted.
+        if rank == 0 and skip_actor is not None:
+            import ray
+
+            ray.get(skip_actor.set.remote(np.empty(0, dtype=np.int64)))
+        _barrier()
+
+    stream.on_pass_end = _pass_ended
+    batches = iter(stream)
+
+    # --- schedules ---
+    accum = cfg.optim.grad_accum_steps
+    global_batch = cfg.train.batch_size_per_worker * world * accum
+    sched = build_schedules(cfg, global_batch)
+    total = cfg.total_steps
+    freeze_until = int(cfg.optim.freeze_last_layer_epochs * cfg.train.iters_per_epoch)
+
+    # --- eval hook data (rank 0) ---
+    eval_table = None
+    if rank == 0 and cfg.eval.data:
+        from reddino.data import load_table
+
+        eval_table = load_table([cfg.eval.data], exclude_labels=cfg.eval.exclude_labels)
+
+    logger = _MLflowLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
+    config_yaml = loop_config.get("config_yaml", "")
+    fault_step = int(os.environ.get("REDDINO_FAULT_STEP", "-1"))
+    fault_marker = os.environ.get("REDDINO_FAULT_MARKER")
+
+    def _report(metrics: dict[str, Any], with_checkpoint: bool, export: bool = False) -> None:
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        state.consumed = _all_gather_keys(stream.consumed_keys())
+        state.data_pass = stream.data_pass
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                ckpt.save(Path(tmp), model=model, optimizer=optimizer, scaler=scaler, state=state,
+                          config_yaml=config_yaml)
+                if export:
+                    export_backbone(
+                        model.teacher["backbone"], Path(tmp) / ckpt.BACKBONE_FILE,
+                        meta={"run_name": loop_config.get("run_name"), "step": state.step,
+                              "config_hash": cfg.hash(), "data_hash": loop_config.get("data_hash")},
+                    )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{state.step:07d}")
+            else:
+                ray.train.report(metrics)
+
+    model.train()
+    t_last, imgs_last = time.perf_counter(), 0
+    t_start = time.perf_counter()
+    steps_at_start = state.step
+    last_metrics: dict[str, float] = {}
+    stop_reason = None
+
+    while state.step < total:
+        step = state.step
+        lr, wd, mom, teacher_temp = sched["lr"](step), sched["wd"](step), sched["momentum"](step), sched["teacher_temp"](step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = wd * group.get("wd_mult", 1.0)
+            if group.get("is_last_layer") and step < freeze_until:
+                group["lr"] = 0.0
+
+        parts_sum: dict[str, float] = {}
+        loss_value = 0.0
+        for micro in range(accum):
+            batch = next(batches)
+            g = batch["global_crops"].to(device, non_blocking=True)
+            lc = batch.get("local_crops")
+            lc = lc.to(device, non_blocking=True) if lc is not None else None
+            masks = batch["masks"].to(device, non_blocking=True)
+            sync = nullcontext() if (micro == accum - 1 or world == 1) else ddp_model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_autocast):
+                    loss, parts = ddp_model(g, lc, masks, teacher_temp)
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            loss_value += float(loss.detach()) / accum
+            for name, v in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + float(v) / accum
+            state.images_seen += g.shape[0] * world
+
+        # NaN guard: every rank agrees before anything is stepped, so all stop together.
+        bad = not math.isfinite(loss_value)
+        if _any_rank(bad, device):
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in parts_sum.items())
+            stop_reason = f"non-finite loss at step {step} (total={loss_value:.4g}; {terms}); run stopped, last good checkpoint kept"
+            break
+
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = None
+        if cfg.optim.clip_grad:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.student.parameters(), cfg.optim.clip_grad))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_teacher(mom)
+        state.step += 1
+        step = state.step
+
+        if step == fault_step and fault_marker and not Path(fault_marker).exists():
+            Path(fault_marker).write_text(str(step))  # fire once: the restarted worker must go on
+            os._exit(1)  # simulate a crashed worker process
+
+        metrics: dict[str, Any] = {}
+        is_last = step >= total
+        if step % cfg.train.log_every == 0 or is_last:
+            now = time.perf_counter()
+            ips = (state.images_seen - imgs_last) / max(now - t_last, 1e-9)
+            t_last, imgs_last = now, state.images_seen
+            done = step - steps_at_start
+            eta = (now - t_start) / max(done, 1) * (total - step)
+            metrics.update({"step": step, "loss": loss_value, "lr": lr, "wd": wd, "momentum": mom,
+                            "teacher_temp": teacher_temp, "images_per_s": ips, "data_pass": stream.data_pass,
+                            "images_seen": state.images_seen})
+            metrics.update({f"loss_{k}": v for k, v in parts_sum.items()})
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm
+            if rank == 0:
+                print(f"[reddino] step {step}/{total} loss {loss_value:.4f} "
+                      + " ".join(f"{k} {v:.3f}" for k, v in parts_sum.items())
+                      + f" lr {lr:.2e} {ips:.1f} img/s eta {eta/60:.1f} min", flush=True)
+
+        if cfg.train.monitor_every and (step % cfg.train.monitor_every == 0 or is_last) and rank == 0:
+            cls = getattr(model, "last_teacher_cls", None)
+            probs = getattr(model, "last_teacher_probs", None)
+            if cls is not None:
+                metrics["rankme"] = rankme(cls.float())
+            if probs is not None:
+                ent = teacher_entropy(probs.float())
+                if isinstance(ent, tuple):
+                    metrics["teacher_entropy"], metrics["teacher_mean_entropy"] = ent
+                else:
+                    metrics["teacher_entropy"] = ent
+        collapsed = False
+        if rank == 0 and cfg.train.collapse_rankme_min is not None and "rankme" in metrics:
+            collapsed = metrics["rankme"] < cfg.train.collapse_rankme_min
+        if cfg.train.monitor_every and (step % cfg.train.monitor_every == 0 or is_last):
+            if _any_rank(collapsed, device):
+                stop_reason = (f"representation collapse at step {step}: RankMe "
+                               f"{metrics.get('rankme', float('nan')):.2f} < {cfg.train.collapse_rankme_min}; "
+                               "run stopped, last good checkpoint kept")
+
+        eval_due = eval_table is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or is_last)
+        if (cfg.eval.data and ((cfg.eval.every and step % cfg.eval.every == 0) or is_last)):
+            if eval_due:
+                from reddino.evaluate import knn_score
+
+                model.eval()
+                scores = knn_score(model.teacher["backbone"], eval_table, img_size=cfg.model.img_size,
+                                   k=cfg.eval.k, max_images=cfg.eval.max_images, seed=cfg.train.seed, device=device)
+                model.train()
+                metrics.update({f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
+                if rank == 0:
+                    print(f"[reddino] step {step} kNN: " + ", ".join(
+                        f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)), flush=True)
+            _barrier()
+
+        if metrics and logger is not None:
+            logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
+            logger.flush()
+        if metrics:
+            last_metrics.update(metrics)
+
+        if stop_reason:
+            break
+        want_ckpt = (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or is_last
+        if want_ckpt:
+            metrics = {**last_metrics, **metrics, "step": step}
+            _report(metrics, with_checkpoint=True, export=is_last)
+        elif metrics:
+            _report({**metrics, "step": step}, with_checkpoint=False)
+
+    if stop_reason:
+        if rank == 0:
+            print(f"[reddino] STOP: {stop_reason}", flush=True)
+            if logger is not None and logger.client is not None:
+                logger.client.set_tag(logger.run_id, "reddino.stop_reason", stop_reason)
+        ray.train.report({**last_metrics, "step": state.step, "stopped": stop_reason})
+    if logger is not None:
+        logger.flush()

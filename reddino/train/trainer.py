@@ -1,0 +1,179 @@
+"""Driver side of pretraining: a Ray Train `TorchTrainer` around the per-worker loop, plus MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reddino.config import RunConfig
+
+
+@dataclass
+class PretrainResult:
+    run_name: str
+    run_dir: Path
+    checkpoint_dir: Path | None
+    backbone_path: Path | None
+    metrics: dict[str, Any]
+    mlflow_run_id: str | None
+    stopped: str | None = None
+
+
+def _use_gpu(cfg: RunConfig) -> bool:
+    if cfg.train.use_gpu == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(cfg.train.use_gpu)
+
+
+def _data_hash(paths: list[str]) -> str:
+    from reddino.data import manifest_hash
+
+    return ",".join(manifest_hash(p) for p in paths)
+
+
+def _patch_size(cfg: RunConfig) -> int:
+    from reddino.model import create_backbone
+
+    if cfg.model.patch_size:
+        return cfg.model.patch_size
+    backbone = create_backbone(cfg.model.arch, img_size=cfg.model.img_size)
+    size = backbone.patch_embed.patch_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def pretrain(cfg: RunConfig, *, run_name: str | None = None, resume: bool = False) -> PretrainResult:
+    """Run (or resume) DINOv2 pretraining as described by `cfg`.
+
+    Rerunning with the same `run_name` and storage path resumes from its latest checkpoint (Ray
+    Train restores the run's checkpoint manager; the loop restores model, optimizer and data position).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from reddino.local import default_tracking_uri, init_ray
+
+    init_ray()
+    storage = Path(os.path.expanduser(cfg.train.storage_path)).resolve() if "://" not in cfg.train.storage_path else cfg.train.storage_path
+    run_name = run_name or cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(storage) / run_name if not isinstance(storage, str) else None
+    if resume and run_dir is not None and not run_dir.exists():
+        raise FileNotFoundError(f"cannot resume: no run named {run_name!r} under {storage}")
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(run_dir / "run_config.yaml")
+
+    data_hash = _data_hash(cfg.data.paths) if cfg.data.paths else None
+    use_gpu = _use_gpu(cfg)
+    patch = _patch_size(cfg)
+
+    # --- MLflow: the driver owns the run; rank 0 logs metrics into it by id ---
+    tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri()
+    mlflow_run_id = None
+    if cfg.mlflow.enabled:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(cfg.mlflow.experiment)
+        existing = None
+        if run_dir is not None and (run_dir / "mlflow_run_id").exists():
+            existing = (run_dir / "mlflow_run_id").read_text().strip()
+        run = mlflow.start_run(run_id=existing, run_name=None if existing else run_name)
+        mlflow_run_id = run.info.run_id
+        if run_dir is not None:
+            (run_dir / "mlflow_run_id").write_text(mlflow_run_id)
+        if not existing:
+            params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.flat().items()}
+            items = list(params.items())
+            for i in range(0, len(items), 90):
+                mlflow.log_params(dict(items[i : i + 90]))
+            mlflow.set_tags({"reddino.config_hash": cfg.hash(), "reddino.data_hash": data_hash or "",
+                             "reddino.run_name": run_name, "reddino.arch": cfg.model.arch})
+            if run_dir is not None:
+                mlflow.log_artifact(str(run_dir / "run_config.yaml"))
+        mlflow.end_run()
+
+    # --- data: Ray Data does decode + multi-crop + masks on CPU tasks ---
+    from reddino.train.data import build_train_dataset, skip_list_actor
+
+    skip_name = f"reddino-skip-{run_name}"
+    skip_list_actor(skip_name)
+    dataset = build_train_dataset(cfg, patch, skip_name)
+
+    import yaml
+
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "config_yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        "run_name": run_name,
+        "skip_actor": skip_name,
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "data_hash": data_hash,
+    }
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    from reddino.train.loop import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RayRunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    stopped = metrics.get("stopped")
+
+    ckpt_dir = Path(result.checkpoint.path) if result.checkpoint is not None and "://" not in result.checkpoint.path else None
+    backbone = None
+    from reddino.train.checkpoint import BACKBONE_FILE
+
+    if ckpt_dir is not None and (ckpt_dir / BACKBONE_FILE).exists():
+        target = Path(cfg.train.export_path).expanduser() if cfg.train.export_path else run_dir / "backbone.safetensors"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for src in ckpt_dir.iterdir():
+            if src.name.startswith(BACKBONE_FILE):
+                tmp = target.with_name(target.name + src.name[len(BACKBONE_FILE):] + ".tmp")
+                shutil.copy2(src, tmp)
+                tmp.replace(target.with_name(target.name + src.name[len(BACKBONE_FILE):]))
+        backbone = target
+
+    if mlflow_run_id is not None:
+        import mlflow
+
+        with mlflow.start_run(run_id=mlflow_run_id):
+            final = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            if final:
+                mlflow.log_metrics(final)
+            if backbone is not None:
+                for f in backbone.parent.glob(backbone.name + "*"):
+                    mlflow.log_artifact(str(f), artifact_path="backbone")
+            if stopped:
+                mlflow.set_tag("reddino.stop_reason", stopped)
+                mlflow.set_tag("reddino.status", "stopped")
+            else:
+                mlflow.set_tag("reddino.status", "finished")
+            if ckpt_dir is not None:
+                mlflow.set_tag("reddino.checkpoint", str(ckpt_dir))
+    try:
+        ray.kill(ray.get_actor(skip_name))
+    except ValueError:
+        pass
+    return PretrainResult(run_name=run_name, run_dir=run_dir, checkpoint_dir=ckpt_dir, backbone_path=backbone,
+                          metrics=metrics, mlflow_run_id=mlflow_run_id, stopped=stopped)
