@@ -48,7 +48,14 @@ def _patch_size(cfg: RunConfig) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def pretrain(cfg: RunConfig, *, run_name: str | None = None, resume: bool = False) -> PretrainResult:
+def pretrain(
+    cfg: RunConfig,
+    *,
+    run_name: str | None = None,
+    resume: bool = False,
+    callbacks: list | None = None,
+    mlflow_tags: dict[str, str] | None = None,
+) -> PretrainResult:
     """Run (or resume) DINOv2 pretraining as described by `cfg`.
 
     Rerunning with the same `run_name` and storage path resumes from its latest checkpoint (Ray
@@ -94,6 +101,8 @@ def pretrain(cfg: RunConfig, *, run_name: str | None = None, resume: bool = Fals
             items = list(params.items())
             for i in range(0, len(items), 90):
                 mlflow.log_params(dict(items[i : i + 90]))
+            if mlflow_tags:
+                mlflow.set_tags(mlflow_tags)
             mlflow.set_tags({"reddino.config_hash": cfg.hash(), "reddino.data_hash": data_hash or "",
                              "reddino.run_name": run_name, "reddino.arch": cfg.model.arch})
             if run_dir is not None:
@@ -133,6 +142,7 @@ def pretrain(cfg: RunConfig, *, run_name: str | None = None, resume: bool = Fals
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
         ),
         datasets={"train": dataset},
     )

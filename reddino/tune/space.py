@@ -1,0 +1,110 @@
+"""Sweep-space files: which config keys a study varies, and how (Optuna distributions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reddino.config import CONFIG_DIR, ConfigError, RunConfig, load_config
+
+_KINDS = ("choice", "uniform", "loguniform", "int")
+
+
+@dataclass
+class SweepSpace:
+    base: str
+    metric: str
+    mode: str
+    space: dict[str, dict[str, Any]]
+    overrides: list[str] = field(default_factory=list)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+    def optuna_space(self) -> dict[str, Any]:
+        import optuna.distributions as od
+
+        out: dict[str, Any] = {}
+        for key, spec in self.space.items():
+            kind, arg = next(iter(spec.items()))
+            if kind == "choice":
+                out[key] = od.CategoricalDistribution(arg)
+            elif kind == "uniform":
+                out[key] = od.FloatDistribution(float(arg[0]), float(arg[1]))
+            elif kind == "loguniform":
+                out[key] = od.FloatDistribution(float(arg[0]), float(arg[1]), log=True)
+            elif kind == "int":
+                out[key] = od.IntDistribution(int(arg[0]), int(arg[1]))
+        return out
+
+    def base_config(self, extra: list[str] | None = None) -> RunConfig:
+        return load_config(self.base, list(self.overrides) + list(extra or []))
+
+    def ablation_variants(self) -> list[dict[str, Any]]:
+        """The recipe, then every categorical axis flipped to each of its other values."""
+        recipe = {k: v for k, v in self.recipe.items()}
+        for key, spec in self.space.items():
+            kind, arg = next(iter(spec.items()))
+            if kind != "choice":
+                raise ConfigError(f"{self.path}: ablation mode needs categorical axes; {key} is {kind}")
+            recipe.setdefault(key, arg[0])
+        variants = [{"name": "recipe", "axis": "-", "value": "-", "params": dict(recipe)}]
+        for key, spec in self.space.items():
+            for value in spec["choice"]:
+                if value == recipe[key]:
+                    continue
+                params = dict(recipe)
+                params[key] = value
+                variants.append({"name": f"{key}={value}", "axis": key, "value": value, "params": params})
+        return variants
+
+
+def resolve_space_path(name: str | Path) -> Path:
+    p = Path(name).expanduser()
+    if p.exists():
+        return p
+    for candidate in (CONFIG_DIR / "sweeps" / p, CONFIG_DIR / "sweeps" / f"{p}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(x.stem for x in (CONFIG_DIR / "sweeps").glob("*.yaml"))
+    raise ConfigError(f"sweep space not found: {name} (shipped: {', '.join(shipped)})")
+
+
+def load_space(name: str | Path) -> SweepSpace:
+    path = resolve_space_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for required in ("base", "space"):
+        if required not in raw:
+            raise ConfigError(f"{path}: missing field '{required}'")
+    space = raw["space"]
+    base_cfg = load_config(raw["base"], list(raw.get("overrides") or []))
+    flat = base_cfg.flat()
+    for key, spec in space.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _KINDS:
+            raise ConfigError(f"{path}: space.{key} must be one of {{{', '.join(k + ': ...' for k in _KINDS)}}}")
+        if key not in flat:
+            raise ConfigError(f"{path}: space.{key} is not a config key")
+        # Validate every categorical value once, so a typo fails before any trial starts.
+        kind, arg = next(iter(spec.items()))
+        for value in arg if kind == "choice" else arg[:1]:
+            load_config(raw["base"], list(raw.get("overrides") or []) + [f"{key}={yaml.safe_dump(value).strip().removesuffix('...').strip()}"])
+    return SweepSpace(
+        base=raw["base"],
+        metric=raw.get("metric", "eval_knn20_balanced_accuracy"),
+        mode=raw.get("mode", "max"),
+        space=space,
+        overrides=list(raw.get("overrides") or []),
+        recipe=dict(raw.get("recipe") or {}),
+        scheduler=dict(raw.get("scheduler") or {}),
+        path=str(path),
+    )
+
+
+def params_to_overrides(params: dict[str, Any]) -> list[str]:
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in params.items()]

@@ -1,0 +1,228 @@
+"""Ray Tune + Optuna sweeps over reddino configs, early-stopped by ASHA on the in-training kNN score.
+
+Each trial is a Tune function trainable that runs a whole Ray Train `TorchTrainer` (Train V2 style:
+`trainer.fit()` inside the trial); the loop's reports reach Tune through `TuneReportCallback`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from reddino.tune.space import SweepSpace, load_space, params_to_overrides
+
+STATE_FILE = "reddino_sweep.json"
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    table: pd.DataFrame
+    best_params: dict[str, Any]
+    best_config_path: Path | None
+    parent_run_id: str | None
+    ablation_markdown: str | None = None
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One trial: pretrain with this trial's overrides, then report the final scores to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from reddino.config import load_config
+    from reddino.train import pretrain
+
+    ctx = ray.tune.get_context()
+    params = {k: v for k, v in config.items() if not k.startswith("_")}
+    if "_variant" in config:
+        params = dict(config["_variant"]["params"])
+    overrides = list(config["_overrides"]) + params_to_overrides(params) + [
+        f"train.storage_path={config['_storage']}",
+        f"mlflow.experiment={config['_experiment']}",
+    ]
+    cfg = load_config(config["_base"], overrides)
+    trial_name = f"trial-{ctx.get_trial_id()}"
+    result = pretrain(
+        cfg, run_name=trial_name, callbacks=[TuneReportCallback()],
+        mlflow_tags={"mlflow.parentRunId": config["_parent_run_id"]} if config.get("_parent_run_id") else None,
+    )
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    if config.get("_final_eval") and result.backbone_path is not None and cfg.eval.data:
+        from reddino.evaluate import knn_score
+        from reddino.model import load_backbone
+
+        scores = knn_score(load_backbone(result.backbone_path), cfg.eval.data, img_size=cfg.model.img_size,
+                           k=cfg.eval.k, max_images=cfg.eval.max_images, exclude_labels=cfg.eval.exclude_labels,
+                           seed=cfg.train.seed, probe=True)
+        final.update({f"final_{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
+    final["backbone_path"] = str(result.backbone_path or "")
+    final["mlflow_run_id"] = result.mlflow_run_id or ""
+    ray.tune.report(final)
+
+
+def _scheduler(space: SweepSpace, cfg) -> Any:
+    from ray.tune.schedulers import ASHAScheduler
+
+    every = cfg.eval.every or cfg.total_steps
+    grace = int(space.scheduler.get("grace_period", 1)) * every
+    return ASHAScheduler(
+        time_attr="step", max_t=cfg.total_steps, grace_period=min(grace, cfg.total_steps),
+        reduction_factor=float(space.scheduler.get("reduction_factor", 2)),
+    )
+
+
+def sweep(
+    space_name: str | Path,
+    *,
+    data: list[str] | None = None,
+    eval_data: str | None = None,
+    trials: int = 8,
+    concurrency: int = 1,
+    mode: str = "search",
+    out: str | Path = "~/.reddino/sweeps",
+    name: str | None = None,
+    seed: int = 0,
+    overrides: list[str] | None = None,
+    cpus_per_trial: float | None = None,
+    gpus_per_trial: float = 0.0,
+    resume: str | Path | None = None,
+    final_eval: bool = True,
+) -> SweepResult:
+    """Run (or resume) a sweep. `mode="search"`: Optuna TPE + ASHA; `mode="ablation"`: one factor at a time."""
+    import ray
+    from ray import tune
+
+    from reddino.local import default_tracking_uri, init_ray
+
+    init_ray()
+    if resume is not None:
+        sweep_dir = Path(resume).expanduser().resolve()
+        state = json.loads((sweep_dir / STATE_FILE).read_text())
+        space_name, data, eval_data, trials, concurrency, mode, seed, overrides = (
+            state["space"], state["data"], state["eval_data"], state["trials"], state["concurrency"],
+            state["mode"], state["seed"], state["overrides"])
+        cpus_per_trial, gpus_per_trial, final_eval = state["cpus_per_trial"], state["gpus_per_trial"], state["final_eval"]
+        parent_run_id = state.get("parent_run_id")
+    space = load_space(space_name)
+    extra = list(overrides or [])
+    if data:
+        extra.append("data.paths=[" + ",".join(str(Path(p).resolve()) for p in data) + "]")
+    if eval_data:
+        extra.append(f"eval.data={Path(eval_data).resolve()}")
+    extra.append(f"train.seed={seed}")
+    base_cfg = space.base_config(extra)
+    if base_cfg.eval.data is None:
+        raise ValueError("a sweep needs a labelled eval set (--eval-data): trials are ranked on kNN, not on the loss")
+
+    if resume is None:
+        name = name or f"sweep-{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir = Path(out).expanduser().resolve() / name
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        parent_run_id = None
+    storage = sweep_dir / "trials"
+    experiment = f"{base_cfg.mlflow.experiment}-sweeps"
+
+    # MLflow: one parent run for the sweep; each trial's pretraining run is its child.
+    import mlflow
+
+    tracking_uri = base_cfg.mlflow.tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    if parent_run_id is None and base_cfg.mlflow.enabled:
+        with mlflow.start_run(run_name=sweep_dir.name) as parent:
+            parent_run_id = parent.info.run_id
+            mlflow.log_params({"space": space.path, "mode": mode, "trials": trials, "seed": seed,
+                               "concurrency": concurrency, "metric": space.metric})
+    state = {"space": space.path, "data": data, "eval_data": eval_data, "trials": trials,
+             "concurrency": concurrency, "mode": mode, "seed": seed, "overrides": overrides,
+             "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial, "final_eval": final_eval,
+             "parent_run_id": parent_run_id}
+    (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
+
+    fixed = {"_base": space.base, "_overrides": space.overrides + extra, "_storage": str(storage),
+             "_experiment": experiment, "_parent_run_id": parent_run_id, "_final_eval": final_eval}
+    if mode == "ablation":
+        variants = space.ablation_variants()
+        param_space = {**fixed, "_variant": tune.grid_search(variants)}
+        search_alg, scheduler, num_samples = None, None, 1  # equal budget: nobody is stopped early
+    elif mode == "search":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        param_space = dict(fixed)
+        search_alg = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode,
+                                  sampler=TPESampler(seed=seed))
+        scheduler, num_samples = _scheduler(space, base_cfg), trials
+    else:
+        raise ValueError(f"unknown sweep mode {mode!r}; valid: search, ablation")
+
+    # Each trial's driver is light; its Train workers and Ray Data tasks ask for their own CPUs.
+    trial_cpus = cpus_per_trial if cpus_per_trial is not None else 0.1
+    trainable = tune.with_resources(_trial, {"cpu": trial_cpus, "gpu": gpus_per_trial})
+    run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
+                                failure_config=tune.FailureConfig(max_failures=1))
+    if resume is not None and tune.Tuner.can_restore(str(sweep_dir / "tune")):
+        tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=param_space)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg,
+                                        scheduler=scheduler, num_samples=num_samples,
+                                        max_concurrent_trials=concurrency),
+            run_config=run_config,
+        )
+    grid = tuner.fit()
+    return _summarise(grid, space, sweep_dir, mode, parent_run_id, base_cfg)
+
+
+def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_id: str | None, base_cfg) -> SweepResult:
+    from reddino.tune.report import ablation_table, sweep_plots, write_best_config
+
+    rows = []
+    for res in grid:
+        cfg = res.config or {}
+        params = dict(cfg["_variant"]["params"]) if "_variant" in cfg else {k: v for k, v in cfg.items() if not k.startswith("_")}
+        metrics = res.metrics or {}
+        row = {"trial": Path(res.path).name if res.path else "", "variant": cfg.get("_variant", {}).get("name", ""),
+               **{f"param.{k}": v for k, v in params.items()},
+               "steps": metrics.get("step"), space.metric: metrics.get(space.metric),
+               "error": str(res.error) if res.error else ""}
+        for key, value in metrics.items():
+            if key.startswith("final_eval_") or key.startswith("final_knn") or key.startswith("final_probe"):
+                row[key] = value
+        row["backbone_path"] = metrics.get("backbone_path", "")
+        row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.to_csv(sweep_dir / "trials.csv", index=False)
+    table.to_parquet(sweep_dir / "trials.parquet", index=False)
+
+    scored = table.dropna(subset=[space.metric]) if space.metric in table else table.iloc[0:0]
+    best_params: dict[str, Any] = {}
+    best_path = None
+    if len(scored):
+        best = scored.sort_values(space.metric, ascending=(space.mode == "min")).iloc[0]
+        best_params = {k[len("param."):]: v for k, v in best.items() if k.startswith("param.") and pd.notna(v)}
+        best_path = write_best_config(space, best_params, sweep_dir / "best_config.yaml")
+    markdown = ablation_table(table, space) if mode == "ablation" else None
+    if markdown:
+        (sweep_dir / "ablation.md").write_text(markdown)
+    pngs = sweep_plots(table, space, sweep_dir) if len(scored) else []
+
+    if parent_run_id:
+        import mlflow
+
+        with mlflow.start_run(run_id=parent_run_id):
+            if len(scored):
+                mlflow.log_metric(f"best_{space.metric}", float(scored[space.metric].max() if space.mode == "max" else scored[space.metric].min()))
+            for f in [sweep_dir / "trials.csv", best_path, sweep_dir / "ablation.md", *pngs]:
+                if f is not None and Path(f).exists():
+                    mlflow.log_artifact(str(f))
+    return SweepResult(sweep_dir, table, best_params, best_path, parent_run_id, markdown)
