@@ -1,0 +1,278 @@
+"""Register, promote, pull and list reddino models in MLflow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+from mlflow.tracking import MlflowClient
+
+from reddino.local import default_tracking_uri
+
+DEFAULT_NAME = "reddino-backbone"
+BACKBONE_ARTIFACT = "backbone"
+
+
+def _client() -> MlflowClient:
+    uri = default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+class BackboneEmbedder(PythonModel):
+    """pyfunc: a DataFrame with an `image` column of encoded PNG/JPEG bytes → CLS embeddings (n, D)."""
+
+    def load_context(self, context) -> None:
+        from reddino.model import load_backbone as load_export
+
+        self.model = load_export(context.artifacts["backbone"])
+        self.img_size = int(self.model.reddino_meta["img_size"])
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        from reddino.data import decode_image
+        from reddino.evaluate import extract_features
+
+        column = model_input["image"] if hasattr(model_input, "columns") else model_input
+        images = [decode_image(bytes(b)) for b in list(column)]
+        with torch.no_grad():
+            feats = extract_features(self.model, images, img_size=self.img_size, batch_size=64, device="cpu")
+        return np.asarray(feats, dtype=np.float32)
+
+
+def _find_export(path: Path) -> Path:
+    if path.is_file():
+        return path
+    found = sorted(p for p in path.rglob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"no exported backbone (*.safetensors) under {path}")
+    return found[0]
+
+
+def _resolve_run(run: str) -> tuple[Path, str | None]:
+    """A backbone file, a run/checkpoint folder, or an MLflow run id → (export path, training run id)."""
+    p = Path(run).expanduser()
+    if p.exists():
+        run_id = None
+        for cand in (p / "mlflow_run_id", p.parent / "mlflow_run_id"):
+            if cand.is_file():
+                run_id = cand.read_text().strip()
+        return _find_export(p), run_id
+    client = _client()
+    try:
+        client.get_run(run)
+    except Exception:
+        raise FileNotFoundError(f"{run!r} is neither a path nor an MLflow run id") from None
+    local = mlflow.artifacts.download_artifacts(run_id=run, artifact_path=BACKBONE_ARTIFACT,
+                                                dst_path=tempfile.mkdtemp(prefix="reddino-reg-"))
+    return _find_export(Path(local)), run
+
+
+def _example_images(img_size: int, n: int = 2) -> list[bytes]:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        img = rng.integers(0, 255, (img_size, img_size, 3), dtype=np.uint8)
+        ok, buf = cv2.imencode(".png", img)
+        out.append(buf.tobytes())
+    return out
+
+
+def register_backbone(
+    run: str,
+    *,
+    name: str = DEFAULT_NAME,
+    metrics: dict[str, float] | None = None,
+    alias: str = "candidate",
+    description: str | None = None,
+):
+    """Register the exported teacher backbone of `run` as a new version of `name` and alias it."""
+    import pandas as pd
+
+    from reddino.model.backbone import read_export_meta
+
+    export, train_run_id = _resolve_run(run)
+    meta = read_export_meta(export)
+    client = _client()
+    examples = pd.DataFrame({"image": _example_images(int(meta["img_size"]))})
+    artifacts = {"backbone": str(export)}
+    side = export.with_name(export.name + ".json")
+    if side.exists():
+        artifacts["backbone_meta"] = str(side)
+    tags = {
+        "reddino.kind": "backbone",
+        "reddino.arch": str(meta.get("arch")),
+        "reddino.img_size": str(meta.get("img_size")),
+        "reddino.embed_dim": str(meta.get("embed_dim")),
+        "reddino.config_hash": str(meta.get("config_hash", "")),
+        "reddino.data_hash": str(meta.get("data_hash", "")),
+        "reddino.training_run": str(train_run_id or meta.get("run_name", "")),
+    }
+    for key, value in (metrics or {}).items():
+        tags[f"metric.{key}"] = f"{float(value):.6f}"
+    mlflow.set_experiment("reddino-registry")
+    with mlflow.start_run(run_name=f"register-{name}") as reg_run:
+        mlflow.set_tags(tags)
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=BackboneEmbedder(),
+            artifacts=artifacts,
+            input_example=examples,
+            pip_requirements=["reddino", "torch", "timm", "mlflow"],
+            registered_model_name=name,
+            metadata={"reddino": {k: v for k, v in meta.items() if isinstance(v, (str, int, float))}},
+        )
+    version = info.registered_model_version
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    client.set_model_version_tag(name, str(version), "reddino.register_run", reg_run.info.run_id)
+    if description:
+        client.update_model_version(name, str(version), description=description)
+    if alias:
+        client.set_registered_model_alias(name, alias, str(version))
+    return client.get_model_version(name, str(version))
+
+
+def register_probe(probe, *, backbone: str, name: str | None = None, metrics: dict[str, float] | None = None,
+                   classes: list[str] | None = None, alias: str = "candidate"):
+    """Register a fitted sklearn probe, tagged with the backbone version (`name/version`) it needs."""
+    import mlflow.sklearn
+
+    client = _client()
+    bname, _, bversion = backbone.partition("/")
+    name = name or f"{bname}-probe"
+    mlflow.set_experiment("reddino-registry")
+    with mlflow.start_run(run_name=f"register-{name}"):
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        info = mlflow.sklearn.log_model(probe, name="model", registered_model_name=name,
+                                        pip_requirements=["scikit-learn"])
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(name, version, "reddino.kind", "probe")
+    client.set_model_version_tag(name, version, "reddino.backbone", backbone)
+    if classes:
+        client.set_model_version_tag(name, version, "reddino.classes", json.dumps(classes))
+    for key, value in (metrics or {}).items():
+        client.set_model_version_tag(name, version, f"metric.{key}", f"{float(value):.6f}")
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return client.get_model_version(name, version)
+
+
+def _metric(version, metric: str) -> float | None:
+    value = (version.tags or {}).get(f"metric.{metric}")
+    return float(value) if value not in (None, "") else None
+
+
+def promote(name: str, *, alias: str = "champion", metric: str = "knn20_balanced_accuracy",
+            candidate_alias: str = "candidate", force: bool = False) -> tuple[bool, str]:
+    """Move `alias` to the candidate if it beats the current holder on `metric` (or with force)."""
+    client = _client()
+    try:
+        cand = client.get_model_version_by_alias(name, candidate_alias)
+    except Exception:
+        raise ValueError(f"{name} has no version with alias @{candidate_alias}") from None
+    try:
+        champ = client.get_model_version_by_alias(name, alias)
+    except Exception:
+        champ = None
+    c_score = _metric(cand, metric)
+    if champ is not None and champ.version == cand.version:
+        return False, f"v{cand.version} already holds @{alias}"
+    if force:
+        client.set_registered_model_alias(name, alias, cand.version)
+        return True, f"@{alias} → v{cand.version} (forced)"
+    if c_score is None:
+        return False, f"candidate v{cand.version} has no '{metric}' evaluation; evaluate it first or use --force"
+    if champ is None:
+        client.set_registered_model_alias(name, alias, cand.version)
+        return True, f"@{alias} → v{cand.version}: first {alias} ({metric} {c_score:.4f})"
+    h_score = _metric(champ, metric)
+    if h_score is not None and c_score <= h_score:
+        return False, (f"candidate v{cand.version} ({metric} {c_score:.4f}) does not beat @{alias} "
+                       f"v{champ.version} ({h_score:.4f}); alias unchanged")
+    client.set_registered_model_alias(name, alias, cand.version)
+    was = "n/a" if h_score is None else f"{h_score:.4f}"
+    return True, f"@{alias} → v{cand.version}: {metric} {c_score:.4f} beats v{champ.version} ({was})"
+
+
+def _parse_ref(ref: str) -> str:
+    if ref.startswith("models:/"):
+        return ref
+    if "@" in ref or "/" in ref:
+        return f"models:/{ref}"
+    return f"models:/{ref}@champion"
+
+
+def pull(ref: str, out: str | Path) -> Path:
+    """Download a registered backbone (`name@alias`, `name/version` or a models:/ URI) into `out`."""
+    _client()
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_parse_ref(ref), dst_path=tmp))
+        export = _find_export(local)
+        target = out / export.name
+        shutil.copy2(export, target)
+        side = export.with_name(export.name + ".json")
+        if side.exists():
+            shutil.copy2(side, out / side.name)
+    return target
+
+
+def load_backbone(ref: str, device: str = "cpu"):
+    """A ready timm model from `models:/name@alias` (or a local export path)."""
+    from reddino.model import load_backbone as load_export
+
+    if Path(ref).expanduser().exists():
+        return load_export(_find_export(Path(ref).expanduser()), device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_export(pull(ref, tmp), device=device)
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every registered model version with its aliases and metric tags."""
+    client = _client()
+    rows = []
+    for rm in client.search_registered_models():
+        aliases_by_version: dict[str, list[str]] = {}
+        for alias, version in (rm.aliases or {}).items():
+            aliases_by_version.setdefault(str(version), []).append(alias)
+        for mv in client.search_model_versions(f"name='{rm.name}'"):
+            tags = mv.tags or {}
+            rows.append({
+                "name": rm.name, "version": int(mv.version),
+                "aliases": sorted(aliases_by_version.get(str(mv.version), [])),
+                "kind": tags.get("reddino.kind", ""), "arch": tags.get("reddino.arch", ""),
+                "metrics": {k[len("metric."):]: float(v) for k, v in tags.items() if k.startswith("metric.")},
+            })
+    return sorted(rows, key=lambda r: (r["name"], r["version"]))
+
+
+def headline_metrics(eval_json: str | Path) -> dict[str, float]:
+    """Flatten the headline numbers of a `reddino evaluate` metrics JSON: every numeric leaf whose
+    key path ends in a metric name, joined with '_' (e.g. knn20_balanced_accuracy)."""
+    data = json.loads(Path(eval_json).read_text())
+    out: dict[str, float] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}_{k}" if prefix else str(k))
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            out[prefix] = float(node)
+
+    walk(data.get("headline", data), "")
+    return out
