@@ -22,11 +22,18 @@ def sha_to_keys(sha256: np.ndarray | list[str]) -> np.ndarray:
 
 
 class SkipList:
-    """Ray actor: the keys the current pass must drop (empty when not resuming)."""
+    """Ray actor: the keys the current pass must drop (empty when not resuming), and the run's stop reason."""
 
     def __init__(self) -> None:
         self._keys = np.empty(0, dtype=np.int64)
         self._version = 0
+        self._stop_reason: str | None = None
+
+    def set_stop_reason(self, reason: str) -> None:
+        self._stop_reason = reason
+
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
 
     def set(self, keys: np.ndarray) -> int:
         self._keys = np.unique(np.asarray(keys, dtype=np.int64))

@@ -134,6 +134,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _barrier()
     shard = ray.train.get_dataset_shard("train")
     stream = BatchStream(shard, cfg.train.batch_size_per_worker, state.data_pass, cfg.data.prefetch_batches)
+    if rank == 0 and state.consumed.size:
+        stream.consumed.append(state.consumed)  # the union over workers lives on rank 0 only
     if restored is not None and skip_actor is None and state.consumed.size:
         raise RuntimeError("resuming mid-pass needs the skip-list actor")
 
@@ -164,8 +166,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = _MLflowLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
     config_yaml = loop_config.get("config_yaml", "")
-    fault_step = int(os.environ.get("REDDINO_FAULT_STEP", "-1"))
-    fault_marker = os.environ.get("REDDINO_FAULT_MARKER")
+    # Test-only fault injection: {"crash_at_step": N, "crash_marker": path, "nan_at_step": N}.
+    faults = loop_config.get("faults") or {}
+    fault_step = int(faults.get("crash_at_step", -1))
+    fault_marker = faults.get("crash_marker")
+    nan_step = int(faults.get("nan_at_step", -1))
 
     def _report(metrics: dict[str, Any], with_checkpoint: bool, export: bool = False) -> None:
         if not with_checkpoint:
@@ -218,6 +223,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     loss, parts = ddp_model(g, lc, masks, teacher_temp)
                 scaled = loss / accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
+            if step == nan_step:
+                parts = {**parts, "ibot": torch.tensor(float("nan"))}
+                loss = loss * float("nan")
             loss_value += float(loss.detach()) / accum
             for name, v in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + float(v) / accum
@@ -226,8 +234,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # NaN guard: every rank agrees before anything is stepped, so all stop together.
         bad = not math.isfinite(loss_value)
         if _any_rank(bad, device):
+            culprits = [k for k, v in parts_sum.items() if not math.isfinite(v)] or ["total"]
             terms = ", ".join(f"{k}={v:.4g}" for k, v in parts_sum.items())
-            stop_reason = f"non-finite loss at step {step} (total={loss_value:.4g}; {terms}); run stopped, last good checkpoint kept"
+            stop_reason = (f"non-finite loss at step {step} in {', '.join(culprits)} (total={loss_value:.4g}; {terms}); "
+                           "run stopped, last good checkpoint kept")
             break
 
         if scaler:
@@ -321,6 +331,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if stop_reason:
         if rank == 0:
             print(f"[reddino] STOP: {stop_reason}", flush=True)
+            if skip_actor is not None:
+                import ray
+
+                ray.get(skip_actor.set_stop_reason.remote(stop_reason))
             if logger is not None and logger.client is not None:
                 logger.client.set_tag(logger.run_id, "reddino.stop_reason", stop_reason)
         ray.train.report({**last_metrics, "step": state.step, "stopped": stop_reason})

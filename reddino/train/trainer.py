@@ -24,6 +24,14 @@ class PretrainResult:
     stopped: str | None = None
 
 
+def _quiet_data_progress() -> None:
+    # One overall progress bar per dataset, not one per operator (the training loop prints its own).
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_operator_progress_bars = False
+
+
 def _use_gpu(cfg: RunConfig) -> bool:
     if cfg.train.use_gpu == "auto":
         import ray
@@ -55,6 +63,7 @@ def pretrain(
     resume: bool = False,
     callbacks: list | None = None,
     mlflow_tags: dict[str, str] | None = None,
+    faults: dict[str, Any] | None = None,
 ) -> PretrainResult:
     """Run (or resume) DINOv2 pretraining as described by `cfg`.
 
@@ -68,6 +77,7 @@ def pretrain(
     from reddino.local import default_tracking_uri, init_ray
 
     init_ray()
+    _quiet_data_progress()
     storage = Path(os.path.expanduser(cfg.train.storage_path)).resolve() if "://" not in cfg.train.storage_path else cfg.train.storage_path
     run_name = run_name or cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(storage) / run_name if not isinstance(storage, str) else None
@@ -113,7 +123,7 @@ def pretrain(
     from reddino.train.data import build_train_dataset, skip_list_actor
 
     skip_name = f"reddino-skip-{run_name}"
-    skip_list_actor(skip_name)
+    run_state = skip_list_actor(skip_name)  # keep the handle: the actor lives while the driver holds it
     dataset = build_train_dataset(cfg, patch, skip_name)
 
     import yaml
@@ -126,6 +136,7 @@ def pretrain(
         "tracking_uri": tracking_uri,
         "mlflow_run_id": mlflow_run_id,
         "data_hash": data_hash,
+        "faults": faults,
     }
     resources = {"CPU": cfg.train.cpus_per_worker}
     if use_gpu:
@@ -148,13 +159,13 @@ def pretrain(
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
-    stopped = metrics.get("stopped")
+    stopped = ray.get(run_state.stop_reason.remote())
 
     ckpt_dir = Path(result.checkpoint.path) if result.checkpoint is not None and "://" not in result.checkpoint.path else None
     backbone = None
     from reddino.train.checkpoint import BACKBONE_FILE
 
-    if ckpt_dir is not None and (ckpt_dir / BACKBONE_FILE).exists():
+    if ckpt_dir is not None and (ckpt_dir / BACKBONE_FILE).exists() and not stopped:
         target = Path(cfg.train.export_path).expanduser() if cfg.train.export_path else run_dir / "backbone.safetensors"
         target.parent.mkdir(parents=True, exist_ok=True)
         for src in ckpt_dir.iterdir():
@@ -181,9 +192,6 @@ def pretrain(
                 mlflow.set_tag("reddino.status", "finished")
             if ckpt_dir is not None:
                 mlflow.set_tag("reddino.checkpoint", str(ckpt_dir))
-    try:
-        ray.kill(ray.get_actor(skip_name))
-    except ValueError:
-        pass
+    ray.kill(run_state)
     return PretrainResult(run_name=run_name, run_dir=run_dir, checkpoint_dir=ckpt_dir, backbone_path=backbone,
                           metrics=metrics, mlflow_run_id=mlflow_run_id, stopped=stopped)

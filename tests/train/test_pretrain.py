@@ -1,0 +1,89 @@
+"""Pretraining on a real local Ray: 2 CPU workers, kill + resume, NaN stop, MLflow, export."""
+
+import numpy as np
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from reddino.config import load_config
+from reddino.data import generate_synthetic
+from reddino.train import pretrain
+from reddino.train.checkpoint import DATA_STATE_FILE
+
+
+@pytest.fixture(scope="module")
+def ray4():
+    from reddino.local import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=4, log_to_driver=False)  # logical CPUs: 2 train workers + data tasks on 2 cores
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthetic(root / "data", n_per_class=4, sources=2, unit="both", seed=0, n_patches=48)
+    return root / "data"
+
+
+def _cfg(synth, tmp_path, steps, workers=2, **extra):
+    overrides = [
+        f"data.paths=[{synth}]", "data.resize=56", "crops.global_crops_size=56", "crops.local_crops_size=28",
+        "crops.local_crops_number=1", "model.img_size=56", "model.head_prototypes=256",
+        "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
+        "train.epochs=1", f"train.iters_per_epoch={steps}", "train.batch_size_per_worker=4",
+        f"train.num_workers={workers}", "train.checkpoint_every=2", "train.keep_checkpoints=10",
+        "train.log_every=1", "train.monitor_every=2", f"train.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config("tiny_cpu", overrides)
+
+
+def _consumed(ckpt_dir):
+    data = np.load(ckpt_dir / DATA_STATE_FILE)
+    return data["consumed"], int(data["data_pass"])
+
+
+def test_kill_and_resume_continues_step_and_data_position(ray4, synth, tmp_path):
+    # 2 sources × 48 patches = 96 rows; 2 workers × 4 = 8 rows/step → one pass is 12 steps.
+    cfg = _cfg(synth, tmp_path, steps=10)
+    marker = tmp_path / "crashed"
+    with pytest.raises(Exception):
+        pretrain(cfg, run_name="killed", faults={"crash_at_step": 5, "crash_marker": str(marker)})
+    assert marker.exists()
+    run_dir = tmp_path / "runs" / "killed"
+    ckpt4 = run_dir / "checkpoint_0000004"
+    before, pass_before = _consumed(ckpt4)
+    assert len(before) == 4 * 8 and len(np.unique(before)) == len(before) and pass_before == 0
+
+    result = pretrain(cfg, run_name="killed", resume=True)
+    assert result.metrics["step"] == 10
+    after, pass_after = _consumed(result.checkpoint_dir)
+    # The stream continued: what was consumed before is still there, nothing twice, and exactly
+    # 6 more steps of rows were added.
+    assert pass_after == 0
+    assert set(before.tolist()) <= set(after.tolist())
+    assert len(np.unique(after)) == len(after) == 10 * 8
+    assert result.backbone_path is not None and result.backbone_path.exists()
+
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.tags["reddino.status"] == "finished"
+    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
+    assert max(steps) == 10 and 1 in steps
+    assert "model.arch" in run.data.params
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "backbone")}
+    assert any(p.endswith(".safetensors") for p in artifacts)
+
+
+def test_non_finite_loss_stops_cleanly_keeping_last_good_checkpoint(ray4, synth, tmp_path):
+    cfg = _cfg(synth, tmp_path, steps=8, workers=1)
+    result = pretrain(cfg, run_name="nan", faults={"nan_at_step": 5})
+    assert result.stopped and "step 5" in result.stopped and "ibot" in result.stopped
+    assert result.checkpoint_dir is not None and result.checkpoint_dir.name == "checkpoint_0000004"
+    assert result.backbone_path is None  # no export from a diverged run
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    assert client.get_run(result.mlflow_run_id).data.tags["reddino.status"] == "stopped"
