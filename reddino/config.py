@@ -85,6 +85,7 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
+    ibot_average_over: Literal["all", "masked"] = "all"  # DINOv2: divide by all global crops
     koleo_weight: float = 0.0
     centering: Literal["ema", "sinkhorn_knopp"] = "sinkhorn_knopp"
     sinkhorn_iterations: int = 3

@@ -35,13 +35,14 @@ class SkipList:
     def stop_reason(self) -> str | None:
         return self._stop_reason
 
-    def set(self, keys: np.ndarray) -> int:
+    def set(self, keys: np.ndarray, data_pass: int = 0) -> int:
         self._keys = np.unique(np.asarray(keys, dtype=np.int64))
+        self._data_pass = int(data_pass)
         self._version += 1
         return self._version
 
-    def get(self) -> tuple[int, np.ndarray]:
-        return self._version, self._keys
+    def get(self) -> tuple[int, np.ndarray, int]:
+        return self._version, self._keys, getattr(self, "_data_pass", 0)
 
 
 def skip_list_actor(name: str):
@@ -56,7 +57,8 @@ def skip_list_actor(name: str):
 
 
 class DropConsumed:
-    """Ray Data batch UDF: removes rows whose key is in the run's skip list, adds the `key` column."""
+    """Ray Data batch UDF: removes rows whose key is in the run's skip list; adds the `key` column and
+    the `epoch` column (the data pass, so each pass draws fresh augmentations, reproducibly)."""
 
     def __init__(self, actor_name: str | None) -> None:
         self.actor_name = actor_name
@@ -65,11 +67,13 @@ class DropConsumed:
         keys = sha_to_keys(batch["sha256"])
         batch = dict(batch)
         batch["key"] = keys
+        batch["epoch"] = np.zeros(len(keys), dtype=np.int64)
         if self.actor_name is None:
             return batch
         import ray
 
-        _, skip = ray.get(ray.get_actor(self.actor_name).get.remote())
+        _, skip, data_pass = ray.get(ray.get_actor(self.actor_name).get.remote())
+        batch["epoch"][:] = data_pass
         if skip.size == 0:
             return batch
         keep = ~np.isin(keys, skip)
@@ -94,7 +98,7 @@ class Augment:
             self._transform = MultiCropTransform(
                 cfg.crops, cfg.mask, patch_size=self.patch_size, resize=cfg.data.resize, seed=cfg.train.seed
             )
-        out = self._transform({"image": batch["image"], "sha256": batch["sha256"]})
+        out = self._transform({"image": batch["image"], "sha256": batch["sha256"], "epoch": batch["epoch"]})
         result = {"global_crops": out["global_crops"], "masks": out["masks"], "key": batch["key"]}
         local = out.get("local_crops")
         if local is not None and local.shape[1] > 0:

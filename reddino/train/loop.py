@@ -130,7 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and skip_actor is not None:
         import ray
 
-        ray.get(skip_actor.set.remote(state.consumed))
+        ray.get(skip_actor.set.remote(state.consumed, state.data_pass))
     _barrier()
     shard = ray.train.get_dataset_shard("train")
     stream = BatchStream(shard, cfg.train.batch_size_per_worker, state.data_pass, cfg.data.prefetch_batches)
@@ -144,7 +144,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0 and skip_actor is not None:
             import ray
 
-            ray.get(skip_actor.set.remote(np.empty(0, dtype=np.int64)))
+            ray.get(skip_actor.set.remote(np.empty(0, dtype=np.int64), new_pass))
         _barrier()
 
     stream.on_pass_end = _pass_ended

@@ -1,0 +1,336 @@
+"""Multi-crop augmentation and iBOT block masks, on CPU inside Ray Data ``map_batches`` (numpy in, numpy out).
+
+Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` in :data:`POLICIES`:
+
+* ``dinov2``: the DINOv2 recipe (Oquab et al. 2024, after BYOL/DINO): RandomResizedCrop (bicubic),
+  HorizontalFlip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, ToGray p=0.2, GaussianBlur (p=1.0 on global
+  crop 1; 0.1 + Solarize 0.2 on global crop 2; 0.5 on local crops).
+* ``rbc``: RedDino (Zedda et al., MICCAI 2025): RandomResizedCrop → ``rbc_pick`` of 33 pixel-level
+  albumentations transforms (each with p=``rbc_p``) → HorizontalFlip, VerticalFlip, RandomRotate90 (each
+  p=``flip_rotate_p``).
+* ``none``: crops only.
+
+All end with ImageNet mean/std normalisation (done once per batch, vectorised) and stay RGB throughout.
+Randomness is a pure function of (seed, epoch, row sha256), so a resumed run sees the same augmentations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from reddino.config import CropConfig, MaskConfig
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+#: Bump a policy's version whenever its output distribution changes (recorded with each run).
+POLICY_VERSIONS = {"dinov2": 1, "rbc": 1, "none": 1}
+
+#: RedDino's 33 pixel-level transforms (albumentations class names, default arguments).
+RBC_TRANSFORMS = (
+    "Blur", "CLAHE", "Defocus", "Downscale", "Emboss", "Equalize", "GaussianBlur", "GlassBlur", "MedianBlur",
+    "MotionBlur", "RingingOvershoot", "Sharpen", "ChannelShuffle", "ChannelDropout", "ColorJitter", "FancyPCA",
+    "HueSaturationValue", "RandomBrightnessContrast", "RGBShift", "RandomGamma", "RandomToneCurve", "InvertImg",
+    "Posterize", "Solarize", "GaussNoise", "ISONoise", "MultiplicativeNoise", "ImageCompression", "RandomRain",
+    "RandomShadow", "RandomSnow", "RandomSunFlare", "RandomFog",
+)  # fmt: skip
+
+
+@dataclass
+class CropPipelines:
+    """One albumentations pipeline per global crop (they may differ, as in DINOv2) and one for local crops.
+    Pipelines output uint8 RGB crops; normalisation is applied afterwards."""
+
+    global_crops: list[A.Compose]
+    local_crops: A.Compose
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Policies
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _compose(transforms: list[Any]) -> A.Compose:
+    return A.Compose(transforms, p=1.0, is_check_shapes=False, seed=0)
+
+
+def _crop(size: int, scale: tuple[float, float]) -> A.RandomResizedCrop:
+    return A.RandomResizedCrop(size=(size, size), scale=tuple(scale), interpolation=cv2.INTER_CUBIC, p=1.0)
+
+
+def build_none(crops: CropConfig) -> CropPipelines:
+    """Random-resized crops only."""
+    return CropPipelines(
+        [_compose([_crop(crops.global_crops_size, crops.global_crops_scale)])
+         for _ in range(crops.global_crops_number)],
+        _compose([_crop(crops.local_crops_size, crops.local_crops_scale)]),
+    )
+
+
+def build_dinov2(crops: CropConfig) -> CropPipelines:
+    """DINOv2's augmentations. With more than two global crops, odd crops use crop 1's blur and even crops
+    crop 2's blur + solarize."""
+
+    def colour() -> list[Any]:
+        return [
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8),
+            A.ToGray(num_output_channels=3, p=0.2),
+        ]
+
+    def blur(p: float) -> A.GaussianBlur:
+        return A.GaussianBlur(blur_limit=(9, 9), sigma_limit=(0.1, 2.0), p=p)
+
+    gs, gscale = crops.global_crops_size, crops.global_crops_scale
+    first = lambda: _compose([_crop(gs, gscale), *colour(), blur(1.0)])  # noqa: E731
+    second = lambda: _compose(  # noqa: E731
+        [_crop(gs, gscale), *colour(), blur(0.1), A.Solarize(threshold_range=(0.5, 0.5), p=0.2)]
+    )
+    globals_ = [first() if i % 2 == 0 else second() for i in range(crops.global_crops_number)]
+    local = _compose([_crop(crops.local_crops_size, crops.local_crops_scale), *colour(), blur(0.5)])
+    return CropPipelines(globals_, local)
+
+
+def rbc_pixel_transforms(p: float) -> list[A.BasicTransform]:
+    """Fresh instances of RedDino's 33 pixel-level transforms, each with probability ``p``."""
+    return [getattr(A, name)(p=p) for name in RBC_TRANSFORMS]
+
+
+def build_rbc(crops: CropConfig) -> CropPipelines:
+    """RedDino's RBC policy: crop → ``rbc_pick`` of 33 pixel transforms → flips / 90° rotations."""
+
+    def pipeline(size: int, scale: tuple[float, float]) -> A.Compose:
+        ts: list[Any] = [_crop(size, scale)]
+        if crops.rbc_pick > 0:
+            n = min(crops.rbc_pick, len(RBC_TRANSFORMS))
+            ts.append(A.SomeOf(rbc_pixel_transforms(crops.rbc_p), n=n, replace=False, p=1.0))
+        fr = crops.flip_rotate_p
+        ts += [A.HorizontalFlip(p=fr), A.VerticalFlip(p=fr), A.RandomRotate90(p=fr)]
+        return _compose(ts)
+
+    globals_ = [pipeline(crops.global_crops_size, crops.global_crops_scale) for _ in range(crops.global_crops_number)]
+    return CropPipelines(globals_, pipeline(crops.local_crops_size, crops.local_crops_scale))
+
+
+#: ``crops.policy`` name → builder.
+POLICIES: dict[str, Callable[[CropConfig], CropPipelines]] = {
+    "dinov2": build_dinov2,
+    "rbc": build_rbc,
+    "none": build_none,
+}
+
+
+def build_policy(crops: CropConfig) -> CropPipelines:
+    if crops.policy not in POLICIES:
+        raise ValueError(f"unknown augmentation policy {crops.policy!r}; valid: {', '.join(sorted(POLICIES))}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # albumentations' advisory warnings about defaults
+        return POLICIES[crops.policy](crops)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# iBOT block masks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def block_mask(
+    rng: np.random.Generator,
+    grid: tuple[int, int],
+    n_masked: int,
+    min_block: int = 4,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+) -> np.ndarray:
+    """A bool [H, W] mask with exactly ``n_masked`` True cells, made of random rectangles (BEiT/iBOT/DINOv2
+    block masking: area ≥ ``min_block``, log-uniform aspect ratio in ``aspect``). When rectangles stop fitting,
+    the remainder is filled with random single cells so the ratio is exact."""
+    h, w = grid
+    mask = np.zeros((h, w), dtype=bool)
+    n_masked = int(min(max(n_masked, 0), h * w))
+    count = 0
+    log_lo, log_hi = np.log(aspect[0]), np.log(aspect[1])
+    while count < n_masked:
+        budget = n_masked - count
+        added = 0
+        for _ in range(10):
+            area = rng.uniform(min(min_block, budget), budget)
+            ar = np.exp(rng.uniform(log_lo, log_hi))
+            bh = int(round(np.sqrt(area * ar)))
+            bw = int(round(np.sqrt(area / ar)))
+            if bh < 1 or bw < 1 or bh > h or bw > w:
+                continue
+            top = int(rng.integers(0, h - bh + 1))
+            left = int(rng.integers(0, w - bw + 1))
+            region = mask[top : top + bh, left : left + bw]
+            new = bh * bw - int(region.sum())
+            if 0 < new <= budget:
+                region[...] = True
+                added = new
+                break
+        if added == 0:
+            break
+        count += added
+    if count < n_masked:
+        free = np.flatnonzero(~mask.ravel())
+        mask.ravel()[rng.choice(free, size=n_masked - count, replace=False)] = True
+    return mask
+
+
+def sample_masks(rng: np.random.Generator, n_crops: int, grid: tuple[int, int], cfg: MaskConfig) -> np.ndarray:
+    """bool [n_crops, H·W]: each crop is masked with probability ``sample_probability`` at a ratio drawn
+    uniformly from [ratio_min, ratio_max]."""
+    n = grid[0] * grid[1]
+    out = np.zeros((n_crops, n), dtype=bool)
+    for i in range(n_crops):
+        if cfg.sample_probability > 0 and rng.random() < cfg.sample_probability:
+            ratio = rng.uniform(cfg.ratio_min, cfg.ratio_max)
+            out[i] = block_mask(rng, grid, int(round(ratio * n))).ravel()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding, normalisation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def to_rgb_image(item: Any) -> np.ndarray:
+    """Encoded bytes (PNG/JPEG/...) or an already decoded uint8 array → HxWx3 uint8 RGB."""
+    if isinstance(item, np.ndarray) and item.ndim >= 2:  # already decoded (HxW or HxWxC)
+        img = item if item.dtype == np.uint8 else np.clip(item, 0, 255).astype(np.uint8)
+        if img.ndim == 2:
+            img = img[:, :, None]
+        if img.shape[2] == 1:
+            return np.ascontiguousarray(np.repeat(img, 3, axis=2))
+        return img if img.shape[2] == 3 else np.ascontiguousarray(img[:, :, :3])
+    from reddino.data.images import decode_image
+
+    if isinstance(item, np.ndarray):
+        item = item.tobytes()
+    return decode_image(bytes(item))
+
+
+def resize_square(img: np.ndarray, size: int | None) -> np.ndarray:
+    """Resize to ``size``×``size`` (area when shrinking, bicubic when enlarging); None: unchanged."""
+    if not size or img.shape[:2] == (size, size):
+        return img
+    shrink = img.shape[0] * img.shape[1] > size * size
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+_SHIFT = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+
+
+def normalize_chw(x: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 3] → float32 [..., 3, H, W], ImageNet mean/std normalised."""
+    out = np.empty(x.shape[:-3] + (3,) + x.shape[-3:-1], dtype=np.float32)
+    for c in range(3):
+        np.multiply(x[..., c], _SCALE[c], out=out[..., c, :, :], casting="unsafe")
+        out[..., c, :, :] += _SHIFT[c]
+    return out
+
+
+def eval_transform(img_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 HxWx3 RGB (or HxW) → float32 3×img_size×img_size: resize + ImageNet normalisation (evaluation)."""
+
+    def apply(img: np.ndarray) -> np.ndarray:
+        img = np.asarray(img)
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        if img.dtype != np.uint8:
+            img = np.clip(img, 0, 255).astype(np.uint8)
+        return normalize_chw(resize_square(np.ascontiguousarray(img[:, :, :3]), img_size))
+
+    return apply
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Ray Data batch transform
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MultiCropTransform:
+    """Ray Data batch UDF: ``{"image": bytes[B], "sha256": str[B]?, "epoch": int[B]?}`` →
+
+    * ``global_crops`` float32 [B, G, 3, S, S]
+    * ``local_crops`` float32 [B, L, 3, s, s] — the key is **omitted** when L = 0
+    * ``masks`` bool [B, G, (S // patch_size)²] (iBOT block masks)
+    * ``sha256`` passed through when given.
+
+    Each row's randomness (crops, pixel transforms, masks) is seeded from (``seed``, epoch, sha256); the epoch
+    comes from an ``epoch`` column, else the ``epoch`` argument of the call, else ``self.epoch``
+    (:meth:`set_epoch`). Without a ``sha256`` column the hash of the image bytes is used.
+    """
+
+    def __init__(
+        self,
+        crops: CropConfig,
+        mask: MaskConfig,
+        patch_size: int,
+        resize: int | None,
+        seed: int = 0,
+        epoch: int = 0,
+    ) -> None:
+        self.crops = crops
+        self.mask = mask
+        self.patch_size = int(patch_size)
+        self.resize = resize
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        self.pipelines = build_policy(crops)
+        side = crops.global_crops_size // self.patch_size
+        self.grid = (side, side)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def row_seed(self, key: str, epoch: int) -> int:
+        digest = hashlib.blake2b(f"{self.seed}|{epoch}|{key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
+
+    def _apply(self, pipe: A.Compose, img: np.ndarray, rng: np.random.Generator, py: random.Random) -> np.ndarray:
+        pipe.set_random_state(rng, py)
+        return pipe(image=img)["image"]
+
+    def __call__(self, batch: dict[str, np.ndarray], epoch: int | None = None) -> dict[str, np.ndarray]:
+        images = batch["image"]
+        n = len(images)
+        shas = batch.get("sha256")
+        epochs = batch.get("epoch")
+        c = self.crops
+        G, L, S, s = c.global_crops_number, c.local_crops_number, c.global_crops_size, c.local_crops_size
+        g_u8 = np.empty((n, G, S, S, 3), dtype=np.uint8)
+        l_u8 = np.empty((n, L, s, s, 3), dtype=np.uint8)
+        masks = np.zeros((n, G, self.grid[0] * self.grid[1]), dtype=bool)
+        default_epoch = self.epoch if epoch is None else int(epoch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for r in range(n):
+                item = images[r]
+                img = resize_square(to_rgb_image(item), self.resize)
+                if shas is not None:
+                    key = str(shas[r])
+                else:
+                    raw = item.tobytes() if isinstance(item, np.ndarray) else bytes(item)
+                    key = hashlib.sha256(raw).hexdigest()
+                ep = int(epochs[r]) if epochs is not None else default_epoch
+                seed = self.row_seed(key, ep)
+                rng, py = np.random.default_rng(seed), random.Random(seed)
+                for i, pipe in enumerate(self.pipelines.global_crops):
+                    g_u8[r, i] = self._apply(pipe, img, rng, py)
+                for j in range(L):
+                    l_u8[r, j] = self._apply(self.pipelines.local_crops, img, rng, py)
+                masks[r] = sample_masks(np.random.default_rng([seed, 1]), G, self.grid, self.mask)
+        out: dict[str, np.ndarray] = {"global_crops": normalize_chw(g_u8), "masks": masks}
+        if L > 0:
+            out["local_crops"] = normalize_chw(l_u8)
+        if shas is not None:
+            out["sha256"] = np.asarray(shas)
+        return out

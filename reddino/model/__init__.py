@@ -1,0 +1,38 @@
+"""Model side of reddino: timm ViT backbones, DINO/iBOT heads, losses, the DINOv2 SSL wrapper, monitors.
+
+Importing this package registers the tiny CPU architecture ``vit_tiny_patch14_reddino`` with timm.
+"""
+
+from reddino.model.backbone import (
+    backbone_info,
+    backbone_tokens,
+    create_backbone,
+    export_backbone,
+    load_backbone,
+    load_pretrained,
+    vit_tiny_patch14_reddino,
+)
+from reddino.model.heads import DINOHead
+from reddino.model.losses import CENTERING, DINOLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
+from reddino.model.monitors import marginal_entropy, rankme, teacher_entropy
+from reddino.model.ssl import DINOv2SSL
+
+__all__ = [
+    "CENTERING",
+    "DINOHead",
+    "DINOLoss",
+    "DINOv2SSL",
+    "IBOTPatchLoss",
+    "KoLeoLoss",
+    "backbone_info",
+    "backbone_tokens",
+    "create_backbone",
+    "export_backbone",
+    "load_backbone",
+    "load_pretrained",
+    "marginal_entropy",
+    "rankme",
+    "sinkhorn_knopp",
+    "teacher_entropy",
+    "vit_tiny_patch14_reddino",
+]

@@ -1,0 +1,354 @@
+"""timm ViT backbones: creation, warm start from local checkpoints, iBOT-masked token forward, export.
+
+Everything here works on a plain ``timm.models.VisionTransformer`` (no registers needed, but they are
+handled). Weights are only ever read from local files: timm is always called with ``pretrained=False``.
+
+Checkpoint layouts understood by :func:`load_pretrained`:
+
+* a timm state dict (``pos_embed``, ``patch_embed.proj.weight``, ``blocks.N.*``, ``norm.*``);
+* the original DINOv2 layout (facebookresearch/dinov2 ``dinov2_vits14_pretrain.pth``): the same names as
+  timm plus ``mask_token``; SwiGLU ``mlp.w12``/``mlp.w3`` and ``register_tokens`` are renamed;
+* training checkpoints that nest the backbone under a prefix (``teacher.backbone.``, ``student.backbone.``,
+  ``model.``, ``module.`` ...; the teacher is preferred) and/or chunk the blocks (``blocks.0.3.`` → ``blocks.3.``);
+* a reddino export written by :func:`export_backbone`.
+
+Position embeddings are resampled (bicubic) to the model's patch grid, e.g. DINOv2's 37×37 grid at 518 px
+→ 16×16 at 224 px.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "reddino-backbone"
+EXPORT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A tiny ViT/14 for CPU demos and tests
+# --------------------------------------------------------------------------------------------------------------
+
+
+@register_model
+def vit_tiny_patch14_reddino(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/14 with DINOv2-style layer scale (patch 14, dim 192, depth 6, 3 heads): a CPU-sized RedDino."""
+    if pretrained:
+        raise ValueError("vit_tiny_patch14_reddino has no published weights; pass a local file instead")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    args = dict(
+        img_size=112, patch_size=14, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, init_values=1e-5,
+        dynamic_img_size=True,
+    )
+    args.update(kwargs)
+    return VisionTransformer(**args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Creation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def create_backbone(
+    arch: str,
+    img_size: int,
+    patch_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    pretrained: str | None = None,
+) -> VisionTransformer:
+    """A headless timm ViT (``num_classes=0``, ``dynamic_img_size=True``), optionally warm-started.
+
+    ``pretrained`` is a local file (see :func:`load_pretrained`); the mask token found in a DINOv2
+    checkpoint, if any, is kept on ``model.reddino_mask_token`` (a plain tensor) for the SSL wrapper.
+    """
+    timm_kwargs: dict[str, Any] = {}
+    if patch_size is not None:
+        timm_kwargs["patch_size"] = int(patch_size)
+    try:
+        model = timm.create_model(
+            arch, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=int(img_size),
+            drop_path_rate=float(drop_path_rate), **timm_kwargs,
+        )
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise ValueError(f"cannot create backbone {arch!r}: {exc}") from None
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{arch!r} is a {type(model).__name__}; reddino needs a timm VisionTransformer")
+    model.reddino_arch = arch
+    model.reddino_timm_kwargs = timm_kwargs
+    model.reddino_mask_token = None
+    if pretrained:
+        model.reddino_mask_token = load_pretrained(model, pretrained)
+    return model
+
+
+def backbone_info(model: nn.Module) -> dict[str, Any]:
+    """``{"arch", "img_size", "patch_size", "embed_dim"}`` of a backbone made by :func:`create_backbone`."""
+    model = getattr(model, "module", model)
+    arch = getattr(model, "reddino_arch", None)
+    if arch is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        arch = cfg.get("architecture")
+    img_size = model.patch_embed.img_size
+    patch = model.patch_embed.patch_size
+    return {
+        "arch": arch,
+        "img_size": int(img_size[0]) if img_size is not None else None,
+        "patch_size": int(patch[0]),
+        "embed_dim": int(model.embed_dim),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Warm start from a local checkpoint
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path) -> dict[str, Any]:
+    """Read a ``.safetensors`` or torch file on CPU; a clear error names the path if it can't be read."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {p}")
+    try:
+        if p.suffix == ".safetensors" or _looks_like_safetensors(p):
+            from safetensors.torch import load_file
+
+            return load_file(str(p), device="cpu")
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure: say which file and why
+        raise ValueError(f"cannot read weights from {p}: {type(exc).__name__}: {exc}") from None
+
+
+def _looks_like_safetensors(p: Path) -> bool:
+    # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'
+    with p.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 32)
+
+
+def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
+    """Descend into ``{"model": ...}`` / ``{"state_dict": ...}`` / ``{"teacher": ...}`` wrappers."""
+    for _ in range(4):
+        if not isinstance(obj, dict):
+            break
+        if any(isinstance(v, torch.Tensor) and k.endswith("pos_embed") for k, v in obj.items()):
+            break
+        for key in ("teacher", "model", "state_dict", "module", "student"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        else:
+            break
+    if not isinstance(obj, dict):
+        raise ValueError("checkpoint is not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _backbone_prefix(keys: list[str]) -> str:
+    """The prefix in front of ``pos_embed``; the teacher's if several backbones are present."""
+    prefixes = [k[: -len("pos_embed")] for k in keys if k.endswith("pos_embed") and "ibot" not in k]
+    if not prefixes:
+        raise ValueError("no 'pos_embed' key: not a ViT checkpoint")
+    for wanted in ("teacher", "backbone", ""):
+        for p in prefixes:
+            if wanted in p:
+                return p
+    return prefixes[0]
+
+
+def convert_state_dict(state: dict[str, Any], model: VisionTransformer) -> tuple[dict[str, torch.Tensor], Any]:
+    """Any supported layout → (timm state dict matching ``model``'s shapes, DINOv2 mask token or None)."""
+    sd = _unwrap(state)
+    prefix = _backbone_prefix(list(sd))
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)  # FSDP chunked blocks
+        k = re.sub(r"^(blocks\.\d+\.mlp)\.w12\.", r"\1.fc1.", k)  # DINOv2 SwiGLU naming
+        k = re.sub(r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2.", k)
+        out[k] = v
+    mask_token = out.pop("mask_token", None)
+    if "register_tokens" in out:  # DINOv2 +registers → timm no_embed_class layout
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
+    if isinstance(model.head, nn.Identity):  # a classifier's head is not part of a backbone
+        for k in [k for k in out if k.startswith(("head.", "fc_norm.")) and k not in model.state_dict()]:
+            log.info("ignoring classifier weight %s", k)
+            out.pop(k)
+
+    w = out.get("patch_embed.proj.weight")
+    if w is not None and w.shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
+        out["patch_embed.proj.weight"] = resample_patch_embed(w, list(model.patch_embed.proj.weight.shape[-2:]))
+    pe = out.get("pos_embed")
+    if pe is not None and model.pos_embed is not None:
+        n_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        n_old = pe.shape[1] - n_prefix
+        side = int(round(n_old**0.5))
+        if side * side != n_old:
+            raise ValueError(f"pos_embed with {n_old} patch positions is not a square grid")
+        new_grid = list(model.patch_embed.grid_size)
+        if [side, side] != new_grid:
+            out["pos_embed"] = resample_abs_pos_embed(
+                pe.float(), new_size=new_grid, old_size=[side, side], num_prefix_tokens=n_prefix
+            ).to(pe.dtype)
+    return out, mask_token
+
+
+def load_pretrained(model: VisionTransformer, path: str | Path) -> torch.Tensor | None:
+    """Load a local checkpoint into ``model`` (strict: missing/unexpected keys are listed in the error).
+
+    Returns the DINOv2 ``mask_token`` ([1, D]) if the file had one, else None.
+    """
+    state = read_state_dict(path)
+    try:
+        sd, mask_token = convert_state_dict(state, model)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        lines = [f"{path}: checkpoint does not match {getattr(model, 'reddino_arch', type(model).__name__)}"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                more = " ..." if len(keys) > 20 else ""
+                lines.append(f"  {label} keys ({len(keys)}): {', '.join(keys[:20])}{more}")
+        for k in wrong[:20]:
+            lines.append(f"  shape mismatch {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(sd, strict=True)
+    if mask_token is not None:
+        mask_token = mask_token.reshape(1, -1).float()
+    return mask_token
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward with iBOT masking
+# --------------------------------------------------------------------------------------------------------------
+
+
+def backbone_tokens(
+    backbone: VisionTransformer,
+    x: torch.Tensor,
+    masks: torch.Tensor | None = None,
+    mask_token: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Final-norm tokens of a timm ViT: ``{"cls": [B, D], "patch": [B, N, D]}`` (register tokens dropped).
+
+    Where ``masks`` (bool [B, N], N = patch grid) is True the patch embedding is replaced by ``mask_token``
+    ([D] or [1, D], a learnable parameter owned by the caller) before position embeddings are added (iBOT).
+    """
+    x = backbone.patch_embed(x)  # [B, H, W, D] with dynamic_img_size, else [B, N, D]
+    if masks is not None:
+        if mask_token is None:
+            raise ValueError("masks given but no mask_token")
+        B, D = x.shape[0], x.shape[-1]
+        m = masks.reshape(B, *x.shape[1:-1], 1)
+        if m[..., 0].shape != x.shape[:-1]:
+            raise ValueError(f"masks {tuple(masks.shape)} do not match the patch grid {tuple(x.shape[1:-1])}")
+        x = torch.where(m, mask_token.to(x.dtype).reshape(*([1] * (x.dim() - 1)), D), x)
+    x = backbone._pos_embed(x)
+    x = backbone.patch_drop(x)
+    x = backbone.norm_pre(x)
+    if backbone.grad_checkpointing and torch.is_grad_enabled():
+        from timm.models._manipulate import checkpoint_seq
+
+        x = checkpoint_seq(backbone.blocks, x)
+    else:
+        x = backbone.blocks(x)
+    x = backbone.norm(x)
+    return {"cls": x[:, 0], "patch": x[:, backbone.num_prefix_tokens :]}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Export / load
+# --------------------------------------------------------------------------------------------------------------
+
+
+def export_backbone(backbone: nn.Module, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write the backbone alone as a plain timm state dict (safetensors, else torch) + ``<path>.json``.
+
+    Both files are written atomically (temp name, then rename). Returns the weights path.
+    """
+    backbone = getattr(backbone, "module", backbone)
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = backbone_info(backbone)
+    if info["arch"] is None:
+        raise ValueError("backbone has no arch name; create it with create_backbone()")
+    header = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        **info,
+        "timm_kwargs": dict(getattr(backbone, "reddino_timm_kwargs", {}) or {}),
+        **(meta or {}),
+    }
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp), metadata={"reddino": json.dumps(header, default=str)})
+        header["file_format"] = "safetensors"
+    except ImportError:  # pragma: no cover - safetensors ships with timm
+        torch.save(state, tmp)
+        header["file_format"] = "torch"
+    tmp.replace(path)
+    side = path.with_name(path.name + ".json")
+    tmp_side = side.with_name(f".{side.name}.tmp{os.getpid()}")
+    tmp_side.write_text(json.dumps(header, indent=2, sort_keys=True, default=str))
+    tmp_side.replace(side)
+    return path
+
+
+def read_export_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of an export: the ``.json`` sidecar, else the safetensors header."""
+    path = Path(path).expanduser()
+    side = path.with_name(path.name + ".json")
+    if side.is_file():
+        return json.loads(side.read_text())
+    if path.is_file() and _looks_like_safetensors(path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+        if "reddino" in md:
+            return json.loads(md["reddino"])
+    raise ValueError(f"{path}: no reddino export metadata (expected {side.name} or a safetensors header)")
+
+
+def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> VisionTransformer:
+    """Rebuild an exported backbone (same arch, img size, kwargs) with its exact weights, in eval mode."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone export not found: {path}")
+    meta = read_export_meta(path)
+    model = timm.create_model(
+        meta["arch"], pretrained=False, num_classes=0, dynamic_img_size=True, img_size=int(meta["img_size"]),
+        **dict(meta.get("timm_kwargs") or {}),
+    )
+    sd = _unwrap(read_state_dict(path))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not match {meta['arch']}: {exc}") from None
+    model.reddino_arch = meta["arch"]
+    model.reddino_timm_kwargs = dict(meta.get("timm_kwargs") or {})
+    model.reddino_mask_token = None
+    model.reddino_meta = meta
+    return model.to(device).eval()

@@ -1,0 +1,261 @@
+"""DINOv2 student/teacher self-supervised learner (Oquab et al., TMLR 2024), as used by RedDino.
+
+The student sees all crops (global crops with iBOT masks, local crops unmasked) and is trained by
+back-propagation; the teacher sees the unmasked global crops only, under ``no_grad``, and follows the
+student by EMA (:meth:`DINOv2SSL.update_teacher`). Losses:
+
+* DINO on CLS tokens: teacher global crop ``i`` vs student crop ``j ≠ i`` (global and local).
+* iBOT on the masked patch tokens of the global crops.
+* KoLeo on the student's global CLS tokens, per global crop and summed over them as in DINOv2 (skipped
+  entirely when its weight is 0, RedDino's setting).
+
+DDP: wrap the whole module (``broadcast_buffers=False``). The teacher has ``requires_grad=False`` and is
+never touched by autograd. Every student parameter receives a gradient each step, including the mask
+token (masks default to all-False, so it is always in the graph) and a separate iBOT head (run even on
+zero masked tokens), so ``find_unused_parameters`` is not needed. Call ``update_teacher`` on ``ddp.module``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from reddino.config import LossConfig, MaskConfig, ModelConfig, OptimConfig
+from reddino.model.backbone import backbone_tokens, create_backbone
+from reddino.model.heads import DINOHead
+from reddino.model.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, check_centering
+
+
+class DINOv2SSL(nn.Module):
+    """Student + EMA teacher, each ``nn.ModuleDict(backbone=..., dino_head=..., [ibot_head=...])``.
+
+    ``mask_token`` ([1, D]) is a student parameter (the teacher is never masked). After each ``forward``,
+    ``last_teacher_cls`` ([G·B, D], teacher final-norm CLS of the global crops) and ``last_teacher_probs``
+    ([G·B, K], centred teacher CLS probabilities) hold detached copies for the monitors; set
+    ``keep_monitor_outputs = False`` to save that memory.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        dino_head: DINOHead,
+        ibot_head: DINOHead | None = None,
+        loss_cfg: LossConfig | None = None,
+        mask_cfg: MaskConfig | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.loss_cfg = loss_cfg or LossConfig()
+        self.mask_cfg = mask_cfg or MaskConfig()
+        check_centering(self.loss_cfg.centering)
+        embed_dim = int(backbone.embed_dim)
+        student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head})
+        if ibot_head is not None:
+            student["ibot_head"] = ibot_head
+        self.student = student
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        if mask_token is not None:
+            with torch.no_grad():
+                self.mask_token.copy_(mask_token.reshape(1, embed_dim))
+        self.teacher = copy.deepcopy(student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+
+        lc = self.loss_cfg
+        self.dino_loss = DINOLoss(dino_head.out_dim, lc.student_temp, lc.center_momentum)
+        ibot_dim = ibot_head.out_dim if ibot_head is not None else dino_head.out_dim
+        self.ibot_loss = IBOTPatchLoss(ibot_dim, lc.student_temp, lc.center_momentum,
+                                       average_over=lc.ibot_average_over)
+        self.koleo_loss = KoLeoLoss()
+        self.keep_monitor_outputs = True
+        self.last_teacher_cls: torch.Tensor | None = None
+        self.last_teacher_probs: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        model_cfg: ModelConfig,
+        loss_cfg: LossConfig | None = None,
+        mask_cfg: MaskConfig | None = None,
+    ) -> "DINOv2SSL":
+        """Build backbone (warm-started from ``model_cfg.pretrained`` if set) and random heads.
+
+        A separate iBOT head is built only if ``ibot_separate_head`` and the iBOT weight is > 0.
+        """
+        loss_cfg = loss_cfg or LossConfig()
+        backbone = create_backbone(
+            model_cfg.arch, model_cfg.img_size, model_cfg.patch_size, model_cfg.drop_path_rate, model_cfg.pretrained
+        )
+        mask_token = getattr(backbone, "reddino_mask_token", None)
+        backbone.reddino_mask_token = None
+        dim = int(backbone.embed_dim)
+        head_kw = dict(
+            hidden_dim=model_cfg.head_hidden_dim,
+            bottleneck_dim=model_cfg.head_bottleneck_dim,
+            nlayers=model_cfg.head_nlayers,
+        )
+        dino_head = DINOHead(dim, model_cfg.head_prototypes, **head_kw)
+        ibot_head = None
+        if model_cfg.ibot_separate_head and loss_cfg.ibot_weight > 0:
+            ibot_head = DINOHead(dim, model_cfg.ibot_head_prototypes or model_cfg.head_prototypes, **head_kw)
+        return cls(backbone, dino_head, ibot_head, loss_cfg, mask_cfg, mask_token=mask_token)
+
+    def train(self, mode: bool = True) -> "DINOv2SSL":
+        super().train(mode)
+        self.teacher.eval()  # no drop-path / dropout in the teacher
+        return self
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.student["backbone"].patch_embed.patch_size[0])
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        teacher_temp: float | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``global_crops`` [B, G, 3, S, S], ``local_crops`` [B, L, 3, s, s] or None, ``masks`` [B, G, N] bool
+        or None (no masking) → (total loss, detached parts ``dino``, ``ibot``, ``koleo``, ``masked_fraction``)."""
+        lc = self.loss_cfg
+        temp = float(lc.teacher_temp if teacher_temp is None else teacher_temp)
+        B, G = global_crops.shape[:2]
+        x_g = global_crops.transpose(0, 1).flatten(0, 1)  # crop-major: [G·B, 3, S, S], crop i = rows i·B:(i+1)·B
+        L = 0 if local_crops is None or local_crops.numel() == 0 else int(local_crops.shape[1])
+        x_l = local_crops.transpose(0, 1).flatten(0, 1) if L else None
+        ps = self.patch_size
+        n_tokens = (x_g.shape[-2] // ps) * (x_g.shape[-1] // ps)
+        if masks is None:
+            m = torch.zeros(G * B, n_tokens, dtype=torch.bool, device=x_g.device)
+        else:
+            if tuple(masks.shape) != (B, G, n_tokens):
+                raise ValueError(f"masks {tuple(masks.shape)} != (B, G, N) = {(B, G, n_tokens)}")
+            m = masks.to(device=x_g.device, dtype=torch.bool).transpose(0, 1).flatten(0, 1)
+        n_masked = int(m.sum())
+        do_ibot = lc.ibot_weight > 0
+        shared = "ibot_head" not in self.student
+
+        # --- teacher: unmasked global crops, no grad --------------------------------------------------------
+        with torch.no_grad():
+            t = backbone_tokens(self.teacher["backbone"], x_g)
+            t_masked = t["patch"][m]  # [M, D]
+            if do_ibot and shared:
+                t_out = self.teacher["dino_head"](torch.cat([t["cls"], t_masked]))
+                t_cls_logits, t_patch_logits = t_out[: G * B], t_out[G * B :]
+            else:
+                t_cls_logits = self.teacher["dino_head"](t["cls"])
+                t_patch_logits = self.teacher["ibot_head"](t_masked) if do_ibot else None
+            t_cls_probs = self.dino_loss.teacher_probs(t_cls_logits, temp, lc.centering, lc.sinkhorn_iterations)
+            t_patch_probs = None
+            if do_ibot:
+                t_patch_probs = self.ibot_loss.teacher_probs(
+                    t_patch_logits, temp, lc.centering, lc.sinkhorn_iterations
+                )
+            if self.keep_monitor_outputs:
+                self.last_teacher_cls = t["cls"].detach().float()
+                self.last_teacher_probs = t_cls_probs.detach()
+
+        # --- student: masked global crops + unmasked local crops ----------------------------------------------
+        s = backbone_tokens(self.student["backbone"], x_g, m, self.mask_token)
+        s_cls = [s["cls"]]
+        if L:
+            s_cls.append(backbone_tokens(self.student["backbone"], x_l)["cls"])
+        s_masked = s["patch"][m]
+        n_cls = (G + L) * B
+        if do_ibot and shared:
+            s_out = self.student["dino_head"](torch.cat(s_cls + [s_masked]))
+            s_cls_logits, s_patch_logits = s_out[:n_cls], s_out[n_cls:]
+        else:
+            s_cls_logits = self.student["dino_head"](torch.cat(s_cls))
+            s_patch_logits = self.student["ibot_head"](s_masked) if do_ibot else None
+
+        dino = self.dino_loss(list(s_cls_logits.split(B)), list(t_cls_probs.split(B)))
+        total = lc.dino_weight * dino
+        zero = dino.detach() * 0.0
+        ibot = zero
+        if do_ibot:
+            ibot = self.ibot_loss(s_patch_logits, t_patch_probs, m)
+            total = total + lc.ibot_weight * ibot
+        koleo = zero
+        if lc.koleo_weight > 0:
+            # summed over the global crops, as DINOv2 does (so weight 0.1 means the same as there)
+            koleo = torch.stack([self.koleo_loss(c) for c in s["cls"].split(B)]).sum()
+            total = total + lc.koleo_weight * koleo
+        parts = {
+            "dino": dino.detach().float(),
+            "ibot": ibot.detach().float(),
+            "koleo": koleo.detach().float(),
+            "masked_fraction": torch.tensor(n_masked / max(m.numel(), 1), device=dino.device),
+        }
+        return total, parts
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA: ``teacher = m · teacher + (1 − m) · student`` for backbone and heads."""
+        s_params = [p.detach() for p in self.student.parameters()]
+        t_params = [p for p in self.teacher.parameters()]
+        if len(s_params) != len(t_params):
+            raise RuntimeError("student and teacher have different parameter lists")
+        m = float(momentum)
+        torch._foreach_mul_(t_params, m)
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The student heads' last layers (frozen for ``freeze_last_layer_epochs``)."""
+        return [p for n, p in self.student.named_parameters() if DINOHead.is_last_layer(n)]
+
+    def cancel_last_layer_grad(self) -> None:
+        for p in self.last_layer_parameters():
+            p.grad = None
+
+    def param_groups(self, optim_cfg: OptimConfig | None = None) -> list[dict[str, Any]]:
+        """AdamW groups of the student parameters (+ mask token), each with ``lr_mult``, ``wd_mult``,
+        ``is_last_layer``; the trainer sets ``lr = lr_t · lr_mult`` and ``weight_decay = wd_t · wd_mult``.
+
+        * ``lr_mult``: layer-wise decay ``d ** (depth + 1 − layer_id)`` (embeddings 0, block i → i + 1, final
+          norm and heads → depth + 1), times ``patch_embed_lr_mult`` for the patch embedding.
+        * ``wd_mult``: 0 for biases, norms, layer-scale gammas, position/class/register/mask tokens.
+        """
+        oc = optim_cfg or OptimConfig()
+        depth = len(self.student["backbone"].blocks)
+        groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
+        named = [("mask_token", self.mask_token)] + [("student." + n, p) for n, p in self.student.named_parameters()]
+        for name, p in named:
+            if not p.requires_grad:
+                continue
+            lr_mult = 1.0
+            if name.startswith("student.backbone.") or name == "mask_token":
+                sub = name[len("student.backbone.") :] if name != "mask_token" else name
+                if sub.startswith(("cls_token", "pos_embed", "reg_token", "patch_embed", "mask_token", "norm_pre")):
+                    layer_id = 0
+                else:
+                    hit = re.match(r"blocks\.(\d+)\.", sub)
+                    layer_id = int(hit.group(1)) + 1 if hit else depth + 1
+                lr_mult = oc.layerwise_decay ** (depth + 1 - layer_id)
+                if sub.startswith("patch_embed"):
+                    lr_mult *= oc.patch_embed_lr_mult
+            no_wd = (
+                name.endswith(".bias")
+                or "norm" in name
+                or "gamma" in name
+                or any(tok in name for tok in ("pos_embed", "cls_token", "reg_token", "mask_token"))
+            )
+            key = (float(lr_mult), 0.0 if no_wd else 1.0, DINOHead.is_last_layer(name))
+            g = groups.setdefault(
+                key, {"params": [], "names": [], "lr_mult": key[0], "wd_mult": key[1], "is_last_layer": key[2]}
+            )
+            g["params"].append(p)
+            g["names"].append(name)
+        return list(groups.values())
