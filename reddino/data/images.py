@@ -1,0 +1,115 @@
+"""Image byte helpers: format sniffing, strict decoding for ingest, fast decoding, encoding."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a complete, decodable image."""
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format from the leading bytes (not the file name): png, jpeg, gif, bmp, tiff, webp or None."""
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _to_rgb_uint8(arr: np.ndarray, bgr: bool) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        if arr.dtype == np.uint16:
+            arr = (arr >> 8).astype(np.uint8)
+        elif np.issubdtype(arr.dtype, np.floating):
+            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        else:
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
+    ch = arr.shape[2]
+    if ch == 1:
+        return np.ascontiguousarray(np.repeat(arr, 3, axis=2))
+    if ch == 4:
+        return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
+    if ch == 3:
+        return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if bgr else np.ascontiguousarray(arr)
+    raise ImageDecodeError(f"unsupported channel count {ch}")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode encoded image bytes to an ``HxWx3`` uint8 RGB array.
+
+    Fast path ``cv2.imdecode`` (+ BGR→RGB; grayscale and RGBA/BGRA are converted, 16-bit is
+    scaled down); formats cv2 cannot read fall back to PIL. Raises :class:`ImageDecodeError`.
+    """
+    if data is None or len(data) == 0:
+        raise ImageDecodeError("empty image bytes")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if arr is not None:
+        return _to_rgb_uint8(arr, bgr=True)
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001 - any PIL failure means undecodable
+        raise ImageDecodeError(f"cannot decode image bytes ({exc})") from exc
+
+
+def decode_image_strict(data: bytes) -> np.ndarray:
+    """Decode fully with PIL, raising :class:`ImageDecodeError` on unknown formats, corrupt or truncated data.
+
+    (cv2 silently returns a partial image for a truncated JPEG; PIL's ``load()`` does not.)
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) == 0:
+        raise ImageDecodeError("empty file")
+    fmt = sniff_format(data)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode in ("RGB",):
+                arr = np.asarray(im)
+            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im).astype(np.float64)
+                arr = _to_rgb_uint8((a / max(a.max(), 1) * 255).astype(np.uint8), bgr=False)
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"not a recognised image format (leading bytes {data[:8]!r})") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        kind = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        raise ImageDecodeError(f"{kind} {fmt or 'image'} data ({exc})") from exc
+    return np.ascontiguousarray(arr)
+
+
+def encode_image(rgb: np.ndarray, fmt: str = "png", *, jpeg_quality: int = 95, png_compression: int = 3) -> bytes:
+    """Encode an ``HxWx3`` uint8 RGB array as PNG or JPEG bytes (deterministic for the same input)."""
+    bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+    if fmt == "png":
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, int(png_compression)])
+    elif fmt in ("jpeg", "jpg"):
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+    else:
+        raise ValueError(f"unknown encoding {fmt!r} (expected png or jpeg)")
+    if not ok:
+        raise RuntimeError(f"cv2 failed to encode a {rgb.shape} image as {fmt}")
+    return buf.tobytes()
