@@ -29,7 +29,7 @@ class DataConfig(_Section):
     unit: Literal["patch", "cell"] | None = "patch"
     source_weights: dict[str, float] | None = None
     resize: int | None = 224  # every image is resized to this square before cropping (RedDino)
-    shuffle_seed: int = 0
+    shuffle_buffer: int = 256  # rows; per-worker local shuffle in the loader (0 = off)
     read_parallelism: int | None = None
     map_batch_size: int = 32  # rows per Ray Data augmentation task
     map_concurrency: int = 1  # concurrent CPU augmentation tasks (per trainer, all workers)

@@ -9,10 +9,10 @@ DEFAULT_HOME = Path(os.environ.get("REDDINO_HOME", "~/.reddino")).expanduser()
 
 
 def loopback_env() -> None:
-    """Keep every Ray listener on 127.0.0.1 (Ray binds the routable IP unless this is set first)."""
+    """Keep every listener of a *local* Ray on 127.0.0.1 (Ray binds the routable IP unless this is
+    set before it starts). Only for Ray sessions we start ourselves, never for a cluster we join."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 def default_tracking_uri(home: Path | None = None) -> str:
@@ -27,7 +27,6 @@ def default_tracking_uri(home: Path | None = None) -> str:
 
 def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
     """Connect to `address` (or RAY_ADDRESS) if given, else start a loopback-only local Ray."""
-    loopback_env()
     import ray
 
     if ray.is_initialized():
@@ -36,6 +35,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
     if address:
         ray.init(address=address, **kwargs)
     else:
+        loopback_env()
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,

@@ -118,9 +118,11 @@ def build_train_dataset(cfg: RunConfig, patch_size: int, skip_actor_name: str | 
         units=[cfg.data.unit] if cfg.data.unit else None,
         source_weights=cfg.data.source_weights,
         columns=["image", "sha256"],
-        shuffle_seed=cfg.data.shuffle_seed,
         override_num_blocks=cfg.data.read_parallelism,
     )
+    # A new block order every pass plus a local shuffle buffer in the loader: streaming-friendly
+    # shuffling (a full all-to-all shuffle would stall the stream at 1M+ images).
+    ds = ds.randomize_block_order()
     ds = ds.map_batches(DropConsumed(skip_actor_name), batch_size=None, zero_copy_batch=True, num_cpus=0.1)
     ds = ds.map_batches(
         Augment(cfg.to_dict(), patch_size),
@@ -134,8 +136,9 @@ def build_train_dataset(cfg: RunConfig, patch_size: int, skip_actor_name: str | 
 class BatchStream:
     """Endless per-worker batches over successive passes, recording the keys consumed in the current pass."""
 
-    def __init__(self, shard, batch_size: int, data_pass: int, prefetch_batches: int = 2) -> None:
+    def __init__(self, shard, batch_size: int, data_pass: int, prefetch_batches: int = 2, shuffle_buffer: int = 0) -> None:
         self.shard = shard
+        self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
         self.data_pass = data_pass
         self.prefetch_batches = prefetch_batches
@@ -149,7 +152,8 @@ class BatchStream:
         while True:
             produced = 0
             for batch in self.shard.iter_torch_batches(
-                batch_size=self.batch_size, drop_last=True, prefetch_batches=self.prefetch_batches, device="cpu"
+                batch_size=self.batch_size, drop_last=True, prefetch_batches=self.prefetch_batches, device="cpu",
+                local_shuffle_buffer_size=self.shuffle_buffer or None,
             ):
                 keys = batch["key"].numpy()
                 self.consumed.append(keys.copy())

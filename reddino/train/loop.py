@@ -133,7 +133,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.get(skip_actor.set.remote(state.consumed, state.data_pass))
     _barrier()
     shard = ray.train.get_dataset_shard("train")
-    stream = BatchStream(shard, cfg.train.batch_size_per_worker, state.data_pass, cfg.data.prefetch_batches)
+    stream = BatchStream(shard, cfg.train.batch_size_per_worker, state.data_pass, cfg.data.prefetch_batches,
+                         cfg.data.shuffle_buffer)
     if rank == 0 and state.consumed.size:
         stream.consumed.append(state.consumed)  # the union over workers lives on rank 0 only
     if restored is not None and skip_actor is None and state.consumed.size:
@@ -318,6 +319,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger.flush()
         if metrics:
             last_metrics.update(metrics)
+            # Every report carries the latest kNN score, so schedulers (ASHA) always see one.
+            metrics.update({k: v for k, v in last_metrics.items() if k.startswith("eval_")})
 
         if stop_reason:
             break

@@ -165,15 +165,23 @@ def pretrain(
     backbone = None
     from reddino.train.checkpoint import BACKBONE_FILE
 
-    if ckpt_dir is not None and (ckpt_dir / BACKBONE_FILE).exists() and not stopped:
-        target = Path(cfg.train.export_path).expanduser() if cfg.train.export_path else run_dir / "backbone.safetensors"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for src in ckpt_dir.iterdir():
-            if src.name.startswith(BACKBONE_FILE):
-                tmp = target.with_name(target.name + src.name[len(BACKBONE_FILE):] + ".tmp")
-                shutil.copy2(src, tmp)
-                tmp.replace(target.with_name(target.name + src.name[len(BACKBONE_FILE):]))
-        backbone = target
+    if result.checkpoint is not None and not stopped:
+        if cfg.train.export_path:
+            target = Path(cfg.train.export_path).expanduser()
+        elif run_dir is not None:
+            target = run_dir / "backbone.safetensors"
+        else:  # remote storage: keep a local copy of the export next to the other reddino files
+            target = Path("~/.reddino/exports").expanduser() / run_name / "backbone.safetensors"
+        with result.checkpoint.as_directory() as d:
+            exported = sorted(Path(d).glob(BACKBONE_FILE + "*"))
+            if exported:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                for src in exported:
+                    dst = target.with_name(target.name + src.name[len(BACKBONE_FILE):])
+                    tmp = dst.with_name(dst.name + ".tmp")
+                    shutil.copy2(src, tmp)
+                    tmp.replace(dst)
+                backbone = target
 
     if mlflow_run_id is not None:
         import mlflow

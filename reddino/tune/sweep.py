@@ -66,6 +66,27 @@ def _trial(config: dict[str, Any]) -> None:
     ray.tune.report(final)
 
 
+class _StopAfterTrials:
+    """Ends the sweep (resumably) once `n` trials have finished; used to pause long studies."""
+
+    def __new__(cls, n: int):
+        from ray.tune.stopper import Stopper
+
+        class _Stopper(Stopper):
+            def __init__(self) -> None:
+                self.finished: set[str] = set()
+
+            def __call__(self, trial_id, result) -> bool:
+                if result.get("done"):
+                    self.finished.add(trial_id)
+                return False
+
+            def stop_all(self) -> bool:
+                return len(self.finished) >= n
+
+        return _Stopper()
+
+
 def _scheduler(space: SweepSpace, cfg) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
@@ -93,6 +114,7 @@ def sweep(
     gpus_per_trial: float = 0.0,
     resume: str | Path | None = None,
     final_eval: bool = True,
+    stop_after_trials: int | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep. `mode="search"`: Optuna TPE + ASHA; `mode="ablation"`: one factor at a time."""
     import ray
@@ -100,6 +122,8 @@ def sweep(
 
     from reddino.local import default_tracking_uri, init_ray
 
+    # Log-step reports carry no kNN score yet; Tune must accept them (ASHA decides on eval steps).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     init_ray()
     if resume is not None:
         sweep_dir = Path(resume).expanduser().resolve()
@@ -145,6 +169,8 @@ def sweep(
              "parent_run_id": parent_run_id}
     (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
 
+    # Trials run in other processes (maybe other nodes): hand them the resolved tracking URI.
+    extra = extra + [f"mlflow.tracking_uri={tracking_uri}"]
     fixed = {"_base": space.base, "_overrides": space.overrides + extra, "_storage": str(storage),
              "_experiment": experiment, "_parent_run_id": parent_run_id, "_final_eval": final_eval}
     if mode == "ablation":
@@ -163,10 +189,11 @@ def sweep(
         raise ValueError(f"unknown sweep mode {mode!r}; valid: search, ablation")
 
     # Each trial's driver is light; its Train workers and Ray Data tasks ask for their own CPUs.
-    trial_cpus = cpus_per_trial if cpus_per_trial is not None else 0.1
+    trial_cpus = cpus_per_trial if cpus_per_trial is not None else 0.0
     trainable = tune.with_resources(_trial, {"cpu": trial_cpus, "gpu": gpus_per_trial})
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
-                                failure_config=tune.FailureConfig(max_failures=1))
+                                failure_config=tune.FailureConfig(max_failures=1),
+                                stop=_StopAfterTrials(stop_after_trials) if stop_after_trials else None)
     if resume is not None and tune.Tuner.can_restore(str(sweep_dir / "tune")):
         tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space)

@@ -1,0 +1,81 @@
+"""Registry round trips on a real sqlite MLflow store."""
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+import reddino
+from reddino.data import decode_image, generate_synthetic, load_table
+from reddino.evaluate import extract_features
+from reddino.model import create_backbone, export_backbone
+from reddino.registry import list_models, promote, pull, register_backbone, register_probe
+
+
+@pytest.fixture()
+def export(tmp_path):
+    torch.manual_seed(0)
+    model = create_backbone("vit_tiny_patch14_reddino", img_size=56)
+    return export_backbone(model, tmp_path / "run" / "backbone.safetensors", meta={"config_hash": "abc"})
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regcells")
+    generate_synthetic(root / "cells", n_per_class=3, sources=1, unit="cell", seed=0)
+    table = load_table([root / "cells"])
+    return [decode_image(b) for b in table.column("image").to_pylist()], table.column("label").to_numpy()
+
+
+def test_register_alias_pull_round_trip_gives_identical_embeddings(export, cells, tmp_path, mlflow_uri):
+    images, _ = cells
+    mv = register_backbone(str(export), name="bb", metrics={"knn20_balanced_accuracy": 0.5})
+    assert str(mv.version) == "1" and mv.tags["reddino.arch"] == "vit_tiny_patch14_reddino"
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    assert client.get_model_version_by_alias("bb", "candidate").version in (1, "1")
+
+    original = extract_features(reddino.model.load_backbone(export), images, img_size=56, batch_size=16)
+    pulled = reddino.load_backbone("models:/bb@candidate")
+    assert np.allclose(extract_features(pulled, images, img_size=56, batch_size=16), original, atol=1e-6)
+    path = pull("bb@candidate", tmp_path / "pulled")
+    assert path.exists() and path.with_name(path.name + ".json").exists()
+
+    # pyfunc: encoded images in, embeddings out.
+    pyfunc = mlflow.pyfunc.load_model("models:/bb@candidate")
+    import cv2
+
+    encoded = [cv2.imencode(".png", img[:, :, ::-1])[1].tobytes() for img in images[:4]]
+    emb = pyfunc.predict(pd.DataFrame({"image": encoded}))
+    assert np.asarray(emb).shape == (4, 192)
+    assert np.allclose(np.asarray(emb), original[:4], atol=1e-4)
+
+
+def test_promotion_refuses_a_worse_candidate_and_versions_accumulate(export, mlflow_uri):
+    register_backbone(str(export), name="bb2", metrics={"knn20_balanced_accuracy": 0.6})
+    moved, reason = promote("bb2")
+    assert moved and "first champion" in reason
+    mv2 = register_backbone(str(export), name="bb2", metrics={"knn20_balanced_accuracy": 0.4})
+    assert str(mv2.version) == "2"  # registering again makes a new version, never overwrites
+    moved, reason = promote("bb2")
+    assert not moved and "does not beat" in reason
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    assert client.get_model_version_by_alias("bb2", "champion").version in (1, "1")
+    moved, _ = promote("bb2", force=True)
+    assert moved and client.get_model_version_by_alias("bb2", "champion").version in (2, "2")
+    rows = [r for r in list_models() if r["name"] == "bb2"]
+    assert [r["version"] for r in rows] == [1, 2] and "champion" in rows[1]["aliases"]
+
+
+def test_probe_registered_and_predicts_with_pulled_backbone(export, cells, mlflow_uri):
+    images, labels = cells
+    mv = register_backbone(str(export), name="bb3")
+    backbone = reddino.load_backbone("models:/bb3@candidate")
+    feats = extract_features(backbone, images, img_size=56, batch_size=16)
+    probe = LogisticRegression(max_iter=200).fit(feats, labels)
+    pm = register_probe(probe, backbone=f"bb3/{mv.version}", name="bb3-probe", metrics={"accuracy": 1.0})
+    assert pm.tags["reddino.backbone"] == "bb3/1"
+    loaded = mlflow.sklearn.load_model("models:/bb3-probe@candidate")
+    again = extract_features(reddino.load_backbone("models:/bb3@candidate"), images, img_size=56, batch_size=16)
+    assert (loaded.predict(again) == probe.predict(feats)).all()
