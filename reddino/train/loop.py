@@ -24,10 +24,6 @@ from reddino.train import checkpoint as ckpt
 from reddino.train.data import BatchStream, skip_list_actor
 
 
-class StopTraining(Exception):
-    """A clean, deliberate stop (non-finite loss, collapse); the last good checkpoint is kept."""
-
-
 def _all_gather_keys(keys: np.ndarray) -> np.ndarray:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return keys
@@ -96,7 +92,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # --- model, optimizer ---
     model = DINOv2SSL.from_config(cfg.model, cfg.loss)
-    patch_size = model.patch_size
     model.to(device)
     param_groups = model.param_groups(cfg.optim)
     optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=tuple(cfg.optim.betas))
@@ -299,9 +294,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                f"{metrics.get('rankme', float('nan')):.2f} < {cfg.train.collapse_rankme_min}; "
                                "run stopped, last good checkpoint kept")
 
-        eval_due = eval_table is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or is_last)
-        if (cfg.eval.data and ((cfg.eval.every and step % cfg.eval.every == 0) or is_last)):
-            if eval_due:
+        if cfg.eval.data and ((cfg.eval.every and step % cfg.eval.every == 0) or is_last):
+            if rank == 0:
                 from reddino.evaluate import knn_score
 
                 model.eval()

@@ -117,7 +117,6 @@ def sweep(
     stop_after_trials: int | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep. `mode="search"`: Optuna TPE + ASHA; `mode="ablation"`: one factor at a time."""
-    import ray
     from ray import tune
 
     from reddino.local import default_tracking_uri, init_ray
@@ -189,7 +188,7 @@ def sweep(
         raise ValueError(f"unknown sweep mode {mode!r}; valid: search, ablation")
 
     # Each trial's driver is light; its Train workers and Ray Data tasks ask for their own CPUs.
-    trial_cpus = cpus_per_trial if cpus_per_trial is not None else 0.0
+    trial_cpus = cpus_per_trial if cpus_per_trial is not None else 0.01  # Tune needs a non-empty request
     trainable = tune.with_resources(_trial, {"cpu": trial_cpus, "gpu": gpus_per_trial})
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),

@@ -1,0 +1,81 @@
+"""Sweeps on a real local Ray: Optuna + ASHA on in-training kNN, MLflow parent/child, resume."""
+
+import pandas as pd
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from reddino.data import generate_synthetic
+from reddino.tune import sweep
+
+TINY = [
+    "data.resize=56", "crops.global_crops_size=56", "crops.local_crops_size=28", "model.img_size=56",
+    "model.head_prototypes=128", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
+    "train.epochs=1", "train.iters_per_epoch=6", "train.batch_size_per_worker=8", "train.log_every=2",
+    "train.checkpoint_every=6", "train.monitor_every=0", "eval.every=2", "eval.max_images=120",
+]
+
+
+@pytest.fixture(scope="module")
+def ray4():
+    from reddino.local import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=4, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweepdata")
+    generate_synthetic(root / "patches", n_per_class=2, sources=2, unit="patch", seed=0, n_patches=32)
+    generate_synthetic(root / "cells", n_per_class=8, sources=2, unit="cell", seed=1)
+    return root
+
+
+@pytest.fixture()
+def space_file(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": "tiny_cpu", "metric": "eval_knn20_balanced_accuracy", "mode": "max", "overrides": TINY,
+        "space": {"optim.base_lr": {"loguniform": [1e-5, 1e-2]}, "loss.centering": {"choice": ["ema", "sinkhorn_knopp"]}},
+        "scheduler": {"grace_period": 1, "reduction_factor": 3},
+    }))
+    return path
+
+
+def test_sweep_asha_stops_early_and_writes_results(ray4, data, space_file, tmp_path, mlflow_uri):
+    result = sweep(space_file, data=[data / "patches"], eval_data=data / "cells", trials=4, out=tmp_path,
+                   name="s", final_eval=False)
+    table = result.table
+    assert len(table) == 4 and (table["error"] == "").all()
+    assert table["steps"].min() < 6, "ASHA should stop at least one trial before the last step"
+    assert (table["steps"] == 6).any()
+    best = yaml.safe_load(result.best_config_path.read_text())
+    assert best["optim"]["base_lr"] == pytest.approx(result.best_params["optim.base_lr"])
+    assert (result.sweep_dir / "trials.csv").exists() and (result.sweep_dir / "optimization_history.png").exists()
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    children = client.search_runs(
+        [client.get_run(result.parent_run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+    )
+    assert len(children) == 4
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray4, data, space_file, tmp_path, mlflow_uri):
+    first = sweep(space_file, data=[data / "patches"], eval_data=data / "cells", trials=3, out=tmp_path,
+                  name="r", final_eval=False, stop_after_trials=1)
+    done_first = set(first.table.loc[first.table["steps"].notna(), "mlflow_run_id"]) - {""}
+    assert 1 <= len(done_first) < 3
+    second = sweep(None, resume=tmp_path / "r")
+    assert len(second.table) == 3
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    children = client.search_runs(
+        [client.get_run(second.parent_run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{second.parent_run_id}'",
+    )
+    assert len(children) == 3  # each trial ran once: the finished one was not re-run
+    assert done_first <= set(second.table["mlflow_run_id"])
