@@ -42,8 +42,11 @@ class DINOHead(nn.Module):
         last = nn.Linear(bottleneck_dim, out_dim, bias=False)
         nn.init.trunc_normal_(last.weight, std=0.02)
         self.last_layer = weight_norm(last)
-        with torch.no_grad():  # unit-norm prototypes: logits are cosine similarities at the start
+        with torch.no_grad():  # unit-norm prototypes: logits are cosine similarities
             self.last_layer.parametrizations.weight.original0.fill_(1.0)
+        # The norm stays frozen at 1 (DINO's norm_last_layer): a trainable norm under weight decay shrinks
+        # every logit toward 0, the student turns uniform and the DINO loss sits at ln K (measured).
+        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
         self.out_dim = out_dim
 
     @staticmethod
