@@ -1,0 +1,291 @@
+"""Turn a model reference into a frozen feature extractor.
+
+A reference is one of:
+
+* ``handcrafted`` - the morphology feature baseline (:mod:`reddino.evaluate.handcrafted`);
+* an exported backbone file (``*.safetensors`` / ``*.pt`` with a sidecar json);
+* a run checkpoint dir (any dir holding such an export; ``teacher_*`` files win);
+* an MLflow URI (``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/backbone``, ...): the artifacts
+  are downloaded and resolved as a dir;
+* ``random:<timm arch>`` or a bare timm arch name: a randomly initialised baseline (fixed seed).
+
+All of it lives in :func:`resolve_model` so there is one place to extend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+HANDCRAFTED = "handcrafted"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+_MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:", "dbfs:/")
+
+
+def _import_model_module():
+    """Import ``reddino.model`` (registers the tiny arch) if it exists yet."""
+    try:
+        import reddino.model as m  # noqa: PLC0415
+
+        return m
+    except Exception:  # pragma: no cover - the model layer is written in parallel
+        return None
+
+
+def _sidecar(path: Path) -> Path | None:
+    for cand in (
+        path.with_name(path.name + ".json"),
+        path.with_suffix(".json"),
+        path.parent / "backbone.json",
+        path.parent / "config.json",
+    ):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _sidecar_info(path: Path) -> dict[str, Any]:
+    side = _sidecar(path)
+    if side is None:
+        return {}
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def find_backbone_file(directory: str | Path) -> Path:
+    """The exported backbone inside a run checkpoint / artifact dir (searched 3 levels deep)."""
+    directory = Path(directory)
+    cands: list[Path] = []
+    for depth in ("*", "*/*", "*/*/*"):
+        cands += [p for p in directory.glob(depth) if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+    if not cands:
+        raise FileNotFoundError(f"no exported backbone (*.safetensors / *.pt) under {directory}")
+
+    def rank(p: Path) -> tuple:
+        name = p.name.lower()
+        return (
+            "teacher" not in name,
+            "backbone" not in name,
+            _sidecar(p) is None,
+            p.suffix != ".safetensors",
+            len(p.relative_to(directory).parts),
+            str(p),
+        )
+
+    return sorted(cands, key=rank)[0]
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def module_hash(model) -> str:
+    """Content hash of a module's architecture name and every tensor of its state dict."""
+    import torch  # noqa: PLC0415
+
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_img_size(model, default: int = 224) -> int:
+    """The square input size a timm ViT was built for."""
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size:
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        return int(cfg["input_size"][-1])
+    return default
+
+
+def _load_backbone_file(path: Path):
+    mod = _import_model_module()
+    if mod is not None and hasattr(mod, "load_backbone"):
+        return mod.load_backbone(path)
+    # Fallback until reddino.model exists: timm arch from the sidecar + the state dict.
+    import timm  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    meta = _sidecar_info(path)
+    if "arch" not in meta:
+        raise ValueError(f"{path}: no sidecar json with 'arch' next to the exported backbone")
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "dynamic_img_size": True}
+    if meta.get("img_size"):
+        kwargs["img_size"] = int(meta["img_size"])
+    if meta.get("patch_size"):
+        kwargs["patch_size"] = int(meta["patch_size"])
+    model = timm.create_model(meta["arch"], **kwargs)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def _backbone_info(model, path: Path | None = None) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    mod = _import_model_module()
+    if mod is not None and hasattr(mod, "backbone_info"):
+        try:
+            info.update(dict(mod.backbone_info(model)))
+        except Exception:
+            pass
+    if path is not None:
+        for k, v in _sidecar_info(path).items():
+            info.setdefault(k, v)
+    info.setdefault("img_size", model_img_size(model))
+    info.setdefault("embed_dim", int(getattr(model, "embed_dim", getattr(model, "num_features", 0)) or 0))
+    info.setdefault("patch_size", _patch_size(model))
+    return info
+
+
+def _patch_size(model) -> int | None:
+    pe = getattr(model, "patch_embed", None)
+    ps = getattr(pe, "patch_size", None)
+    if ps is None:
+        return None
+    return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+
+
+def _mlflow_links(ref: str) -> dict[str, Any]:
+    """``reddino.model_run_id`` / ``reddino.model_version`` for an MLflow ref, when knowable."""
+    out: dict[str, Any] = {}
+    try:
+        if ref.startswith("runs:/"):
+            out["model_run_id"] = ref[len("runs:/") :].split("/", 1)[0]
+        elif ref.startswith("models:/"):
+            from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+            body = ref[len("models:/") :]
+            client = MlflowClient()
+            if "@" in body:
+                name, alias = body.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias.split("/")[0])
+            else:
+                parts = body.split("/")
+                name, version = parts[0], parts[1] if len(parts) > 1 else None
+                if version is None or not version.isdigit():
+                    mv = client.get_latest_versions(name)[0]
+                else:
+                    mv = client.get_model_version(name, version)
+            out["model_name"] = mv.name
+            out["model_version"] = str(mv.version)
+            if mv.run_id:
+                out["model_run_id"] = mv.run_id
+    except Exception:  # linking is best effort
+        pass
+    return out
+
+
+def _random_model(arch: str, img_size: int | None, seed: int):
+    import timm  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    _import_model_module()  # registers vit_tiny_patch14_reddino
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown model reference or timm arch: {arch!r}")
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "dynamic_img_size": True}
+    if img_size:
+        kwargs["img_size"] = int(img_size)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = timm.create_model(arch, **kwargs)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.eval()
+
+
+def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache_dir: str | Path | None = None):
+    """Resolve a model reference to ``(module | "handcrafted", info)``.
+
+    ``info`` always has ``ref``, ``kind`` (handcrafted/file/checkpoint/mlflow/random/module), ``hash``
+    (content hash for the feature cache) and ``img_size``; ViTs add ``arch``, ``embed_dim``,
+    ``patch_size``; MLflow refs add ``model_run_id`` / ``model_version`` when known.
+    ``img_size`` overrides the model's own input size (random init builds the model at that size).
+    """
+    import torch  # noqa: PLC0415
+
+    if isinstance(ref, torch.nn.Module):
+        model = ref.eval()
+        info = _backbone_info(model)
+        info.update(ref=type(ref).__name__, kind="module", hash=module_hash(model))
+        if img_size:
+            info["img_size"] = int(img_size)
+        return model, info
+
+    ref = str(ref)
+    if ref == HANDCRAFTED:
+        from .handcrafted import FEATURE_NAMES, VERSION  # noqa: PLC0415
+
+        return HANDCRAFTED, {
+            "ref": ref,
+            "kind": "handcrafted",
+            "hash": hashlib.sha256(f"handcrafted-v{VERSION}".encode()).hexdigest(),
+            "img_size": int(img_size) if img_size else None,
+            "embed_dim": len(FEATURE_NAMES),
+            "standardize": True,
+        }
+
+    if ref.startswith(_MLFLOW_SCHEMES):
+        import mlflow.artifacts  # noqa: PLC0415
+
+        dst = Path(cache_dir or Path("~/.reddino/cache/models").expanduser())
+        dst = dst / hashlib.sha256(ref.encode()).hexdigest()[:16]
+        dst.mkdir(parents=True, exist_ok=True)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst)))
+        path = local if local.is_file() else find_backbone_file(local)
+        model = _load_backbone_file(path).eval()
+        info = _backbone_info(model, path)
+        info.update(ref=ref, kind="mlflow", path=str(path), hash=file_hash(path))
+        info.update(_mlflow_links(ref))
+        if img_size:
+            info["img_size"] = int(img_size)
+        return model, info
+
+    path = Path(ref).expanduser()
+    if path.exists():
+        kind = "file"
+        if path.is_dir():
+            path, kind = find_backbone_file(path), "checkpoint"
+        model = _load_backbone_file(path).eval()
+        info = _backbone_info(model, path)
+        info.update(ref=ref, kind=kind, path=str(path), hash=file_hash(path))
+        for key in ("model_run_id", "mlflow_run_id", "run_id"):
+            if info.get(key):
+                info["model_run_id"] = info[key]
+                break
+        if img_size:
+            info["img_size"] = int(img_size)
+        return model, info
+
+    arch = ref.split(":", 1)[1] if ref.startswith("random:") else ref
+    model = _random_model(arch, img_size, seed)
+    info = _backbone_info(model)
+    info.update(ref=ref, kind="random", arch=arch, seed=seed)
+    if img_size:
+        info["img_size"] = int(img_size)
+    info["hash"] = hashlib.sha256(f"random:{arch}:{info['img_size']}:{seed}:{module_hash(model)}".encode()).hexdigest()
+    return model, info

@@ -1,0 +1,301 @@
+"""The two entry points: :func:`evaluate` (CLI / sweeps: full report) and :func:`knn_score` (in training)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from .classifiers import classifier_names
+from .features import DEFAULT_CACHE_DIR, FeatureSet, compute_features, extract_features, select_rows
+from .protocols import run_fixed, run_kfold, run_protocol
+
+log = logging.getLogger(__name__)
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+
+
+def _data_names(paths: Sequence[str]) -> list[str]:
+    names = [Path(p).expanduser().resolve().name or str(p) for p in paths]
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def _variant_name(base: str, excluded: Sequence[int]) -> str:
+    return base if not excluded else f"{base} (excl. {','.join(map(str, excluded))})"
+
+
+def _variant_key(base: str, excluded: Sequence[int]) -> str:
+    """MLflow-safe metric prefix, e.g. ``chula`` / ``chula.excl12``."""
+    from .report import slug  # noqa: PLC0415
+
+    return slug(base) + (f".excl{'-'.join(map(str, excluded))}" if excluded else "")
+
+
+def evaluate(
+    models: Any,
+    data: str | Sequence[str],
+    *,
+    protocol: str = "kfold",
+    folds: int = 5,
+    ks: Sequence[int] = (1, 20),
+    cosine_knn: bool = True,
+    probe: bool = True,
+    probe_sweep: bool = False,
+    pooling: str = "cls",
+    img_size: int | None = None,
+    exclude_classes: Iterable[int] | None = None,
+    report_both_excluded: Iterable[int] | None = None,
+    max_images: int | None = None,
+    use_groups: bool = True,
+    split_column: str | None = None,
+    test_value: str = "test",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    batch_size: int = 64,
+    num_cpus: int | None = None,
+    use_ray: bool | None = None,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    out_dir: str | Path | None = None,
+    mlflow: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str = "reddino-eval",
+    embedding: str = "umap",
+    embedding_max: int = 3000,
+    figures: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate frozen features of one or more models on labelled RBC data; write and log a report.
+
+    ``models``: one reference or a list (see :func:`reddino.evaluate.resolve_model`; ``nn.Module``
+    objects work too). ``data``: Parquet dataset dir(s). ``protocol``: ``kfold`` (every dir on its
+    own), ``fixed`` (every dir on its own) or ``cross-source`` (all dirs together, split by
+    ``source``). ``exclude_classes`` drops labels everywhere; ``report_both_excluded`` additionally
+    reports each dataset without those labels. ``use_ray``: Ray Data batch inference (True), in
+    process (False), or by dataset size (None, see ``features.RAY_MIN_ROWS``). Returns the results dict (also ``results.json``)
+    with ``out_dir``, ``files`` and ``mlflow_run_ids``.
+    """
+    from .models import resolve_model  # noqa: PLC0415
+    from .report import figures_for, log_mlflow, markdown_report, slug, write_json  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    if isinstance(models, (str, bytes)) or not isinstance(models, (list, tuple)):
+        models = [models]
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    paths = [str(Path(p).expanduser()) for p in paths]
+    if protocol not in ("kfold", "fixed", "cross-source"):
+        raise ValueError(f"protocol must be kfold, fixed or cross-source, got {protocol!r}")
+    excl = sorted({int(c) for c in (exclude_classes or [])})
+    variants = [excl]
+    both = sorted({int(c) for c in (report_both_excluded or [])} - set(excl))
+    if both:
+        variants.append(sorted(set(excl) | set(both)))
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(out_dir) if out_dir else Path("eval") / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    clfs = classifier_names(ks, cosine=cosine_knn, probe=probe)
+    names = _data_names(paths)
+    settings = {
+        "protocol": protocol,
+        "folds": folds,
+        "classifiers": clfs,
+        "pooling": pooling,
+        "img_size": img_size,
+        "exclude_classes": excl,
+        "report_both_excluded": both,
+        "max_images": max_images,
+        "grouped": use_groups,
+        "split_column": split_column,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "data": paths,
+        "models": [str(m) if isinstance(m, (str, Path)) else type(m).__name__ for m in models],
+    }
+    results: dict[str, Any] = {
+        "eval_id": f"{stamp}-{uuid.uuid4().hex[:6]}",
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "settings": settings,
+        "models": [],
+    }
+    ray_was_up = _ray_up()
+    proto_kw = dict(seed=seed, use_groups=use_groups, probe_sweep=probe_sweep, folds=folds,
+                    test_value=test_value, test_fraction=test_fraction)
+    try:
+        with _progress(progress) as prog:
+            for ref in models:
+                model, info = resolve_model(ref, img_size=img_size, seed=seed)
+                entry: dict[str, Any] = {"ref": info["ref"], "info": info, "evals": [], "figures": []}
+                stem_model = slug(Path(str(info["ref"])).name or str(info["ref"]), 40)
+                for variant in variants:
+                    sets = []
+                    for path, dname in zip(paths, names):
+                        fs = compute_features(
+                            model, info, path, pooling=pooling, img_size=img_size or info.get("img_size"),
+                            batch_size=batch_size, exclude_labels=variant, max_images=max_images, seed=seed,
+                            cache_dir=cache_dir, use_ray=use_ray, num_cpus=num_cpus, progress=prog,
+                            extra_columns=[split_column] if split_column else (),
+                        )
+                        fs.meta["name"] = _variant_name(dname, variant)
+                        sets.append(fs)
+                    if protocol == "cross-source":
+                        _check_label_names(sets)
+                        joined = "+".join(names)
+                        groups = [(_variant_name(joined, variant), _variant_key(joined, variant),
+                                   FeatureSet.concat(sets))]
+                        groups[0][2].meta["name"] = groups[0][0]
+                    else:
+                        groups = [(fs.meta["name"], _variant_key(n, variant), fs) for n, fs in zip(names, sets)]
+                    for gname, gkey, fs in groups:
+                        split = fs.extras.get(split_column) if split_column else None
+                        res = run_protocol(protocol, fs, clfs, standardize=bool(info.get("standardize")),
+                                           progress=prog, split=split, **proto_kw)
+                        res["cached_features"] = bool(fs.meta.get("cached")) if "cached" in fs.meta else None
+                        entry["evals"].append({"name": gname, "key": gkey, "exclude_classes": variant, "result": res})
+                        if figures:
+                            stem = f"{stem_model}__{slug(gname, 50)}"
+                            entry["figures"] += [str(p) for p in figures_for(
+                                fs, res, out / "figures", stem, embedding=embedding,
+                                embedding_max=embedding_max, seed=seed,
+                                standardize=bool(info.get("standardize")))]
+                results["models"].append(entry)
+    finally:
+        if not ray_was_up and _ray_up():  # this call started a local Ray: stop it again
+            import ray  # noqa: PLC0415
+
+            ray.shutdown()
+    results["wall_seconds"] = time.perf_counter() - t0
+    for entry in results["models"]:
+        entry["headline"] = _headline(entry)
+    # The first model's first evaluation, flat (`reddino models register --eval-json` reads this).
+    results["headline"] = results["models"][0]["headline"] if results["models"] else {}
+    files = {"json": str(out / "results.json"), "markdown": str(out / "report.md"),
+             "metrics": str(out / "metrics.json")}
+    results["out_dir"] = str(out)
+    results["files"] = files
+    (out / "report.md").write_text(markdown_report(results))
+    write_json(results, out / "results.json")
+    write_json(results["headline"], out / "metrics.json")
+    if mlflow:
+        results["mlflow_run_ids"] = log_mlflow(results, out, tracking_uri=tracking_uri, experiment=experiment)
+        write_json(results, out / "results.json")
+    return results
+
+
+def _headline(entry: dict[str, Any]) -> dict[str, float]:
+    """``{<classifier>_<metric>: mean}`` (+ ``_std``) of a model's first evaluation."""
+    if not entry.get("evals"):
+        return {}
+    out: dict[str, float] = {}
+    for clf, cr in entry["evals"][0]["result"]["classifiers"].items():
+        for m in ("balanced_accuracy", "accuracy", "f1_weighted"):
+            v = cr.get(m) or {}
+            if v.get("mean") is not None:
+                out[f"{clf}_{m}"] = float(v["mean"])
+                out[f"{clf}_{m}_std"] = float(v["std"])
+    return out
+
+
+def _ray_up() -> bool:
+    import sys  # noqa: PLC0415
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _check_label_names(sets: Sequence[FeatureSet]) -> None:
+    seen: dict[int, str] = {}
+    for fs in sets:
+        for lab, name in fs.class_names.items():
+            if lab in seen and seen[lab] != name:
+                log.warning("label %d is %r in one dataset and %r in another: cross-source needs one label space",
+                            lab, seen[lab], name)
+            seen.setdefault(lab, name)
+
+
+def knn_score(
+    model,
+    data: str | pa.Table,
+    *,
+    img_size: int | None = None,
+    k: int = 20,
+    max_images: int = 2000,
+    exclude_labels: Iterable[int] | None = None,
+    folds: int | float = 5,
+    seed: int = 0,
+    device: Any = None,
+    batch_size: int = 64,
+    use_groups: bool = True,
+    pooling: str = "cls",
+    probe: bool = False,
+) -> dict[str, float]:
+    """Fast in-process kNN score of a (training) backbone - no Ray, no cache, no files.
+
+    Takes a deterministic subset of at most ``max_images`` labelled rows (hash-ranked, see
+    :func:`reddino.evaluate.features.select_rows`), embeds them with :func:`extract_features`, and
+    scores kNN k = ``k`` and k = 1 (Euclidean, uniform) by stratified (group) k-fold CV when ``folds``
+    is an int >= 2, or on one grouped holdout when it is a fraction in (0, 1). Returns e.g.
+    ``knn20_balanced_accuracy``, ``knn20_accuracy``, ``knn20_f1_weighted`` (+ ``_std``), the same for
+    ``knn1``, and ``n_images``, ``n_classes``, ``seconds``. ``probe=True`` adds the RedDino
+    logistic-regression probe (``probe_balanced_accuracy``, ...) on the same folds.
+    """
+    from .dataio import load_table  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    if isinstance(data, pa.Table):
+        meta_cols = [c for c in data.column_names if c != "image"]
+        meta = data.select(meta_cols)
+        idx = select_rows(meta, exclude_labels=exclude_labels, max_images=max_images, seed=seed)
+        images = data.column("image").take(pa.array(idx)).to_pylist()
+    else:
+        meta = load_table(data, columns=["label", "label_name", "source", "group", "image_id", "sha256"])
+        idx = select_rows(meta, exclude_labels=exclude_labels, max_images=max_images, seed=seed)
+        images = load_table(data, columns=["image"]).column("image").take(pa.array(idx)).to_pylist()
+    if len(idx) < 2:
+        raise ValueError("knn_score needs at least 2 labelled images")
+    sub = meta.take(pa.array(idx))
+    feats = extract_features(model, images, img_size, batch_size, device, pooling=pooling)
+    groups = sub.column("group").to_pylist() if "group" in sub.column_names else None
+    fs = FeatureSet(
+        features=feats,
+        labels=np.array(sub.column("label").to_pylist(), dtype=np.int64),
+        groups=None if groups is None else np.array([str(g) for g in groups]),
+        sources=np.array([""] * len(idx)),
+        label_names=np.array([""] * len(idx)),
+        image_ids=np.arange(len(idx)).astype(str),
+    )
+    clfs = [f"knn{k}"] + (["knn1"] if k != 1 else []) + (["probe"] if probe else [])
+    standardize = isinstance(model, str)
+    if isinstance(folds, float) and 0 < folds < 1:
+        res = run_fixed(fs, clfs, test_fraction=folds, seed=seed, use_groups=use_groups, standardize=standardize)
+    else:
+        counts = np.unique(fs.labels, return_counts=True)[1]
+        n_f = int(max(2, min(int(folds), int(counts.max()), len(fs))))
+        res = run_kfold(fs, clfs, folds=n_f, seed=seed, use_groups=use_groups, standardize=standardize,
+                        keep_predictions=False)
+    out: dict[str, float] = {}
+    for name, cr in res["classifiers"].items():
+        for m in ("balanced_accuracy", "accuracy", "f1_weighted"):
+            out[f"{name}_{m}"] = float(cr[m]["mean"])
+            out[f"{name}_{m}_std"] = float(cr[m]["std"])
+    out.update(n_images=float(len(fs)), n_classes=float(res["n_classes"]), seconds=time.perf_counter() - t0)
+    return out
