@@ -9,18 +9,29 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray session per test module (start-up costs seconds), stopped afterwards."""
+def _local_ray(num_cpus: int):
     import ray
 
     from reddino.local import init_ray
 
     if ray.is_initialized():
         ray.shutdown()
-    init_ray(num_cpus=2, log_to_driver=False)
+    init_ray(num_cpus=num_cpus, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray session per test module (start-up costs seconds), stopped afterwards."""
+    yield from _local_ray(2)
+
+
+@pytest.fixture(scope="module")
+def ray_train():
+    """Local Ray with 6 logical CPUs on the 2 cores: Train workers + Ray Data tasks + Tune trials each
+    reserve CPUs, and a stopped trial's placement group may still be in cleanup when the next starts."""
+    yield from _local_ray(6)
 
 
 @pytest.fixture()

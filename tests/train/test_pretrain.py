@@ -2,24 +2,12 @@
 
 import numpy as np
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from reddino.config import load_config
 from reddino.data import generate_synthetic
 from reddino.train import pretrain
 from reddino.train.checkpoint import DATA_STATE_FILE
-
-
-@pytest.fixture(scope="module")
-def ray4():
-    from reddino.local import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=4, log_to_driver=False)  # logical CPUs: 2 train workers + data tasks on 2 cores
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +35,7 @@ def _consumed(ckpt_dir):
     return data["consumed"], int(data["data_pass"])
 
 
-def test_kill_and_resume_continues_step_and_data_position(ray4, synth, tmp_path):
+def test_kill_and_resume_continues_step_and_data_position(ray_train, synth, tmp_path):
     # 2 sources × 48 patches = 96 rows; 2 workers × 4 = 8 rows/step → one pass is 12 steps.
     cfg = _cfg(synth, tmp_path, steps=10)
     marker = tmp_path / "crashed"
@@ -79,7 +67,7 @@ def test_kill_and_resume_continues_step_and_data_position(ray4, synth, tmp_path)
     assert any(p.endswith(".safetensors") for p in artifacts)
 
 
-def test_non_finite_loss_stops_cleanly_keeping_last_good_checkpoint(ray4, synth, tmp_path):
+def test_non_finite_loss_stops_cleanly_keeping_last_good_checkpoint(ray_train, synth, tmp_path):
     cfg = _cfg(synth, tmp_path, steps=8, workers=1)
     result = pretrain(cfg, run_name="nan", faults={"nan_at_step": 5})
     assert result.stopped and "step 5" in result.stopped and "ibot" in result.stopped

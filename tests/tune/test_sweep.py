@@ -2,7 +2,6 @@
 
 import pandas as pd
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -15,17 +14,6 @@ TINY = [
     "train.epochs=1", "train.iters_per_epoch=6", "train.batch_size_per_worker=8", "train.log_every=2",
     "train.checkpoint_every=6", "train.monitor_every=0", "eval.every=2", "eval.max_images=120",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray4():
-    from reddino.local import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=4, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +35,7 @@ def space_file(tmp_path):
     return path
 
 
-def test_sweep_asha_stops_early_and_writes_results(ray4, data, space_file, tmp_path, mlflow_uri):
+def test_sweep_asha_stops_early_and_writes_results(ray_train, data, space_file, tmp_path, mlflow_uri):
     result = sweep(space_file, data=[data / "patches"], eval_data=data / "cells", trials=4, out=tmp_path,
                    name="s", final_eval=False)
     table = result.table
@@ -65,7 +53,7 @@ def test_sweep_asha_stops_early_and_writes_results(ray4, data, space_file, tmp_p
     assert len(children) == 4
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray4, data, space_file, tmp_path, mlflow_uri):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_train, data, space_file, tmp_path, mlflow_uri):
     first = sweep(space_file, data=[data / "patches"], eval_data=data / "cells", trials=3, out=tmp_path,
                   name="r", final_eval=False, stop_after_trials=1)
     done_first = set(first.table.loc[first.table["steps"].notna(), "mlflow_run_id"]) - {""}

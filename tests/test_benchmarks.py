@@ -1,0 +1,53 @@
+"""Smoke test: every benchmark script runs in --quick mode, exits 0 and prints its RATIO line.
+
+The two Ray scripts run one after the other (each starts its own local Ray); the two Ray-free scripts run
+beside them. The full benchmark runs are not part of the test suite (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SCRIPTS = ["data_pipeline.py", "train_overhead.py", "gpu_efficiency.py", "vs_lightly_train.py"]
+
+
+def _run(script: str) -> tuple[str, int, str]:
+    env = dict(os.environ)
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", TQDM_DISABLE="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=800)
+    return script, proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_runs() -> dict[str, tuple[int, str]]:
+    def chain(scripts: list[str]) -> list[tuple[str, int, str]]:
+        return [_run(s) for s in scripts]
+
+    with ThreadPoolExecutor(2) as pool:
+        with_ray = pool.submit(chain, ["data_pipeline.py", "train_overhead.py"])
+        without_ray = pool.submit(chain, ["gpu_efficiency.py", "vs_lightly_train.py"])
+        results = with_ray.result() + without_ray.result()
+    return {name: (rc, out) for name, rc, out in results}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_quick(quick_runs, script):
+    rc, out = quick_runs[script]
+    assert rc == 0, f"{script} --quick exited {rc}:\n{out[-4000:]}"
+    ratio = [line for line in out.splitlines() if line.startswith("RATIO ")]
+    assert ratio, f"{script} --quick printed no RATIO line:\n{out[-4000:]}"
+
+
+def test_vs_lightly_train_quick_never_installs(quick_runs):
+    rc, out = quick_runs["vs_lightly_train.py"]
+    assert "PEER SKIPPED" in out and "installing lightly-train" not in out
