@@ -125,8 +125,7 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
                    out=out / "sweeps", name="demo", overrides=[
                        f"train.iters_per_epoch={size.sweep_steps}", "train.epochs=1",
                        f"train.batch_size_per_worker={size.batch}", f"eval.every={max(size.sweep_steps // 4, 1)}",
-                       f"train.checkpoint_every={size.sweep_steps}", f"mlflow.tracking_uri={tracking_uri}"],
-                   final_eval=False)
+                       f"train.checkpoint_every={size.sweep_steps}", f"mlflow.tracking_uri={tracking_uri}"])
         result.sweep_dir = sw.sweep_dir
 
     _step(n, n, "results")

@@ -169,6 +169,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     nan_step = int(faults.get("nan_at_step", -1))
 
     def _report(metrics: dict[str, Any], with_checkpoint: bool, export: bool = False) -> None:
+        # Identify the run in every report (Tune sees only these, not the driver's return value).
+        metrics = {**metrics, "run_name": loop_config.get("run_name") or "",
+                   "mlflow_run_id": loop_config.get("mlflow_run_id") or ""}
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -300,7 +303,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
                 model.eval()
                 scores = knn_score(model.teacher["backbone"], eval_table, img_size=cfg.model.img_size,
-                                   k=cfg.eval.k, max_images=cfg.eval.max_images, seed=cfg.train.seed, device=device)
+                                   k=cfg.eval.k, max_images=cfg.eval.max_images, seed=cfg.train.seed, device=device,
+                                   probe=is_last)  # the linear probe too, once, on the final teacher
                 model.train()
                 metrics.update({f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
                 if rank == 0:

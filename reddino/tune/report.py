@@ -9,8 +9,8 @@ import pandas as pd
 
 from reddino.tune.space import SweepSpace, params_to_overrides
 
-_SCORES = [("kNN-1", "final_knn1_balanced_accuracy"), ("kNN-20", "final_knn20_balanced_accuracy"),
-           ("probe", "final_probe_balanced_accuracy")]
+_SCORES = [("kNN-1", "eval_knn1_balanced_accuracy"), ("kNN-20", "eval_knn20_balanced_accuracy"),
+           ("probe", "eval_probe_balanced_accuracy")]
 
 
 def write_best_config(space: SweepSpace, params: dict[str, Any], path: Path) -> Path:

@@ -31,7 +31,7 @@ class SweepResult:
 
 
 def _trial(config: dict[str, Any]) -> None:
-    """One trial: pretrain with this trial's overrides, then report the final scores to Tune."""
+    """One trial: pretrain with this trial's overrides; its reports (kNN every `eval.every`) go to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -48,22 +48,11 @@ def _trial(config: dict[str, Any]) -> None:
     ]
     cfg = load_config(config["_base"], overrides)
     trial_name = f"trial-{ctx.get_trial_id()}"
-    result = pretrain(
+    pretrain(
         cfg, run_name=trial_name, callbacks=[TuneReportCallback()],
         mlflow_tags={"mlflow.parentRunId": config["_parent_run_id"]} if config.get("_parent_run_id") else None,
     )
-    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    if config.get("_final_eval") and result.backbone_path is not None and cfg.eval.data:
-        from reddino.evaluate import knn_score
-        from reddino.model import load_backbone
-
-        scores = knn_score(load_backbone(result.backbone_path), cfg.eval.data, img_size=cfg.model.img_size,
-                           k=cfg.eval.k, max_images=cfg.eval.max_images, exclude_labels=cfg.eval.exclude_labels,
-                           seed=cfg.train.seed, probe=True)
-        final.update({f"final_{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
-    final["backbone_path"] = str(result.backbone_path or "")
-    final["mlflow_run_id"] = result.mlflow_run_id or ""
-    ray.tune.report(final)
+    # The final kNN-1/kNN-20/probe scores reach Tune with the last training report.
 
 
 class _StopAfterTrials:
@@ -113,7 +102,6 @@ def sweep(
     cpus_per_trial: float | None = None,
     gpus_per_trial: float = 0.0,
     resume: str | Path | None = None,
-    final_eval: bool = True,
     stop_after_trials: int | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep. `mode="search"`: Optuna TPE + ASHA; `mode="ablation"`: one factor at a time."""
@@ -130,7 +118,7 @@ def sweep(
         space_name, data, eval_data, trials, concurrency, mode, seed, overrides = (
             state["space"], state["data"], state["eval_data"], state["trials"], state["concurrency"],
             state["mode"], state["seed"], state["overrides"])
-        cpus_per_trial, gpus_per_trial, final_eval = state["cpus_per_trial"], state["gpus_per_trial"], state["final_eval"]
+        cpus_per_trial, gpus_per_trial = state["cpus_per_trial"], state["gpus_per_trial"]
         parent_run_id = state.get("parent_run_id")
     space = load_space(space_name)
     extra = list(overrides or [])
@@ -164,14 +152,14 @@ def sweep(
                                "concurrency": concurrency, "metric": space.metric})
     state = {"space": space.path, "data": data, "eval_data": eval_data, "trials": trials,
              "concurrency": concurrency, "mode": mode, "seed": seed, "overrides": overrides,
-             "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial, "final_eval": final_eval,
+             "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
              "parent_run_id": parent_run_id}
     (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
 
     # Trials run in other processes (maybe other nodes): hand them the resolved tracking URI.
     extra = extra + [f"mlflow.tracking_uri={tracking_uri}"]
     fixed = {"_base": space.base, "_overrides": space.overrides + extra, "_storage": str(storage),
-             "_experiment": experiment, "_parent_run_id": parent_run_id, "_final_eval": final_eval}
+             "_experiment": experiment, "_parent_run_id": parent_run_id}
     if mode == "ablation":
         variants = space.ablation_variants()
         param_space = {**fixed, "_variant": tune.grid_search(variants)}
@@ -221,9 +209,11 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
                "steps": metrics.get("step"), space.metric: metrics.get(space.metric),
                "error": str(res.error) if res.error else ""}
         for key, value in metrics.items():
-            if key.startswith("final_eval_") or key.startswith("final_knn") or key.startswith("final_probe"):
+            if key.startswith("eval_") and key.endswith("balanced_accuracy"):
                 row[key] = value
-        row["backbone_path"] = metrics.get("backbone_path", "")
+        run_name = metrics.get("run_name") or ""
+        backbone = sweep_dir / "trials" / run_name / "backbone.safetensors" if run_name else None
+        row["backbone_path"] = str(backbone) if backbone is not None and backbone.exists() else ""
         row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
         rows.append(row)
     table = pd.DataFrame(rows)
