@@ -101,10 +101,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # --- restore ---
     state = ckpt.TrainState()
+    resumed_from = -1
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
             state = ckpt.load(Path(d), model=model, optimizer=optimizer, scaler=scaler)
+        resumed_from = state.step
         # RNG: ranks differ in data order anyway; keep the per-rank stream distinct.
         torch.manual_seed(cfg.train.seed * 1000 + state.step + rank)
         if rank == 0:
@@ -171,7 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def _report(metrics: dict[str, Any], with_checkpoint: bool, export: bool = False) -> None:
         # Identify the run in every report (Tune sees only these, not the driver's return value).
         metrics = {**metrics, "run_name": loop_config.get("run_name") or "",
-                   "mlflow_run_id": loop_config.get("mlflow_run_id") or ""}
+                   "mlflow_run_id": loop_config.get("mlflow_run_id") or "", "resumed_from_step": resumed_from}
         if not with_checkpoint:
             ray.train.report(metrics)
             return

@@ -24,6 +24,14 @@ class PretrainResult:
     stopped: str | None = None
 
 
+def _latest_checkpoint(result):
+    """The checkpoint with the highest step (checkpoint dirs are named by step)."""
+    candidates = [c for c, _ in (result.best_checkpoints or [])]
+    if result.checkpoint is not None:
+        candidates.append(result.checkpoint)
+    return max(candidates, key=lambda c: Path(c.path).name) if candidates else None
+
+
 def _quiet_data_progress() -> None:
     # One overall progress bar per dataset, not one per operator (the training loop prints its own).
     from ray.data import DataContext
@@ -151,7 +159,9 @@ def pretrain(
         run_config=RayRunConfig(
             name=run_name,
             storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # Keep the newest N by step: after a resume, report order restarts, steps do not.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute="step", checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
         ),
@@ -159,20 +169,21 @@ def pretrain(
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
+    latest = _latest_checkpoint(result)
     stopped = ray.get(run_state.stop_reason.remote())
 
-    ckpt_dir = Path(result.checkpoint.path) if result.checkpoint is not None and "://" not in result.checkpoint.path else None
+    ckpt_dir = Path(latest.path) if latest is not None and "://" not in latest.path else None
     backbone = None
     from reddino.train.checkpoint import BACKBONE_FILE
 
-    if result.checkpoint is not None and not stopped:
+    if latest is not None and not stopped:
         if cfg.train.export_path:
             target = Path(cfg.train.export_path).expanduser()
         elif run_dir is not None:
             target = run_dir / "backbone.safetensors"
         else:  # remote storage: keep a local copy of the export next to the other reddino files
             target = Path("~/.reddino/exports").expanduser() / run_name / "backbone.safetensors"
-        with result.checkpoint.as_directory() as d:
+        with latest.as_directory() as d:
             exported = sorted(Path(d).glob(BACKBONE_FILE + "*"))
             if exported:
                 target.parent.mkdir(parents=True, exist_ok=True)
