@@ -40,3 +40,10 @@ def mlflow_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture()
+def ray_fresh():
+    """A Ray session of its own for one test: a trial stopped by ASHA can hold its CPUs until Ray Train's
+    placement-group cleaner releases it, which must not starve the next test's trials."""
+    yield from _local_ray(6)

@@ -36,7 +36,7 @@ def space_file(tmp_path):
     return path
 
 
-def test_sweep_asha_stops_early_and_writes_results(ray_train, data, space_file, tmp_path, mlflow_uri):
+def test_sweep_asha_stops_early_and_writes_results(ray_fresh, data, space_file, tmp_path, mlflow_uri):
     result = sweep(space_file, data=[data / "patches"], eval_data=data / "cells", trials=4, out=tmp_path,
                    name="s")
     table = result.table
@@ -54,7 +54,7 @@ def test_sweep_asha_stops_early_and_writes_results(ray_train, data, space_file, 
     assert len(children) == 4
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_train, data, space_file, tmp_path, mlflow_uri):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_fresh, data, space_file, tmp_path, mlflow_uri):
     first = sweep(space_file, data=[data / "patches"], eval_data=data / "cells", trials=3, out=tmp_path,
                   name="r", stop_after_trials=1)
     done_first = set(first.table.loc[first.table["steps"].notna(), "mlflow_run_id"]) - {""}
