@@ -21,7 +21,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from reddino.data.images import decode_image
 from reddino.data.schema import COLUMNS, RBC_SCHEMA

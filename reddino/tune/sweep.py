@@ -55,25 +55,36 @@ def _trial(config: dict[str, Any]) -> None:
     # The final kNN-1/kNN-20/probe scores reach Tune with the last training report.
 
 
-class _StopAfterTrials:
-    """Ends the sweep (resumably) once `n` trials have finished; used to pause long studies."""
+def _stop_after_trials(n: int):
+    """A (stopper, callback) pair that ends the sweep, resumably, once `n` trials have completed.
 
-    def __new__(cls, n: int):
-        from ray.tune.stopper import Stopper
+    The pair is pickled with the sweep's state; once restored it is disarmed, so `--resume` runs to the end.
+    """
+    from ray.tune import Callback
+    from ray.tune.stopper import Stopper
 
-        class _Stopper(Stopper):
-            def __init__(self) -> None:
-                self.finished: set[str] = set()
+    class _Count(Callback):
+        def __init__(self, limit: int | None) -> None:
+            self.limit, self.completed = limit, set()
 
-            def __call__(self, trial_id, result) -> bool:
-                if result.get("done"):
-                    self.finished.add(trial_id)
-                return False
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.completed.add(trial.trial_id)
 
-            def stop_all(self) -> bool:
-                return len(self.finished) >= n
+        def __getstate__(self):
+            return {"limit": None, "completed": set()}
 
-        return _Stopper()
+    class _Stop(Stopper):
+        def __init__(self, count: _Count) -> None:
+            self.count = count
+
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return self.count.limit is not None and len(self.count.completed) >= self.count.limit
+
+    count = _Count(n)
+    return _Stop(count), count
 
 
 def _scheduler(space: SweepSpace, cfg) -> Any:
@@ -178,9 +189,10 @@ def sweep(
     # Each trial's driver is light; its Train workers and Ray Data tasks ask for their own CPUs.
     trial_cpus = cpus_per_trial if cpus_per_trial is not None else 0.01  # Tune needs a non-empty request
     trainable = tune.with_resources(_trial, {"cpu": trial_cpus, "gpu": gpus_per_trial})
+    stopper, counter = _stop_after_trials(stop_after_trials) if stop_after_trials else (None, None)
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),
-                                stop=_StopAfterTrials(stop_after_trials) if stop_after_trials else None)
+                                stop=stopper, callbacks=[counter] if counter else None)
     if resume is not None and tune.Tuner.can_restore(str(sweep_dir / "tune")):
         tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space)
