@@ -98,31 +98,14 @@ def load_table(path: str | Path, columns: Sequence[str] | None = None) -> pa.Tab
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes -> HxWx3 uint8 RGB (format detected from the bytes, not a file name)."""
-    fn = _data_fn("decode_image")
-    if fn is not None:
-        return fn(data)
-    import cv2  # noqa: PLC0415
+    """Encoded bytes -> HxWx3 uint8 RGB: the data layer's decoder (format detected from the bytes)."""
+    from reddino.data import decode_image as _decode  # noqa: PLC0415
 
-    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise ValueError("could not decode image bytes")
-    if arr.ndim == 2:
-        return np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.shape[2] == 4:
-        return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    return _decode(data)
 
 
 def read_ray_dataset(paths: Sequence[str | Path], columns: Sequence[str] | None = None):
-    """A ``ray.data.Dataset`` over the dirs: ``reddino.data.read_rbc_dataset`` or ``read_parquet``."""
-    fn = _data_fn("read_rbc_dataset")
-    if fn is not None:
-        try:
-            return fn([str(p) for p in paths], columns=list(columns) if columns else None)
-        except TypeError:
-            pass
-    import ray  # noqa: PLC0415
+    """A ``ray.data.Dataset`` over the dirs (``reddino.data.read_rbc_dataset``: manifests checked)."""
+    from reddino.data import read_rbc_dataset  # noqa: PLC0415
 
-    files = [str(f) for p in paths for f in parquet_files(p)]
-    return ray.data.read_parquet(files, columns=list(columns) if columns else None)
+    return read_rbc_dataset([str(p) for p in paths], columns=list(columns) if columns else None)
