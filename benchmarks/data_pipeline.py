@@ -25,7 +25,6 @@ Start-up of Ray itself and dataset generation are not timed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -114,7 +113,6 @@ def main() -> None:
     env_setup()
     header("data_pipeline")
 
-    import numpy as np
     import torch
 
     from reddino.config import load_config

@@ -25,6 +25,14 @@ def default_tracking_uri(home: Path | None = None) -> str:
     return f"sqlite:///{(home / 'mlflow.db').resolve()}"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
     """Connect to `address` (or RAY_ADDRESS) if given, else start a loopback-only local Ray."""
     import ray
@@ -36,10 +44,19 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
         ray.init(address=address, **kwargs)
     else:
         loopback_env()
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            **kwargs,
-        )
+        # Ray read that variable when it was imported (maybe before this call): set its constant too.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        # The dashboard serves Ray's State API, which Train's placement-group cleaner polls: without it the
+        # cleaner logs a warning every second and cannot free the resources of a killed run (an ASHA-stopped
+        # trial). Loopback only; REDDINO_RAY_DASHBOARD=0 turns it off.
+        dashboard = os.environ.get("REDDINO_RAY_DASHBOARD", "1") != "0"
+        kwargs.setdefault("include_dashboard", dashboard)
+        if kwargs["include_dashboard"]:
+            # Its own free port: a second local Ray must never answer the first one's State API queries
+            # (its placement-group cleaner would then see the controller as gone and kill the run).
+            kwargs.setdefault("dashboard_host", "127.0.0.1")
+            kwargs.setdefault("dashboard_port", _free_port())
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
     return ray

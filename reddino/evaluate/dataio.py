@@ -1,100 +1,31 @@
-"""Data access for evaluation: thin wrappers over ``reddino.data`` with local fallbacks.
+"""Data access for evaluation: the four things the harness needs from ``reddino.data``.
 
-The evaluation harness only needs four things from a Parquet dataset dir: its content hash (for the
-feature cache), its metadata columns (labels, groups, sources), its encoded images, and a decoder.
-``reddino.data`` owns all of these; the fallbacks here read the same layout directly with pyarrow so
-the harness keeps working on any dir that follows the schema (Parquet files + ``manifest.json``).
+A dataset dir's content hash (feature-cache key), its metadata columns, its encoded images (in memory
+or as a Ray dataset) and the image decoder. Errors are the data layer's own (they name the file or
+column); nothing is swallowed here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 
-META_COLUMNS = ("source", "group", "label", "label_name", "unit", "sha256", "image_id")
-
-
-def _data_module():
-    try:
-        import reddino.data as data  # noqa: PLC0415
-
-        return data
-    except Exception:  # pragma: no cover - depends on the parallel data layer
-        return None
-
-
-def _data_fn(name: str):
-    mod = _data_module()
-    return getattr(mod, name, None) if mod is not None else None
-
-
-def parquet_files(path: str | Path) -> list[Path]:
-    """Every ``*.parquet`` file under ``path`` (or ``path`` itself), sorted."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no *.parquet files under {path}")
-    return files
-
 
 def manifest_hash(path: str | Path) -> str:
-    """Content hash of a dataset dir: ``reddino.data.manifest_hash`` or the manifest file's bytes.
+    """The dataset's content hash from its ``manifest.json`` (``reddino.data.manifest_hash``)."""
+    from reddino.data import manifest_hash as _hash  # noqa: PLC0415
 
-    Without a manifest, the names, sizes and modification times of the Parquet files stand in.
-    """
-    fn = _data_fn("manifest_hash")
-    if fn is not None:
-        try:
-            return str(fn(path))
-        except Exception:  # fall through to the local rule
-            pass
-    path = Path(path).expanduser()
-    manifest = path / "manifest.json" if path.is_dir() else path.with_name("manifest.json")
-    h = hashlib.sha256()
-    if manifest.is_file():
-        h.update(manifest.read_bytes())
-    else:
-        for f in parquet_files(path):
-            st = f.stat()
-            h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path).expanduser()
-    manifest = path / "manifest.json" if path.is_dir() else path.with_name("manifest.json")
-    if manifest.is_file():
-        try:
-            return json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            return {}
-    return {}
+    return str(_hash(Path(path).expanduser()))
 
 
 def load_table(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
     """All rows of one dataset dir as a pyarrow table (only ``columns`` if given), in file order."""
-    fn = _data_fn("load_table")
-    if fn is not None:
-        try:
-            return fn([str(path)], columns=list(columns) if columns else None)
-        except Exception:  # e.g. an extra column the data layer does not know: read it directly
-            pass
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    from reddino.data import load_table as _load  # noqa: PLC0415
 
-    tables = []
-    for f in parquet_files(path):
-        pf = pq.ParquetFile(f)
-        cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
-        tables.append(pf.read(columns=cols))
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    return table
+    return _load([str(Path(path).expanduser())], columns=list(columns) if columns else None)
 
 
 def decode_image(data: bytes) -> np.ndarray:

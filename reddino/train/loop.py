@@ -88,7 +88,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed + rank)
     if not on_gpu:
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(cfg.train.torch_threads or cfg.train.cpus_per_worker)))
 
     # --- model, optimizer ---
     model = DINOv2SSL.from_config(cfg.model, cfg.loss)

@@ -59,7 +59,10 @@ def _patch_size(cfg: RunConfig) -> int:
 
     if cfg.model.patch_size:
         return cfg.model.patch_size
-    backbone = create_backbone(cfg.model.arch, img_size=cfg.model.img_size)
+    import torch
+
+    with torch.device("meta"):  # the architecture only: no memory, no init cost (ViT-g is 1.1B params)
+        backbone = create_backbone(cfg.model.arch, img_size=cfg.model.img_size)
     size = backbone.patch_embed.patch_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 

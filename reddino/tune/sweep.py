@@ -55,36 +55,32 @@ def _trial(config: dict[str, Any]) -> None:
     # The final kNN-1/kNN-20/probe scores reach Tune with the last training report.
 
 
-def _stop_after_trials(n: int):
-    """A (stopper, callback) pair that ends the sweep, resumably, once `n` trials have completed.
+def _interrupt_after_trials(n: int):
+    """A Tune callback that interrupts the sweep once `n` trials have completed, exactly as Ctrl+C does.
 
-    The pair is pickled with the sweep's state; once restored it is disarmed, so `--resume` runs to the end.
+    It sends the driver SIGUSR1, which Tune handles like SIGINT: the experiment state is saved and the
+    loop ends without marking the search finished, so `--resume` generates the remaining trials. (A
+    `Stopper.stop_all` would mark the searcher finished and terminate queued trials: nothing to resume.)
+    The callback is pickled with the sweep's state; once restored it is disarmed.
     """
-    from ray.tune import Callback
-    from ray.tune.stopper import Stopper
+    import signal
 
-    class _Count(Callback):
+    from ray.tune import Callback
+
+    class _InterruptAfter(Callback):
         def __init__(self, limit: int | None) -> None:
-            self.limit, self.completed = limit, set()
+            self.limit, self.completed, self.sent = limit, set(), False
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.completed.add(trial.trial_id)
+            if self.limit is not None and len(self.completed) >= self.limit and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGUSR1)
 
         def __getstate__(self):
-            return {"limit": None, "completed": set()}
+            return {"limit": None, "completed": set(), "sent": True}
 
-    class _Stop(Stopper):
-        def __init__(self, count: _Count) -> None:
-            self.count = count
-
-        def __call__(self, trial_id, result) -> bool:
-            return False
-
-        def stop_all(self) -> bool:
-            return self.count.limit is not None and len(self.count.completed) >= self.count.limit
-
-    count = _Count(n)
-    return _Stop(count), count
+    return _InterruptAfter(n)
 
 
 def _scheduler(space: SweepSpace, cfg) -> Any:
@@ -189,10 +185,10 @@ def sweep(
     # Each trial's driver is light; its Train workers and Ray Data tasks ask for their own CPUs.
     trial_cpus = cpus_per_trial if cpus_per_trial is not None else 0.01  # Tune needs a non-empty request
     trainable = tune.with_resources(_trial, {"cpu": trial_cpus, "gpu": gpus_per_trial})
-    stopper, counter = _stop_after_trials(stop_after_trials) if stop_after_trials else (None, None)
+    interrupt = _interrupt_after_trials(stop_after_trials) if stop_after_trials else None
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),
-                                stop=stopper, callbacks=[counter] if counter else None)
+                                callbacks=[interrupt] if interrupt else None)
     if resume is not None and tune.Tuner.can_restore(str(sweep_dir / "tune")):
         tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space)

@@ -1,7 +1,6 @@
 import time
 
 import numpy as np
-import pytest
 
 from reddino.data import SYNTH_CLASSES, decode_image, generate_synthetic, load_table, read_manifest
 from reddino.data.synth import synth_rows

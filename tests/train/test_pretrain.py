@@ -23,7 +23,7 @@ def _cfg(synth, tmp_path, steps, workers=2, **extra):
         "crops.local_crops_number=1", "model.img_size=56", "model.head_prototypes=256",
         "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
         "train.epochs=1", f"train.iters_per_epoch={steps}", "train.batch_size_per_worker=4",
-        f"train.num_workers={workers}", "train.checkpoint_every=2", "train.keep_checkpoints=10",
+        f"train.num_workers={workers}", "train.torch_threads=1", "train.checkpoint_every=2", "train.keep_checkpoints=10",
         "train.log_every=1", "train.monitor_every=2", f"train.storage_path={tmp_path / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ] + [f"{k}={v}" for k, v in extra.items()]

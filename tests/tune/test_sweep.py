@@ -51,3 +51,27 @@ def test_sweep_asha_stops_early_and_writes_results(ray_fresh, data, space_file, 
         filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
     )
     assert len(children) == 4
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_fresh, data, space_file, tmp_path,
+                                                                       mlflow_uri):
+    args = dict(data=[data / "patches"], eval_data=data / "cells", trials=4, out=tmp_path, name="r")
+    # Interrupted after two trials, the way Ctrl+C interrupts Tune.
+    first = sweep(space_file, **args, stop_after_trials=2)
+    done_first = first.table.dropna(subset=["mlflow_run_id"])
+    done_first = done_first[done_first["mlflow_run_id"] != ""]
+    assert 2 <= len(done_first) < 4
+    resumed = sweep(space_file, resume=first.sweep_dir)
+    table = resumed.table
+    assert len(table) == 4 and (table["error"] == "").all()
+    assert table["steps"].notna().all()
+    # The trials finished before the interruption were not run again: same MLflow runs, and the sweep's
+    # parent run has exactly one child per trial.
+    assert set(done_first["mlflow_run_id"]) <= set(table["mlflow_run_id"])
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    parent = client.get_run(resumed.parent_run_id)
+    assert resumed.parent_run_id == first.parent_run_id
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{resumed.parent_run_id}'",
+    )
+    assert len(children) == len(table)

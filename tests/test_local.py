@@ -1,0 +1,39 @@
+"""The embedded local Ray: loopback only, its own dashboard (State API), even when ray was imported first."""
+
+import json
+import os
+import subprocess
+import sys
+
+PROBE = r"""
+import json, ray, psutil                     # ray imported before reddino, as user code often does
+from reddino.local import init_ray
+init_ray(num_cpus=1, log_to_driver=False)
+from ray.util.state import list_actors
+info = ray._private.worker.global_worker.node.address_info
+procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+pids = {p.pid for p in procs}
+listen = [f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections(kind="inet")
+          if c.status == psutil.CONN_LISTEN and c.pid in pids]
+print("RESULT", json.dumps({"gcs": info["gcs_address"], "webui": info["webui_url"], "listen": listen,
+                            "actors": len(list_actors())}))
+ray.shutdown()
+"""
+
+
+def _is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1")
+
+
+def test_local_ray_is_loopback_only_with_its_own_state_api():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, out.stdout[-2000:] + out.stderr[-4000:]
+    res = json.loads(line[len("RESULT "):])
+    assert res["gcs"].startswith("127.0.0.1:")
+    assert res["webui"].startswith("127.0.0.1:")
+    assert res["listen"], "no listening sockets found"
+    exposed = [a for a in res["listen"] if not _is_loopback(a.rsplit(":", 1)[0])]
+    assert not exposed, f"listeners outside loopback: {exposed}"
+    assert res["actors"] >= 0  # the State API answered (it raises without this session's dashboard)
