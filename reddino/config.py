@@ -78,6 +78,10 @@ class ModelConfig(_Section):
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
+    # BatchNorm in the DINO head's hidden layers (DINO's use_bn_in_head), teacher on batch statistics too. It
+    # removes the component every image shares, so a from-scratch model gets image-specific teacher targets
+    # (a separate iBOT head never gets BN: a batch may mask 0 or 1 patch tokens).
+    head_use_bn: bool = False
     ibot_separate_head: bool = False
     ibot_head_prototypes: int | None = None  # only with a separate head; None = head_prototypes
 

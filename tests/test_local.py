@@ -16,7 +16,7 @@ pids = {p.pid for p in procs}
 listen = [f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections(kind="inet")
           if c.status == psutil.CONN_LISTEN and c.pid in pids]
 print("RESULT", json.dumps({"gcs": info["gcs_address"], "webui": info["webui_url"], "listen": listen,
-                            "actors": len(list_actors())}))
+                            "actors": len(list_actors(address=info["gcs_address"]))}))
 ray.shutdown()
 """
 

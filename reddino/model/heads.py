@@ -27,15 +27,21 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         nlayers: int = 3,
+        use_bn: bool = False,
     ) -> None:
         super().__init__()
         nlayers = max(int(nlayers), 1)
+
+        def hidden(d_in: int) -> list[nn.Module]:
+            # DINO's use_bn_in_head: BatchNorm after each hidden layer (see DINOv2SSL.train for the teacher)
+            return [nn.Linear(d_in, hidden_dim)] + ([nn.BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU()]
+
         if nlayers == 1:
             layers: list[nn.Module] = [nn.Linear(in_dim, bottleneck_dim)]
         else:
-            layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            layers = hidden(in_dim)
             for _ in range(nlayers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+                layers += hidden(hidden_dim)
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         self.apply(self._init_weights)

@@ -100,16 +100,23 @@ class DINOv2SSL(nn.Module):
             hidden_dim=model_cfg.head_hidden_dim,
             bottleneck_dim=model_cfg.head_bottleneck_dim,
             nlayers=model_cfg.head_nlayers,
+            use_bn=model_cfg.head_use_bn,
         )
         dino_head = DINOHead(dim, model_cfg.head_prototypes, **head_kw)
         ibot_head = None
         if model_cfg.ibot_separate_head and loss_cfg.ibot_weight > 0:
-            ibot_head = DINOHead(dim, model_cfg.ibot_head_prototypes or model_cfg.head_prototypes, **head_kw)
+            # no BatchNorm here: a batch may mask zero or one patch token
+            ibot_head = DINOHead(dim, model_cfg.ibot_head_prototypes or model_cfg.head_prototypes,
+                                 **{**head_kw, "use_bn": False})
         return cls(backbone, dino_head, ibot_head, loss_cfg, mask_cfg, mask_token=mask_token)
 
     def train(self, mode: bool = True) -> "DINOv2SSL":
         super().train(mode)
         self.teacher.eval()  # no drop-path / dropout in the teacher
+        if mode:  # ... but head BatchNorm normalises with batch statistics, as in DINO (never-updated running
+            for m in self.teacher.modules():  # stats would be the identity)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
         return self
 
     @property
@@ -247,7 +254,8 @@ class DINOv2SSL(nn.Module):
                 if sub.startswith("patch_embed"):
                     lr_mult *= oc.patch_embed_lr_mult
             no_wd = (
-                name.endswith(".bias")
+                p.ndim <= 1
+                or name.endswith(".bias")
                 or "norm" in name
                 or "gamma" in name
                 or any(tok in name for tok in ("pos_embed", "cls_token", "reg_token", "mask_token"))

@@ -92,6 +92,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # --- model, optimizer ---
     model = DINOv2SSL.from_config(cfg.model, cfg.loss)
+    if cfg.model.head_use_bn and on_gpu and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # head BN over the global batch
     model.to(device)
     param_groups = model.param_groups(cfg.optim)
     optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=tuple(cfg.optim.betas))

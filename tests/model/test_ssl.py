@@ -163,3 +163,24 @@ def test_from_config_warm_start(tmp_path):
         assert torch.equal(part["backbone"].blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)
         assert part["backbone"].pos_embed.shape == (1, 5, 192)  # 3×3 grid resized to 2×2
     assert torch.allclose(model.mask_token, torch.full((1, 192), 0.5))
+
+
+def test_head_batchnorm_teacher_normalises_with_batch_statistics():
+    torch.manual_seed(0)
+    model = DINOv2SSL.from_config(ModelConfig(**{**TINY, "head_use_bn": True}), LossConfig())
+    model.train()
+    bns = [m for m in model.teacher.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(bns) == 2 and all(m.training for m in bns)
+    assert not model.teacher["backbone"].training  # no drop-path in the teacher all the same
+    loss, _ = model(*_batch())
+    loss.backward()
+    assert torch.isfinite(loss)
+    # A shared offset (what every image's CLS has in common) is removed before the prototypes.
+    head = model.teacher["dino_head"]
+    dim = head.mlp[0].in_features
+    with torch.no_grad():
+        x = torch.randn(16, dim) * 0.01 + 5.0
+        hidden = head.mlp[1](head.mlp[0](x))
+    assert hidden.mean(0).abs().max() < 1e-4 and hidden.std(0).mean() > 0.5
+    model.eval()
+    assert not any(m.training for m in bns)
