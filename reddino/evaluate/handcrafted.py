@@ -156,15 +156,10 @@ def handcrafted_features(images: Iterable, *, img_size: int | None = None) -> np
 
     ``img_size`` resizes every crop to a square first (default: native resolution).
     """
-    from .dataio import decode_image  # noqa: PLC0415
+    from .features import _as_rgb_list  # noqa: PLC0415 - features imports this module lazily too
 
     rows = []
-    for im in images:
-        if isinstance(im, (bytes, bytearray, memoryview)):
-            im = decode_image(bytes(im))
-        im = np.asarray(im)
-        if im.ndim == 2:
-            im = np.repeat(im[:, :, None], 3, axis=2)
+    for im in _as_rgb_list(images):
         if img_size and im.shape[:2] != (img_size, img_size):
             import cv2  # noqa: PLC0415
 
