@@ -311,9 +311,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                    probe=is_last)  # the linear probe too, once, on the final teacher
                 model.train()
                 metrics.update({f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
-                if rank == 0:
-                    print(f"[reddino] step {step} kNN: " + ", ".join(
-                        f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)), flush=True)
+                print(f"[reddino] step {step} kNN: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)), flush=True)
             _barrier()
 
         if metrics and logger is not None:
