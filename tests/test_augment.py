@@ -114,3 +114,21 @@ def test_every_rbc_transform_is_seeded():
     np.random.seed(123)
     b = MultiCropTransform(crops, MaskConfig(), 14, resize=56)(batch)
     assert np.array_equal(a["global_crops"], b["global_crops"])
+
+
+def test_uint8_output_normalised_on_device_equals_float_output():
+    import torch
+
+    from reddino.data.augment import normalize_on_device
+
+    crops = _crops(policy="rbc", local_crops_number=2)
+    batch = _png_batch()
+    ref = MultiCropTransform(crops, MaskConfig(), 14, resize=56)(batch)
+    raw = MultiCropTransform(crops, MaskConfig(), 14, resize=56, normalize=False)(batch)
+    assert raw["global_crops"].dtype == np.uint8 and raw["global_crops"].shape == (3, 2, 28, 28, 3)
+    assert raw["local_crops"].shape == (3, 2, 14, 14, 3)
+    assert np.array_equal(raw["masks"], ref["masks"])
+    for k in ("global_crops", "local_crops"):
+        got = normalize_on_device(torch.from_numpy(raw[k]))
+        assert got.dtype == torch.float32 and tuple(got.shape) == ref[k].shape
+        np.testing.assert_allclose(got.numpy(), ref[k], rtol=0, atol=1e-6)

@@ -168,6 +168,7 @@ def read_rbc_dataset(
     source_weights: Mapping[str, float] | None = None,
     columns: Sequence[str] | None = None,
     shuffle_seed: int | None = None,
+    file_shuffle_seed: int | None = None,
     override_num_blocks: int | None = None,
     num_cpus: float | None = None,
     concurrency: int | None = None,
@@ -178,6 +179,8 @@ def read_rbc_dataset(
     naming the dir); only the shards listed there are read. Filters and source weighting are
     described in the module doc; ``columns`` projects the output; ``shuffle_seed`` adds a seeded
     ``random_shuffle`` (a full shuffle; skip it for streaming-only use and shuffle locally instead);
+    ``file_shuffle_seed`` shuffles the order of the shard files instead (streaming; a new order on every
+    execution of the dataset, reproducible from the seed);
     ``num_cpus`` / ``concurrency`` bound the read tasks (useful on small machines).
     """
     import ray
@@ -192,6 +195,10 @@ def read_rbc_dataset(
         read_kwargs["num_cpus"] = num_cpus
     if concurrency is not None:
         read_kwargs["concurrency"] = concurrency
+    if file_shuffle_seed is not None:
+        from ray.data import FileShuffleConfig
+
+        read_kwargs["shuffle"] = FileShuffleConfig(seed=int(file_shuffle_seed), reseed_after_execution=True)
     ds = ray.data.read_parquet(files, schema=RBC_SCHEMA, file_extensions=["parquet"], **read_kwargs)
     flt = dict(sources=_list(sources), labels=_list(labels), units=_list(units), exclude_labels=_list(exclude_labels))
     try:

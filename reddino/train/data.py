@@ -98,8 +98,10 @@ class Augment:
             from reddino.data.augment import MultiCropTransform
 
             cfg = RunConfig.model_validate(self.cfg_dict)
+            # uint8 crops: normalised on the training device (4x fewer bytes through the object store)
             self._transform = MultiCropTransform(
-                cfg.crops, cfg.mask, patch_size=self.patch_size, resize=cfg.data.resize, seed=cfg.train.seed
+                cfg.crops, cfg.mask, patch_size=self.patch_size, resize=cfg.data.resize, seed=cfg.train.seed,
+                normalize=False,
             )
         batch = self.drop(batch)
         out = self._transform({"image": batch["image"], "sha256": batch["sha256"], "epoch": batch["epoch"]})
@@ -108,6 +110,18 @@ class Augment:
         if local is not None and local.shape[1] > 0:
             result["local_crops"] = local
         return result
+
+
+def crops_to_device(crops, device):
+    """A batch's crops on ``device`` as the model takes them: uint8 channels-last crops (the stream's) are
+    moved first and normalised there; float crops (already normalised) are only moved."""
+    import torch
+
+    from reddino.data.augment import normalize_on_device
+
+    if crops.dtype == torch.uint8:
+        return normalize_on_device(crops, device)
+    return crops.to(device, non_blocking=True)
 
 
 def build_train_dataset(cfg: RunConfig, patch_size: int, skip_actor_name: str | None):
@@ -123,10 +137,14 @@ def build_train_dataset(cfg: RunConfig, patch_size: int, skip_actor_name: str | 
         source_weights=cfg.data.source_weights,
         columns=["image", "sha256"],
         override_num_blocks=cfg.data.read_parallelism,
+        file_shuffle_seed=cfg.train.seed,
     )
-    # A new block order every pass plus a local shuffle buffer in the loader: streaming-friendly
-    # shuffling (a full all-to-all shuffle would stall the stream at 1M+ images).
-    ds = ds.randomize_block_order()
+    # Shuffling that streams: a new shard-file order every pass (at read time) plus a local shuffle
+    # buffer in the loader. A full random_shuffle, or even randomize_block_order, is an all-to-all
+    # barrier: nothing reaches the trainer until every shard has been read.
+    # Blocks of one augmentation batch each, so the map tasks run in parallel even when one
+    # shard holds hundreds of images (a shard is one read block).
+    ds = ds.repartition(target_num_rows_per_block=cfg.data.map_batch_size)
     from ray.data import TaskPoolStrategy
 
     ds = ds.map_batches(

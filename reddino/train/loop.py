@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from reddino.config import RunConfig
 from reddino.train import checkpoint as ckpt
-from reddino.train.data import BatchStream, skip_list_actor
+from reddino.train.data import BatchStream, crops_to_device, skip_list_actor
 
 
 def _all_gather_keys(keys: np.ndarray) -> np.ndarray:
@@ -216,9 +216,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss_value = 0.0
         for micro in range(accum):
             batch = next(batches)
-            g = batch["global_crops"].to(device, non_blocking=True)
+            g = crops_to_device(batch["global_crops"], device)
             lc = batch.get("local_crops")
-            lc = lc.to(device, non_blocking=True) if lc is not None else None
+            lc = crops_to_device(lc, device) if lc is not None else None
             masks = batch["masks"].to(device, non_blocking=True)
             sync = nullcontext() if (micro == accum - 1 or world == 1) else ddp_model.no_sync()
             with sync:

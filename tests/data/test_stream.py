@@ -50,6 +50,36 @@ def test_source_weights_on_ray(ray_local, two_dirs):
     assert sorted(r["sha256"] for r in rows) == sorted(ref.column("sha256").to_pylist())
 
 
+def test_train_stream_splits_a_shard_into_parallel_uint8_augmentation_blocks(ray_local, two_dirs):
+    """One shard is one read block: the stream re-blocks it so several augmentation tasks can run at once,
+    and ships uint8 crops that normalise on the device to exactly the float crops of the transform."""
+    import torch
+
+    from reddino.config import load_config
+    from reddino.data.augment import MultiCropTransform
+    from reddino.train.data import build_train_dataset, crops_to_device
+
+    cells, _ = two_dirs
+    cfg = load_config("tiny_cpu", [f"data.paths=[{str(cells)!r}]", "data.unit=cell", "data.map_batch_size=16",
+                                   "data.resize=56", "crops.global_crops_size=28", "crops.local_crops_size=14"])
+    ds = build_train_dataset(cfg, patch_size=14, skip_actor_name=None).materialize()
+    import re
+
+    tasks = int(re.search(r"MapBatches\(Augment\)\S*: (\d+) tasks executed", ds.stats()).group(1))
+    assert tasks >= 108 // 16  # one task per 16 rows (a single task would walk all 108 rows alone)
+    batch = ds.take_batch(4)
+    g = batch["global_crops"]
+    assert g.dtype == np.uint8 and g.shape == (4, 2, 28, 28, 3) and batch["local_crops"].shape == (4, 2, 14, 14, 3)
+    table = load_table(cells, columns=["image", "sha256"])
+    by_key = {int(h[:16], 16): i for i, h in enumerate(table.column("sha256").to_pylist())}
+    rows = [by_key[int(k) % (1 << 64)] for k in batch["key"]]
+    ref = MultiCropTransform(cfg.crops, cfg.mask, 14, resize=56, seed=cfg.train.seed)(
+        {"image": np.array([table.column("image")[i].as_py() for i in rows], dtype=object),
+         "sha256": np.array([table.column("sha256")[i].as_py() for i in rows]), "epoch": np.zeros(4, np.int64)})
+    np.testing.assert_allclose(crops_to_device(torch.from_numpy(g.copy()), "cpu").numpy(), ref["global_crops"], atol=1e-6)
+    assert np.array_equal(batch["masks"], ref["masks"])
+
+
 def test_ray_filter_expressions_match_pyarrow(two_dirs):
     """The Ray predicate expressions select exactly what load_table's pyarrow filters select."""
     from reddino.data.stream import _ray_filter
