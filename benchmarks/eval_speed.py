@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--arch", default="vit_tiny_patch14_reddino")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="feature extraction precision (default auto: bf16 where native)")
     ap.add_argument("--no-ray", action="store_true", help="extract in process instead of Ray Data")
     ap.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "reddino-eval-bench")
     args = ap.parse_args()
@@ -79,7 +81,7 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)  # a cold run: extraction + cache write are timed
     t0, c0 = time.perf_counter(), time.process_time()
     fs = compute_features(model, info, data, img_size=args.img_size, batch_size=args.batch_size,
-                          cache_dir=cache, use_ray=use_ray, num_cpus=args.num_cpus)
+                          cache_dir=cache, use_ray=use_ray, num_cpus=args.num_cpus, precision=args.precision)
     t_feat = time.perf_counter() - t0
     t = time.perf_counter()
     knn = run_kfold(fs, ["knn1", "knn20"], folds=5, seed=0)
@@ -92,13 +94,15 @@ def main() -> None:
 
     # Re-evaluation: the features come from the cache.
     t = time.perf_counter()
-    cached = compute_features(model, info, data, img_size=args.img_size, cache_dir=cache, use_ray=False)
+    cached = compute_features(model, info, data, img_size=args.img_size, cache_dir=cache, use_ray=False,
+                              precision=fs.meta["precision"])
     t_cached = time.perf_counter() - t
     assert cached.meta["cached"] and np.allclose(cached.features, fs.features, atol=1e-4)
 
     n = len(fs)
     print(f"cells: {n}  dim: {fs.features.shape[1]}  classes: {len(set(fs.labels.tolist()))}  "
-          f"arch: {args.arch} @ {args.img_size}px  extraction: {'ray data' if use_ray else 'in process'}  "
+          f"arch: {args.arch} @ {args.img_size}px {fs.meta['precision']}  "
+          f"extraction: {'ray data' if use_ray else 'in process'}  "
           f"cpus: {os.cpu_count()}")
     print(f"feature extraction : {t_feat:7.1f} s  ({n / t_feat:,.0f} cells/s)")
     print(f"kNN k=1,20 5-fold  : {t_knn:7.1f} s")

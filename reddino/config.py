@@ -150,6 +150,7 @@ class EvalHookConfig(_Section):
     k: int = 20
     exclude_labels: list[int] | None = None
     metric: str = "knn20_balanced_accuracy"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # feature extraction; auto: bf16 where native
 
 
 class MLflowConfig(_Section):

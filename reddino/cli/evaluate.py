@@ -20,6 +20,12 @@ class Pooling(str, Enum):
     cls_mean = "cls+mean"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class Embedding(str, Enum):
     umap = "umap"
     pca = "pca"
@@ -59,6 +65,8 @@ def evaluate_cmd(
     embedding_max: int = typer.Option(3000, help="At most this many points in the 2-D map."),
     seed: int = typer.Option(0, help="Seed of folds, subsets, random init and UMAP."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
+    precision: Precision = typer.Option(Precision.auto, help="Feature extraction precision: auto = bf16 autocast "
+                                        "where the device computes bf16 natively (recent CPUs/GPUs), else fp32."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for the local Ray (default: all)."),
     ray: Optional[bool] = typer.Option(None, "--ray/--no-ray", help="Force Ray Data batch inference or in-process "
                                        "extraction (default: Ray from 5,000 cells up)."),
@@ -90,6 +98,7 @@ def evaluate_cmd(
             test_fraction=test_fraction,
             seed=seed,
             batch_size=batch_size,
+            precision=precision.value,
             num_cpus=num_cpus,
             use_ray=ray,
             cache_dir=None if no_cache else cache_dir.expanduser(),

@@ -26,11 +26,12 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from reddino.data.augment import normalize_chw
+
 from .dataio import decode_image, load_table, manifest_hash, read_ray_dataset
 
-IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), dtype=np.float32)
-IMAGENET_STD = np.array((0.229, 0.224, 0.225), dtype=np.float32)
 POOLINGS = ("cls", "cls+mean", "mean")
+PRECISIONS = ("auto", "fp32", "bf16")
 CACHE_VERSION = 1
 RAY_MIN_ROWS = 5000  # use_ray=None: below this many rows, in-process extraction beats starting Ray actors
 DEFAULT_CACHE_DIR = Path(os.environ.get("REDDINO_HOME", "~/.reddino")).expanduser() / "cache" / "features"
@@ -52,10 +53,9 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def preprocess(images: Sequence[np.ndarray], img_size: int) -> np.ndarray:
-    """RGB uint8 crops -> ``[B, 3, S, S]`` float32, ImageNet-normalised."""
+    """RGB uint8 crops -> ``[B, 3, S, S]`` float32, ImageNet-normalised (the training normalisation)."""
     batch = np.stack([resize_square(np.ascontiguousarray(im[..., :3]), img_size) for im in images])
-    batch = (batch.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+    return normalize_chw(batch)
 
 
 def _as_rgb_list(data: Any) -> list[np.ndarray]:
@@ -104,6 +104,26 @@ def pool_tokens(model, tokens, pooling: str = "cls"):
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
+def resolve_precision(precision: str, device: Any) -> str:
+    """``auto`` → ``bf16`` where the device computes bfloat16 natively (CUDA with bf16, CPUs with
+    AVX512-BF16/AMX through oneDNN), else ``fp32``. Emulated bf16 on older CPUs is slower than fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    import torch  # noqa: PLC0415
+
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if kind == "cpu":
+        try:
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        except (AttributeError, RuntimeError):
+            return "fp32"
+    return "fp32"
+
+
 def _model_device(model):
     import torch  # noqa: PLC0415
 
@@ -121,6 +141,7 @@ def extract_features(
     device: Any = None,
     *,
     pooling: str = "cls",
+    precision: str = "fp32",
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Frozen features ``[N, D]`` (float32) of ``model`` for a table / list of images, in input order.
@@ -128,7 +149,8 @@ def extract_features(
     ``model`` is a timm ViT (``forward_features``) or ``"handcrafted"``. ``img_size`` defaults to the
     model's own input size; ``device`` to where the model's parameters live. The model's train/eval
     mode and device are restored afterwards, so a training loop can call this on its teacher.
-    ``on_batch(n)`` is called after each batch of ``n`` images (progress bars).
+    ``precision``: ``fp32``, ``bf16`` (autocast, as DINOv2's evaluations use reduced precision) or
+    ``auto`` (:func:`resolve_precision`). ``on_batch(n)`` is called after each batch of ``n`` images.
     """
     images = _as_rgb_list(table_or_images)
     if isinstance(model, str):
@@ -151,13 +173,14 @@ def extract_features(
     img_size = int(img_size or model_img_size(net))
     orig_device = _model_device(net)
     device = torch.device(device) if device is not None else orig_device
+    use_bf16 = resolve_precision(precision, device) == "bf16"
     was_training = net.training
     net.eval()
     if device != orig_device:
         net.to(device)
     feats = []
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             for i in range(0, len(images), batch_size):
                 x = torch.from_numpy(preprocess(images[i : i + batch_size], img_size)).to(device)
                 f = pool_tokens(net, net.forward_features(x), pooling)
@@ -336,7 +359,8 @@ class FeatureUDF:
     returns ``features`` plus the key of every embedded row, so the driver can re-align them.
     """
 
-    def __init__(self, model, img_size, pooling="cls", batch_size=64, device=None, keep=None, num_threads=None):
+    def __init__(self, model, img_size, pooling="cls", batch_size=64, device=None, keep=None, num_threads=None,
+                 precision="fp32"):
         import torch  # noqa: PLC0415
 
         if num_threads:
@@ -347,7 +371,7 @@ class FeatureUDF:
         self.model = model
         if not isinstance(model, str):
             self.model = model.to(device).eval()
-        self.img_size, self.pooling, self.batch_size = img_size, pooling, batch_size
+        self.img_size, self.pooling, self.batch_size, self.precision = img_size, pooling, batch_size, precision
         self.keep = set(keep) if keep is not None else None
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
@@ -365,7 +389,8 @@ class FeatureUDF:
             rows = list(range(batch.num_rows))
         images = batch.column("image").take(pa.array(rows, type=pa.int64())).to_pylist() if rows else []
         feats = extract_features(
-            self.model, images, self.img_size, self.batch_size, self.device, pooling=self.pooling
+            self.model, images, self.img_size, self.batch_size, self.device, pooling=self.pooling,
+            precision=self.precision,
         )
         return {"features": feats, "key": np.array([keys[i] for i in rows], dtype=object)}
 
@@ -392,7 +417,8 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 
 
 def _run_extraction_ray(
-    model, data_dir, keys: list[str], img_size, pooling, batch_size, *, num_cpus=None, on_batch=None, all_labelled=True
+    model, data_dir, keys: list[str], img_size, pooling, batch_size, *, num_cpus=None, on_batch=None, all_labelled=True,
+    precision="fp32",
 ) -> dict[str, np.ndarray]:
     import ray  # noqa: PLC0415
 
@@ -416,6 +442,7 @@ def _run_extraction_ray(
             "device": device,
             "keep": None if all_labelled else keys,
             "num_threads": threads,
+            "precision": precision,
         },
         batch_size=max(batch_size, 64),
         batch_format="pyarrow",
@@ -431,10 +458,28 @@ def _run_extraction_ray(
     return got
 
 
-def _run_extraction_local(model, data_dir, idx, img_size, pooling, batch_size, *, device=None, on_batch=None):
+def _run_extraction_local(model, data_dir, idx, img_size, pooling, batch_size, *, device=None, on_batch=None,
+                          precision="fp32"):
     table = load_table(data_dir, columns=["image"])
     images = table.column("image").take(pa.array(idx)).to_pylist()
-    return extract_features(model, images, img_size, batch_size, device, pooling=pooling, on_batch=on_batch)
+    return extract_features(model, images, img_size, batch_size, device, pooling=pooling, on_batch=on_batch,
+                            precision=precision)
+
+
+def _extraction_device(model, use_ray: bool, device: Any) -> Any:
+    """Where the forward passes will run, known without starting Ray (for the precision and cache key)."""
+    if isinstance(model, str):
+        return "cpu"
+    import sys  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    if not use_ray:
+        return device if device is not None else _model_device(_unwrap(model))
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"  # ensure_ray starts a local Ray on this machine
 
 
 def compute_features(
@@ -452,6 +497,7 @@ def compute_features(
     use_ray: bool | None = None,
     num_cpus: int | None = None,
     device: Any = None,
+    precision: str = "auto",
     progress: Any = None,
     extra_columns: Sequence[str] = (),
 ) -> FeatureSet:
@@ -462,6 +508,8 @@ def compute_features(
 
     The cache holds every labelled row unless ``max_images`` subsamples (then the subset is part of
     the key), so excluding classes later re-uses the same file. ``cache_dir=None`` disables caching.
+    ``precision`` (``auto``/``fp32``/``bf16``, see :func:`resolve_precision`) is resolved for the device
+    the extraction runs on; the resolved value is part of the cache key and of ``meta["precision"]``.
     ``progress`` is an optional ``rich.progress.Progress``.
     """
     if pooling not in POOLINGS:
@@ -483,6 +531,12 @@ def compute_features(
     if len(idx) == 0:
         raise ValueError(f"{data_dir}: no labelled rows to evaluate")
     keys = _row_keys(meta, idx)
+    if use_ray is None:
+        use_ray = len(idx) >= RAY_MIN_ROWS
+    if isinstance(model, str):
+        precision = "fp32"  # handcrafted features: no network
+    else:
+        precision = resolve_precision(precision, _extraction_device(model, use_ray, device))
     key = {
         "v": CACHE_VERSION,
         "model": info["hash"],
@@ -491,8 +545,11 @@ def compute_features(
         "img_size": img_size or "native",
         "selection": hashlib.sha256("\n".join(keys).encode()).hexdigest() if subset else "labelled",
     }
+    if precision != "fp32":  # fp32 keeps the keys (and cache files) written before precision existed
+        key["precision"] = precision
     path = cache_path(cache_dir, key) if cache_dir else None
-    extra = {"data": data_dir, "cache_key": key, "cache_file": str(path) if path else None, "cached": False}
+    extra = {"data": data_dir, "cache_key": key, "cache_file": str(path) if path else None, "cached": False,
+             "precision": precision}
     if path is not None and path.is_file():
         with np.load(path, allow_pickle=False) as z:
             feats, cached_keys = z["features"], z["keys"].tolist()
@@ -508,13 +565,11 @@ def compute_features(
         if task is not None:
             progress.advance(task, n)
 
-    if use_ray is None:
-        use_ray = len(idx) >= RAY_MIN_ROWS
     extra["ray"] = bool(use_ray)
     if use_ray:
         got = _run_extraction_ray(
             model, data_dir, keys, img_size, pooling, batch_size, num_cpus=num_cpus, on_batch=on_batch,
-            all_labelled=not subset,
+            all_labelled=not subset, precision=precision,
         )
         missing = [k for k in keys if k not in got]
         if missing:
@@ -522,7 +577,8 @@ def compute_features(
         feats = np.stack([got[k] for k in keys]).astype(np.float32)
     else:
         feats = _run_extraction_local(
-            model, data_dir, idx, img_size, pooling, batch_size, device=device, on_batch=on_batch
+            model, data_dir, idx, img_size, pooling, batch_size, device=device, on_batch=on_batch,
+            precision=precision,
         )
     if path is not None:
         save_npz_atomic(path, features=feats, keys=np.array(keys, dtype=str), key=np.array(json.dumps(key)))

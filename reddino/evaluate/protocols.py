@@ -13,8 +13,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -84,6 +85,38 @@ def fit_predict(name: str, X_train, y_train, X_test, *, standardize=False, probe
         return est.predict(X_test)
 
 
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _parallel_fits(jobs: Iterable[tuple], kwargs: dict[str, Any], n_jobs: int | None, tick) -> list[np.ndarray]:
+    """``fit_predict(name, X_train, y_train, X_test, **kwargs)`` for every job, in order, on a thread pool.
+
+    Threads, not processes: sklearn's solvers and BLAS release the GIL, and the features are not copied
+    to workers. Each fit gets one BLAS thread (see :func:`fit_predict`); the limit is set once around
+    the pool because threadpoolctl's limits are process-wide."""
+    from joblib import Parallel, delayed  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    jobs = list(jobs)
+    n_jobs = max(1, min(len(jobs), n_jobs or available_cpus()))
+    out = []
+    # warnings.catch_warnings (used inside the probe) is not thread-safe: one outer context restores the
+    # filters once all threads are done, and silences the probe's convergence warnings for all of them.
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*lbfgs failed to converge.*")
+        results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(
+            delayed(fit_predict)(*job, **kwargs) for job in jobs
+        )
+        for pred in results:
+            out.append(pred)
+            tick(1)
+    return out
+
+
 class _Ticker:
     def __init__(self, progress, description: str, total: int):
         self.progress = progress
@@ -120,8 +153,11 @@ def run_kfold(
     progress=None,
     tick: Callable[[int], None] | None = None,
     keep_predictions: bool = True,
+    n_jobs: int | None = None,
 ) -> dict[str, Any]:
-    """Stratified (group) k-fold CV: per classifier mean/std/folds of each metric + pooled OOF metrics."""
+    """Stratified (group) k-fold CV: per classifier mean/std/folds of each metric + pooled OOF metrics.
+
+    The classifier x fold fits run ``n_jobs`` at a time (default: the CPUs this process may use)."""
     X, y = fs.features, fs.labels
     splits, grouped = make_folds(y, fs.groups, folds, seed, use_groups)
     if fs.groups is not None and grouped:
@@ -137,14 +173,18 @@ def run_kfold(
         **_summary(fs),
         "classifiers": {},
     }
+    jobs = [(name, tr, te) for name in classifiers for tr, te in splits]
+    preds = iter(_parallel_fits(
+        ((name, X[tr], y[tr], X[te]) for name, tr, te in jobs),
+        dict(standardize=standardize, probe_sweep=probe_sweep, seed=seed), n_jobs, tick,
+    ))
     for name in classifiers:
         oof = np.empty_like(y)
         per_fold = []
         for tr, te in splits:
-            pred = fit_predict(name, X[tr], y[tr], X[te], standardize=standardize, probe_sweep=probe_sweep, seed=seed)
+            pred = next(preds)
             oof[te] = pred
             per_fold.append(compute_metrics(y[te], pred, labels))
-            tick(1)
         res = aggregate(per_fold)
         res["pooled"] = compute_metrics(y, oof, labels)
         if keep_predictions:

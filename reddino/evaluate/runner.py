@@ -73,6 +73,7 @@ def evaluate(
     test_fraction: float = 0.2,
     seed: int = 0,
     batch_size: int = 64,
+    precision: str = "auto",
     num_cpus: int | None = None,
     use_ray: bool | None = None,
     cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
@@ -92,7 +93,8 @@ def evaluate(
     own), ``fixed`` (every dir on its own) or ``cross-source`` (all dirs together, split by
     ``source``). ``exclude_classes`` drops labels everywhere; ``report_both_excluded`` additionally
     reports each dataset without those labels. ``use_ray``: Ray Data batch inference (True), in
-    process (False), or by dataset size (None, see ``features.RAY_MIN_ROWS``). Returns the results dict (also ``results.json``)
+    process (False), or by dataset size (None, see ``features.RAY_MIN_ROWS``). ``precision``: ``auto``
+    (bf16 where the device has native bf16, else fp32), ``fp32`` or ``bf16``. Returns the results dict (also ``results.json``)
     with ``out_dir``, ``files`` and ``mlflow_run_ids``.
     """
     from .models import resolve_model  # noqa: PLC0415
@@ -121,6 +123,7 @@ def evaluate(
         "classifiers": clfs,
         "pooling": pooling,
         "img_size": img_size,
+        "precision": precision,
         "exclude_classes": excl,
         "report_both_excluded": both,
         "max_images": max_images,
@@ -152,7 +155,7 @@ def evaluate(
                         fs = compute_features(
                             model, info, path, pooling=pooling, img_size=img_size or info.get("img_size"),
                             batch_size=batch_size, exclude_labels=variant, max_images=max_images, seed=seed,
-                            cache_dir=cache_dir, use_ray=use_ray, num_cpus=num_cpus, progress=prog,
+                            cache_dir=cache_dir, use_ray=use_ray, num_cpus=num_cpus, progress=prog, precision=precision,
                             extra_columns=[split_column] if split_column else (),
                         )
                         fs.meta["name"] = _variant_name(dname, variant)
@@ -247,6 +250,7 @@ def knn_score(
     use_groups: bool = True,
     pooling: str = "cls",
     probe: bool = False,
+    precision: str = "auto",
 ) -> dict[str, float]:
     """Fast in-process kNN score of a (training) backbone - no Ray, no cache, no files.
 
@@ -273,7 +277,7 @@ def knn_score(
     if len(idx) < 2:
         raise ValueError("knn_score needs at least 2 labelled images")
     sub = meta.take(pa.array(idx))
-    feats = extract_features(model, images, img_size, batch_size, device, pooling=pooling)
+    feats = extract_features(model, images, img_size, batch_size, device, pooling=pooling, precision=precision)
     groups = sub.column("group").to_pylist() if "group" in sub.column_names else None
     fs = FeatureSet(
         features=feats,

@@ -308,7 +308,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 model.eval()
                 scores = knn_score(model.teacher["backbone"], eval_table, img_size=cfg.model.img_size,
                                    k=cfg.eval.k, max_images=cfg.eval.max_images, seed=cfg.train.seed, device=device,
-                                   probe=is_last)  # the linear probe too, once, on the final teacher
+                                   probe=is_last,  # the linear probe too, once, on the final teacher
+                                   precision=cfg.eval.precision)
                 model.train()
                 metrics.update({f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
                 print(f"[reddino] step {step} kNN: " + ", ".join(

@@ -112,3 +112,22 @@ def test_resolve_model_refs(tmp_path, synth_table, eval_mlflow_uri):
     assert a["hash"] == b["hash"]  # fixed seed -> same weights
     with pytest.raises(ValueError, match="unknown"):
         resolve_model("no_such_arch_xyz")
+
+
+def test_bf16_features_agree_with_fp32_and_cache_apart(tiny_vit, synth_cells, tmp_path):
+    import torch
+
+    model, info = tiny_vit
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert F.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    with pytest.raises(ValueError, match="precision"):
+        F.resolve_precision("fp8", "cpu")
+    kw = dict(img_size=28, cache_dir=tmp_path, use_ray=False)
+    fp32 = compute_features(model, info, synth_cells, precision="fp32", **kw)
+    bf16 = compute_features(model, info, synth_cells, precision="bf16", **kw)
+    assert (fp32.meta["precision"], bf16.meta["precision"]) == ("fp32", "bf16")
+    assert len(list(tmp_path.glob("*.npz"))) == 2  # one cache entry per precision
+    assert not np.array_equal(fp32.features, bf16.features)  # autocast really ran in bf16
+    a, b = fp32.features, bf16.features
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.99

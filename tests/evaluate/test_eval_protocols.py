@@ -118,3 +118,13 @@ def test_exclude_classes_removes_the_class():
     res = run_kfold(sub, ["knn1"], folds=3)
     assert "2" not in res["classes"] and res["n_classes"] == 3
     assert "2" not in res["classifiers"]["knn1"]["pooled"]["per_class"]
+
+
+def test_parallel_fold_fits_equal_serial_ones():
+    fs = _blobs(shift=0.5)
+    names = ["knn1", "knn20", "probe"]
+    serial = run_kfold(fs, names, folds=5, seed=0, n_jobs=1)
+    parallel = run_kfold(fs, names, folds=5, seed=0, n_jobs=2)
+    for name in names:
+        np.testing.assert_array_equal(serial["classifiers"][name]["_oof"], parallel["classifiers"][name]["_oof"])
+        assert serial["classifiers"][name]["balanced_accuracy"] == parallel["classifiers"][name]["balanced_accuracy"]
