@@ -55,7 +55,7 @@ def _row(entry: dict[str, Any], label: str) -> dict[str, Any]:
 
 
 def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_sweep: bool = False,
-             num_cpus: int = 3) -> DemoResult:
+             num_cpus: int | None = None) -> DemoResult:
     size = QUICK if quick else DemoSize()
     t0 = time.perf_counter()
     out = Path(out).expanduser().resolve()
@@ -75,10 +75,10 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
 
     _step(2, n, "local Ray (loopback only) + DINOv2 pretraining of the tiny ViT/14 on smear patches")
     from reddino.config import load_config
-    from reddino.local import init_ray
+    from reddino.local import cpus_with_driver_headroom, init_ray
     from reddino.train import pretrain
 
-    init_ray(num_cpus=num_cpus, log_to_driver=True)
+    init_ray(num_cpus=num_cpus or cpus_with_driver_headroom(), log_to_driver=True)
     cfg = load_config("tiny_cpu", [
         f"data.paths=[{patches}]", f"eval.data={cells}", f"eval.every={size.eval_every}",
         "train.epochs=1", f"train.iters_per_epoch={size.steps}", f"train.batch_size_per_worker={size.batch}",

@@ -33,6 +33,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cpus_with_driver_headroom() -> int:
+    """Logical CPUs for a local Ray that runs Train/Tune drivers beside their workers: the cores + 1.
+
+    A trial's (or the demo's) driver holds a sliver of a CPU; with exactly the core count, the Train
+    worker + the Ray Data read/augment tasks end up one CPU short and the data stream waits forever
+    (measured on 2 cores). The extra logical CPU is headroom for those drivers, not more compute."""
+    return (os.cpu_count() or 1) + 1
+
+
 def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
     """Connect to `address` (or RAY_ADDRESS) if given, else start a loopback-only local Ray."""
     import ray

@@ -5,7 +5,7 @@ import pytest
 from reddino.config import CropConfig, MaskConfig
 from reddino.data.augment import (
     IMAGENET_MEAN, IMAGENET_STD, POLICIES, POLICY_VERSIONS, RBC_TRANSFORMS, MultiCropTransform, block_mask,
-    build_policy, eval_transform, sample_masks,
+    build_policy, sample_masks,
 )
 
 
@@ -98,12 +98,17 @@ def test_masks_are_blocky():
     assert neigh[m].mean() > 2.0  # random 30% masks give ~1.2
 
 
-def test_eval_transform():
-    f = eval_transform(28)
-    out = f(np.full((50, 40, 3), 255, np.uint8))
-    assert out.shape == (3, 28, 28) and out.dtype == np.float32
-    assert np.allclose(out[:, 0, 0], (1 - IMAGENET_MEAN) / IMAGENET_STD, atol=1e-5)
-    assert f(np.zeros((30, 30), np.uint8)).shape == (3, 28, 28)
+def test_eval_preprocessing_resizes_and_normalises_like_training():
+    from reddino.data.augment import resize_square
+    from reddino.evaluate.features import _as_rgb_list, preprocess
+
+    out = preprocess([np.full((50, 40, 3), 255, np.uint8)], 28)
+    assert out.shape == (1, 3, 28, 28) and out.dtype == np.float32
+    assert np.allclose(out[0, :, 0, 0], (1 - IMAGENET_MEAN) / IMAGENET_STD, atol=1e-5)
+    assert preprocess(_as_rgb_list([np.zeros((30, 30), np.uint8)]), 28).shape == (1, 3, 28, 28)
+    # one side shrinks, the other grows: area interpolation (no aliasing), as in training
+    img = np.random.default_rng(0).integers(0, 256, (60, 20, 3), dtype=np.uint8)
+    assert np.array_equal(resize_square(img, 28), cv2.resize(img, (28, 28), interpolation=cv2.INTER_AREA))
 
 
 def test_every_rbc_transform_is_seeded():

@@ -217,10 +217,11 @@ def to_rgb_image(item: Any) -> np.ndarray:
 
 
 def resize_square(img: np.ndarray, size: int | None) -> np.ndarray:
-    """Resize to ``size``×``size`` (area when shrinking, bicubic when enlarging); None: unchanged."""
+    """Resize to ``size``×``size``: area interpolation when either side shrinks (no aliasing), bicubic when
+    both grow; None: unchanged. Training and evaluation both resize with this."""
     if not size or img.shape[:2] == (size, size):
         return img
-    shrink = img.shape[0] * img.shape[1] > size * size
+    shrink = img.shape[0] > size or img.shape[1] > size
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
@@ -248,20 +249,6 @@ def normalize_on_device(x, device=None):
     shift = torch.as_tensor(_SHIFT, device=x.device)
     out = x.to(torch.float32) * scale + shift  # broadcast over the trailing channel dim
     return out.movedim(-1, -3).contiguous()
-
-
-def eval_transform(img_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 HxWx3 RGB (or HxW) → float32 3×img_size×img_size: resize + ImageNet normalisation (evaluation)."""
-
-    def apply(img: np.ndarray) -> np.ndarray:
-        img = np.asarray(img)
-        if img.ndim == 2:
-            img = np.repeat(img[:, :, None], 3, axis=2)
-        if img.dtype != np.uint8:
-            img = np.clip(img, 0, 255).astype(np.uint8)
-        return normalize_chw(resize_square(np.ascontiguousarray(img[:, :, :3]), img_size))
-
-    return apply
 
 
 # --------------------------------------------------------------------------------------------------------------

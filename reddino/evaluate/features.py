@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from reddino.data.augment import normalize_chw
+from reddino.data.augment import normalize_chw, resize_square
 
 from .dataio import decode_image, load_table, manifest_hash, read_ray_dataset
 
@@ -40,16 +40,6 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("REDDINO_HOME", "~/.reddino")).expanduse
 # --------------------------------------------------------------------------------------------------
 # Preprocessing and the in-process extractor
 # --------------------------------------------------------------------------------------------------
-
-
-def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
-    import cv2  # noqa: PLC0415
-
-    h, w = rgb.shape[:2]
-    if (h, w) == (size, size):
-        return rgb
-    interp = cv2.INTER_AREA if (h > size or w > size) else cv2.INTER_CUBIC
-    return cv2.resize(rgb, (size, size), interpolation=interp)
 
 
 def preprocess(images: Sequence[np.ndarray], img_size: int) -> np.ndarray:

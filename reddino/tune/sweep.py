@@ -114,14 +114,11 @@ def sweep(
     """Run (or resume) a sweep. `mode="search"`: Optuna TPE + ASHA; `mode="ablation"`: one factor at a time."""
     from ray import tune
 
-    from reddino.local import default_tracking_uri, init_ray
+    from reddino.local import cpus_with_driver_headroom, default_tracking_uri, init_ray
 
     # Log-step reports carry no kNN score yet; Tune must accept them (ASHA decides on eval steps).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # Each trial's driver holds a sliver of a CPU (Tune needs a non-empty request); on a local Ray that
-    # sliver would leave the trial's Train worker + Ray Data read/augment tasks one CPU short, and the
-    # data stream would wait forever (measured on 2 cores). The local session gets one logical CPU of headroom.
-    init_ray(num_cpus=(os.cpu_count() or 1) + 1)
+    init_ray(num_cpus=cpus_with_driver_headroom())  # a local Ray; ignored when connecting to a cluster
     if resume is not None:
         sweep_dir = Path(resume).expanduser().resolve()
         state = json.loads((sweep_dir / STATE_FILE).read_text())
