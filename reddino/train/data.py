@@ -85,7 +85,8 @@ class DropConsumed:
 class Augment:
     """Ray Data batch UDF: drop consumed rows, then decode + resize + multi-crop + iBOT masks.
 
-    One operator (not two) so Ray fuses the read with it: no extra task and copy per block."""
+    One operator (not two): one task and one copy per block. Crops come out as uint8 channels-last;
+    :func:`crops_to_device` normalises them where the model runs."""
 
     def __init__(self, cfg_dict: dict[str, Any], patch_size: int, skip_actor_name: str | None) -> None:
         self.cfg_dict = cfg_dict
