@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from reddino.config import CropConfig, MaskConfig
+from reddino.data.images import IMAGENET_MEAN, IMAGENET_STD
 from reddino.data.augment import (
-    IMAGENET_MEAN, IMAGENET_STD, POLICIES, POLICY_VERSIONS, RBC_TRANSFORMS, MultiCropTransform, block_mask,
+    POLICIES, POLICY_VERSIONS, RBC_TRANSFORMS, MultiCropTransform, block_mask,
     build_policy, sample_masks,
 )
 
@@ -99,7 +100,7 @@ def test_masks_are_blocky():
 
 
 def test_eval_preprocessing_resizes_and_normalises_like_training():
-    from reddino.data.augment import resize_square
+    from reddino.data.images import resize_square
     from reddino.evaluate.features import _as_rgb_list, preprocess
 
     out = preprocess([np.full((50, 40, 3), 255, np.uint8)], 28)
@@ -124,7 +125,7 @@ def test_every_rbc_transform_is_seeded():
 def test_uint8_output_normalised_on_device_equals_float_output():
     import torch
 
-    from reddino.data.augment import normalize_on_device
+    from reddino.data.images import normalize_on_device
 
     crops = _crops(policy="rbc", local_crops_number=2)
     batch = _png_batch()

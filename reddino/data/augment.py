@@ -27,9 +27,8 @@ import cv2
 import numpy as np
 
 from reddino.config import CropConfig, MaskConfig
+from reddino.data.images import normalize_chw, resize_square
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 #: Bump a policy's version whenever its output distribution changes (recorded with each run).
 POLICY_VERSIONS = {"dinov2": 1, "rbc": 1, "none": 1}
@@ -196,7 +195,7 @@ def sample_masks(rng: np.random.Generator, n_crops: int, grid: tuple[int, int], 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Decoding, normalisation
+# Decoding
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -216,41 +215,6 @@ def to_rgb_image(item: Any) -> np.ndarray:
     return decode_image(bytes(item))
 
 
-def resize_square(img: np.ndarray, size: int | None) -> np.ndarray:
-    """Resize to ``size``×``size``: area interpolation when either side shrinks (no aliasing), bicubic when
-    both grow; None: unchanged. Training and evaluation both resize with this."""
-    if not size or img.shape[:2] == (size, size):
-        return img
-    shrink = img.shape[0] > size or img.shape[1] > size
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-
-
-_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
-_SHIFT = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
-
-
-def normalize_chw(x: np.ndarray) -> np.ndarray:
-    """uint8 [..., H, W, 3] → float32 [..., 3, H, W], ImageNet mean/std normalised."""
-    out = np.empty(x.shape[:-3] + (3,) + x.shape[-3:-1], dtype=np.float32)
-    for c in range(3):
-        np.multiply(x[..., c], _SCALE[c], out=out[..., c, :, :], casting="unsafe")
-        out[..., c, :, :] += _SHIFT[c]
-    return out
-
-
-def normalize_on_device(x, device=None):
-    """uint8 torch tensor [..., H, W, 3] (as :class:`MultiCropTransform` gives with ``normalize=False``) →
-    float32 [..., 3, H, W], ImageNet mean/std normalised, computed on ``device`` (default: where ``x`` is).
-    Same arithmetic as :func:`normalize_chw` (x · 1/(255·std) − mean/std)."""
-    import torch
-
-    x = x.to(device, non_blocking=True) if device is not None else x
-    scale = torch.as_tensor(_SCALE, device=x.device)
-    shift = torch.as_tensor(_SHIFT, device=x.device)
-    out = x.to(torch.float32) * scale + shift  # broadcast over the trailing channel dim
-    return out.movedim(-1, -3).contiguous()
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The Ray Data batch transform
 # --------------------------------------------------------------------------------------------------------------
@@ -265,8 +229,8 @@ class MultiCropTransform:
     * ``sha256`` passed through when given.
 
     ``normalize=False`` leaves the crops as they come out of the pipelines, uint8 [B, G, S, S, 3] (RGB,
-    channels last): a quarter of the bytes to move, and the normalisation (a quarter of the CPU time of
-    this transform at 224 px) happens on the training device instead, with :func:`normalize_on_device`.
+    channels last): a quarter of the bytes to move, and the normalisation happens on the training device
+    instead, with :func:`reddino.data.images.normalize_on_device`.
 
     Each row's randomness (crops, pixel transforms, masks) is seeded from (``seed``, epoch, sha256); the epoch
     comes from an ``epoch`` column, else the ``epoch`` argument of the call, else ``self.epoch``

@@ -1,4 +1,5 @@
-"""Image byte helpers: format sniffing, strict decoding for ingest, fast decoding, encoding."""
+"""Image helpers: format sniffing, strict decoding for ingest, fast decoding, encoding; square resizing and
+ImageNet normalisation (numpy on CPU, torch on the training device)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,47 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", *, jpeg_quality: int = 95, p
     if not ok:
         raise RuntimeError(f"cv2 failed to encode a {rgb.shape} image as {fmt}")
     return buf.tobytes()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resizing and normalisation shared by training (augment) and evaluation (features); numpy + cv2 only, so
+# evaluation and the training loop do not import albumentations.
+# ----------------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def resize_square(img: np.ndarray, size: int | None) -> np.ndarray:
+    """Resize to ``size``×``size``: area interpolation when either side shrinks (no aliasing), bicubic when
+    both grow; None: unchanged. Training and evaluation both resize with this."""
+    if not size or img.shape[:2] == (size, size):
+        return img
+    shrink = img.shape[0] > size or img.shape[1] > size
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+_SHIFT = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+
+
+def normalize_chw(x: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 3] → float32 [..., 3, H, W], ImageNet mean/std normalised."""
+    out = np.empty(x.shape[:-3] + (3,) + x.shape[-3:-1], dtype=np.float32)
+    for c in range(3):
+        np.multiply(x[..., c], _SCALE[c], out=out[..., c, :, :], casting="unsafe")
+        out[..., c, :, :] += _SHIFT[c]
+    return out
+
+
+def normalize_on_device(x, device=None):
+    """uint8 torch tensor [..., H, W, 3] (as :class:`MultiCropTransform` gives with ``normalize=False``) →
+    float32 [..., 3, H, W], ImageNet mean/std normalised, computed on ``device`` (default: where ``x`` is).
+    Same arithmetic as :func:`normalize_chw` (x · 1/(255·std) − mean/std)."""
+    import torch
+
+    x = x.to(device, non_blocking=True) if device is not None else x
+    scale = torch.as_tensor(_SCALE, device=x.device)
+    shift = torch.as_tensor(_SHIFT, device=x.device)
+    out = x.to(torch.float32) * scale + shift  # broadcast over the trailing channel dim
+    return out.movedim(-1, -3).contiguous()

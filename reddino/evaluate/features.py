@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from reddino.data.augment import normalize_chw, resize_square
+from reddino.data.images import normalize_chw, resize_square
 
 from .dataio import decode_image, load_table, manifest_hash, read_ray_dataset
 

@@ -118,7 +118,7 @@ def crops_to_device(crops, device):
     moved first and normalised there; float crops (already normalised) are only moved."""
     import torch
 
-    from reddino.data.augment import normalize_on_device
+    from reddino.data.images import normalize_on_device
 
     if crops.dtype == torch.uint8:
         return normalize_on_device(crops, device)
