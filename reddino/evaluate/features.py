@@ -385,11 +385,15 @@ class FeatureUDF:
         return {"features": feats, "key": np.array([keys[i] for i in rows], dtype=object)}
 
 
-def _ray_resources(num_cpus: float | None) -> tuple[dict[str, Any], str | None]:
+def _ray_device() -> str:
+    """Where the extraction actor runs on the connected Ray cluster: one GPU if it has any, else CPU."""
     import ray  # noqa: PLC0415
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus >= 1:
+    return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+
+
+def _ray_resources(num_cpus: float | None) -> tuple[dict[str, Any], str | None]:
+    if _ray_device() == "cuda":
         return {"num_gpus": 1, "num_cpus": 1}, "cuda"
     return {"num_cpus": max(1, int(num_cpus or 1))}, "cpu"
 
@@ -468,7 +472,7 @@ def _extraction_device(model, use_ray: bool, device: Any) -> Any:
         return device if device is not None else _model_device(_unwrap(model))
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+        return _ray_device()
     return "cuda" if torch.cuda.is_available() else "cpu"  # ensure_ray starts a local Ray on this machine
 
 
