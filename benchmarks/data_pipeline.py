@@ -69,11 +69,13 @@ class FolderMultiCrop:
         import numpy as np
         import torch
 
+        from reddino.train.data import sha_to_keys
+
         bgr = cv2.imread(self.files[i], cv2.IMREAD_COLOR)
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         out = self._transform()({"image": [rgb], "sha256": [self.shas[i]], "epoch": np.zeros(1, np.int64)})
         sample = {k: torch.from_numpy(v[0]) for k, v in out.items() if k != "sha256"}
-        sample["key"] = torch.tensor(int(self.shas[i][:16], 16) - (1 << 64 if int(self.shas[i][:16], 16) >= 1 << 63 else 0))
+        sample["key"] = torch.from_numpy(sha_to_keys([self.shas[i]]))[0]
         return sample
 
 
@@ -122,12 +124,13 @@ def main() -> None:
     env_setup()
     header("data_pipeline")
 
+    import numpy as np
     import torch
 
     from reddino.config import load_config
     from reddino.local import init_ray
     from reddino.model import create_backbone
-    from reddino.train.data import build_train_dataset, crops_to_device
+    from reddino.train.data import build_train_dataset, crops_to_device, sha_to_keys
 
     torch.set_num_threads(1)  # the consumer only collates; all CPU work is in the workers on both sides
     data = args.data or synthetic_patches(args.images, 224 if not args.quick else 112)
@@ -205,7 +208,7 @@ def main() -> None:
     # Same augmentation on both sides: recompute one reddino row through the baseline Dataset.
     s = samples["reddino"]
     key = int(s["key"][0])
-    idx = [i for i, h in enumerate(shas) if (int(h[:16], 16) - (1 << 64 if int(h[:16], 16) >= 1 << 63 else 0)) == key][0]
+    idx = int(np.flatnonzero(sha_to_keys(shas) == key)[0])
     ref = FolderMultiCrop(files, shas, cfg.to_dict(), ps)[idx]
     same = all(torch.allclose(ref[k], s[k][0], atol=1e-6) if ref[k].is_floating_point() else torch.equal(ref[k], s[k][0])
                for k in ("global_crops", "local_crops", "masks") if k in s)
