@@ -136,8 +136,13 @@ class TrainConfig(_Section):
     keep_checkpoints: int = 2
     max_failures: int = 0
     log_every: int = 10
-    monitor_every: int = 50  # teacher entropy + RankMe
-    collapse_rankme_min: float | None = None  # stop if RankMe falls below this (None = only warn)
+    monitor_every: int = 50  # teacher entropy + RankMe, and the collapse guard on them
+    # Collapse guard, from the end of the lr warm-up: a sign seen at 2 monitor steps in a row warns once (console
+    # + MLflow tag reddino.collapse_warning), or stops the run cleanly with collapse_stop.
+    collapse_rankme_frac: float = 0.1  # RankMe ≤ this × min(batch rows, embed dim)
+    collapse_uniform_frac: float = 0.95  # mean per-image teacher entropy ≥ this × ln K: uniform targets
+    collapse_marginal_frac: float = 0.1  # entropy of the batch-mean target ≤ this × ln min(K, B): one prototype
+    collapse_stop: bool = False
     export_path: str | None = None  # teacher backbone export; default <run dir>/backbone.pt
 
 

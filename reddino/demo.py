@@ -111,7 +111,9 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
     from reddino.registry import promote, register_backbone
 
     headline = {k: v for k, v in result.table[0].items() if isinstance(v, (int, float))}
-    version = register_backbone(str(trained.run_dir), name="reddino-demo-backbone", metrics=headline)
+    baseline = {k: v for k, v in result.table[1].items() if isinstance(v, (int, float))}  # random init, same arch
+    version = register_backbone(str(trained.run_dir), name="reddino-demo-backbone", metrics=headline,
+                                baselines=baseline)
     result.model_version = str(version.version)
     metric = next((k for k in headline if "knn20" in k and "balanced" in k), next(iter(headline), "knn20_balanced_accuracy"))
     moved, reason = promote("reddino-demo-backbone", metric=metric)

@@ -25,18 +25,25 @@ def register_cmd(
     run: str = typer.Argument(..., help="Run dir, checkpoint dir, backbone file or MLflow run id."),
     name: str = typer.Option("reddino-backbone", "--name"),
     metric: Optional[List[str]] = typer.Option(None, "--metric", help="Headline eval metric name=value (repeatable)."),
-    eval_json: Optional[str] = typer.Option(None, "--eval-json", help="metrics.json from `reddino evaluate`."),
+    eval_json: Optional[str] = typer.Option(None, "--eval-json", help="metrics.json from `reddino evaluate` (its "
+                                            "random:<arch> model, if evaluated, becomes the baseline)."),
+    baseline: Optional[List[str]] = typer.Option(None, "--baseline", help="Random-init baseline name=value "
+                                                 "(repeatable); promotion needs the model to beat it."),
 ) -> None:
     """Register a run's exported teacher backbone (alias @candidate)."""
     from reddino.registry import register_backbone
 
-    metrics = _metrics(metric)
+    metrics, baselines = _metrics(metric), {}
     if eval_json:
-        from reddino.registry.core import headline_metrics
+        from reddino.registry.core import baseline_metrics, headline_metrics
 
         metrics.update(headline_metrics(eval_json))
-    mv = register_backbone(run, name=name, metrics=metrics)
+        baselines.update(baseline_metrics(eval_json))
+    baselines.update(_metrics(baseline))
+    mv = register_backbone(run, name=name, metrics=metrics, baselines=baselines)
     typer.echo(f"registered {mv.name} v{mv.version} @candidate  (models:/{mv.name}@candidate)")
+    if not baselines:
+        typer.echo("note: no random-init baseline recorded (evaluate beside random:<arch>); promote will refuse it")
 
 
 @models_app.command("promote")
@@ -46,7 +53,7 @@ def promote_cmd(
     metric: str = typer.Option("knn20_balanced_accuracy", "--metric"),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
-    """Move @alias to @candidate when it beats the current holder on --metric."""
+    """Move @alias to @candidate when it beats its random-init baseline and the current holder on --metric."""
     from reddino.registry import promote
 
     moved, reason = promote(name, alias=alias, metric=metric, force=force)

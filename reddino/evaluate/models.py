@@ -203,7 +203,7 @@ def _random_model(arch: str, img_size: int | None, seed: int):
     import timm  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    _import_model_module()  # registers vit_tiny_patch14_reddino
+    _import_model_module()  # registers the vit_tiny_*_reddino archs
     if not timm.is_model(arch):
         raise ValueError(f"unknown model reference or timm arch: {arch!r}")
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "dynamic_img_size": True}

@@ -1,6 +1,6 @@
 """Model side of reddino: timm ViT backbones, DINO/iBOT heads, losses, the DINOv2 SSL wrapper, monitors.
 
-Importing this package registers the tiny CPU architecture ``vit_tiny_patch14_reddino`` with timm.
+Importing this package registers the tiny CPU architectures ``vit_tiny_patch8_reddino`` and ``vit_tiny_patch14_reddino`` with timm.
 """
 
 from reddino.model.backbone import (
@@ -10,6 +10,7 @@ from reddino.model.backbone import (
     export_backbone,
     load_backbone,
     load_pretrained,
+    vit_tiny_patch8_reddino,
     vit_tiny_patch14_reddino,
 )
 from reddino.model.heads import DINOHead
@@ -34,5 +35,6 @@ __all__ = [
     "rankme",
     "sinkhorn_knopp",
     "teacher_entropy",
+    "vit_tiny_patch8_reddino",
     "vit_tiny_patch14_reddino",
 ]

@@ -12,8 +12,15 @@ Checkpoint layouts understood by :func:`load_pretrained`:
   ``model.``, ``module.`` ...; the teacher is preferred) and/or chunk the blocks (``blocks.0.3.`` → ``blocks.3.``);
 * a reddino export written by :func:`export_backbone`.
 
-Position embeddings are resampled (bicubic) to the model's patch grid, e.g. DINOv2's 37×37 grid at 518 px
-→ 16×16 at 224 px.
+Position embeddings are resampled (bicubic) once, at load, to the model's patch grid, e.g. DINOv2's 37×37
+grid at 518 px → 16×16 at 224 px, the way the checkpoint's own code does it, so a warm start gives the
+official model's tokens at the model's image size: original DINOv2 files without registers as DINOv2's
+``interpolate_pos_encoding`` (scale factor (g + 0.1)/37, no antialias), everything else (registers, timm
+files) as timm (output size, antialias).
+
+A file that cannot be what the model needs is an error, never a silent conversion: a patch kernel of
+another size, registers on one side only, missing or extra weights. A file without ``mask_token`` (not an
+original DINOv2 checkpoint) loads with a warning: iBOT's mask token then starts at zero.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -39,27 +48,36 @@ EXPORT_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------------------------
-# A tiny ViT/14 for CPU demos and tests
+# Tiny ViTs for CPU demos, tests and the tiny_cpu recipe
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_vit(name: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]) -> VisionTransformer:
+    if pretrained:
+        raise ValueError(f"{name} has no published weights; pass a local file instead")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    args = dict(embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, init_values=0.1, dynamic_img_size=True)
+    args.update(defaults)
+    args.update(kwargs)
+    return VisionTransformer(**args)
 
 
 @register_model
 def vit_tiny_patch14_reddino(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT-Ti/14 (patch 14, dim 192, depth 6, 3 heads): a CPU-sized RedDino.
+    """ViT-Ti/14 (patch 14, dim 192, depth 6, 3 heads, 112 px): a CPU-sized RedDino.
 
     Layer scale starts at 0.1, not DINOv2's 1e-5: trained from scratch for minutes, a 1e-5 start leaves the
     CLS token identical for every image (measured std 1e-5 across images), so the DINO loss sits at ln K.
     """
-    if pretrained:
-        raise ValueError("vit_tiny_patch14_reddino has no published weights; pass a local file instead")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    args = dict(
-        img_size=112, patch_size=14, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, init_values=0.1,
-        dynamic_img_size=True,
-    )
-    args.update(kwargs)
-    return VisionTransformer(**args)
+    return _tiny_vit("vit_tiny_patch14_reddino", pretrained, {"img_size": 112, "patch_size": 14}, kwargs)
+
+
+@register_model
+def vit_tiny_patch8_reddino(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/8 at 56 px (7×7 tokens): the tiny_cpu model. Single cells at 56 px keep the 8-px detail the
+    morphology classes differ by (pallor, spicules, fragments) at a token count a CPU trains quickly."""
+    return _tiny_vit("vit_tiny_patch8_reddino", pretrained, {"img_size": 56, "patch_size": 8}, kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -175,9 +193,9 @@ def _backbone_prefix(keys: list[str]) -> str:
 
 def convert_state_dict(state: dict[str, Any], model: VisionTransformer) -> tuple[dict[str, torch.Tensor], Any]:
     """Any supported layout → (timm state dict matching ``model``'s shapes, DINOv2 mask token or None)."""
-    sd = _unwrap(state)
-    prefix = _backbone_prefix(list(sd))
-    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    full = _unwrap(state)
+    prefix = _backbone_prefix(list(full))
+    sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)  # FSDP chunked blocks
@@ -185,6 +203,8 @@ def convert_state_dict(state: dict[str, Any], model: VisionTransformer) -> tuple
         k = re.sub(r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2.", k)
         out[k] = v
     mask_token = out.pop("mask_token", None)
+    if mask_token is None:  # a reddino training checkpoint keeps it beside the backbones
+        mask_token = full.get("mask_token")
     if "register_tokens" in out:  # DINOv2 +registers → timm no_embed_class layout
         out["reg_token"] = out.pop("register_tokens")
         out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
@@ -195,8 +215,20 @@ def convert_state_dict(state: dict[str, Any], model: VisionTransformer) -> tuple
             out.pop(k)
 
     w = out.get("patch_embed.proj.weight")
-    if w is not None and w.shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
-        out["patch_embed.proj.weight"] = resample_patch_embed(w, list(model.patch_embed.proj.weight.shape[-2:]))
+    own_kernel = tuple(model.patch_embed.proj.weight.shape[-2:])
+    if w is not None and tuple(w.shape[-2:]) != own_kernel:
+        raise ValueError(
+            f"patch embedding is {w.shape[-2]}x{w.shape[-1]} but the model's patch is {own_kernel[0]}x{own_kernel[1]}: "
+            f"these weights need model.patch_size={w.shape[-1]} (or an arch with that patch); "
+            "reddino does not resample patch kernels silently"
+        )
+    has_reg = "reg_token" in out
+    if has_reg != bool(getattr(model, "num_reg_tokens", 0)):
+        n = out["reg_token"].shape[1] if has_reg else 0
+        raise ValueError(
+            f"the checkpoint has {n} register tokens but the model has {getattr(model, 'num_reg_tokens', 0)}: "
+            "use a *_reg4_* arch for weights with registers and a plain arch for weights without registers"
+        )
     pe = out.get("pos_embed")
     if pe is not None and model.pos_embed is not None:
         n_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
@@ -206,10 +238,29 @@ def convert_state_dict(state: dict[str, Any], model: VisionTransformer) -> tuple
             raise ValueError(f"pos_embed with {n_old} patch positions is not a square grid")
         new_grid = list(model.patch_embed.grid_size)
         if [side, side] != new_grid:
-            out["pos_embed"] = resample_abs_pos_embed(
-                pe.float(), new_size=new_grid, old_size=[side, side], num_prefix_tokens=n_prefix
-            ).to(pe.dtype)
+            if mask_token is not None and not has_reg:
+                out["pos_embed"] = resample_pos_embed_dinov2(pe, new_grid, n_prefix)
+            else:
+                out["pos_embed"] = resample_abs_pos_embed(
+                    pe.float(), new_size=new_grid, old_size=[side, side], num_prefix_tokens=n_prefix
+                ).to(pe.dtype)
     return out, mask_token
+
+
+def resample_pos_embed_dinov2(pos_embed: torch.Tensor, new_grid: list[int], n_prefix: int = 1) -> torch.Tensor:
+    """DINOv2's ``interpolate_pos_encoding`` for its models without registers (``interpolate_offset=0.1``,
+    ``interpolate_antialias=False``): bicubic by *scale factor* (g + 0.1)/M, which samples at other
+    positions than resizing to g×g (timm's way; CLS tokens differ by ~1 %, patch tokens by ~4 % at 224 px)."""
+    prefix, grid = pos_embed[:, :n_prefix], pos_embed[:, n_prefix:].float()
+    M = int(round(grid.shape[1] ** 0.5))
+    dim = grid.shape[-1]
+    scale = (float(new_grid[0] + 0.1) / M, float(new_grid[1] + 0.1) / M)
+    patch = F.interpolate(grid.reshape(1, M, M, dim).permute(0, 3, 1, 2), scale_factor=scale, mode="bicubic",
+                          antialias=False)
+    if list(patch.shape[-2:]) != list(new_grid):
+        raise ValueError(f"DINOv2 pos_embed interpolation gave {tuple(patch.shape[-2:])}, not {tuple(new_grid)}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([prefix.float(), patch], dim=1).to(pos_embed.dtype)
 
 
 def load_pretrained(model: VisionTransformer, path: str | Path) -> torch.Tensor | None:
@@ -236,9 +287,13 @@ def load_pretrained(model: VisionTransformer, path: str | Path) -> torch.Tensor 
             lines.append(f"  shape mismatch {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(sd, strict=True)
-    if mask_token is not None:
-        mask_token = mask_token.reshape(1, -1).float()
-    return mask_token
+    if mask_token is None:
+        warnings.warn(
+            f"{path}: no 'mask_token' (not an original DINOv2 checkpoint): backbone weights loaded, iBOT's mask "
+            "token starts at zero", stacklevel=2,
+        )
+        return None
+    return mask_token.reshape(1, -1).float()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from torch import nn
 from reddino.config import LossConfig, MaskConfig, ModelConfig, OptimConfig
 from reddino.model.backbone import backbone_tokens, create_backbone
 from reddino.model.heads import DINOHead
-from reddino.model.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, check_centering
+from reddino.model.losses import DINOLoss, DINOv2Loss, IBOTPatchLoss
 
 
 class DINOv2SSL(nn.Module):
@@ -51,7 +51,6 @@ class DINOv2SSL(nn.Module):
         super().__init__()
         self.loss_cfg = loss_cfg or LossConfig()
         self.mask_cfg = mask_cfg or MaskConfig()
-        check_centering(self.loss_cfg.centering)
         embed_dim = int(backbone.embed_dim)
         student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head})
         if ibot_head is not None:
@@ -66,15 +65,19 @@ class DINOv2SSL(nn.Module):
             p.requires_grad_(False)
         self.teacher.eval()
 
-        lc = self.loss_cfg
-        self.dino_loss = DINOLoss(dino_head.out_dim, lc.student_temp, lc.center_momentum)
         ibot_dim = ibot_head.out_dim if ibot_head is not None else dino_head.out_dim
-        self.ibot_loss = IBOTPatchLoss(ibot_dim, lc.student_temp, lc.center_momentum,
-                                       average_over=lc.ibot_average_over)
-        self.koleo_loss = KoLeoLoss()
+        self.objective = DINOv2Loss(dino_head.out_dim, ibot_dim, self.loss_cfg)
         self.keep_monitor_outputs = True
         self.last_teacher_cls: torch.Tensor | None = None
         self.last_teacher_probs: torch.Tensor | None = None
+
+    @property
+    def dino_loss(self) -> DINOLoss:
+        return self.objective.dino
+
+    @property
+    def ibot_loss(self) -> IBOTPatchLoss:
+        return self.objective.ibot
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -162,12 +165,7 @@ class DINOv2SSL(nn.Module):
             else:
                 t_cls_logits = self.teacher["dino_head"](t["cls"])
                 t_patch_logits = self.teacher["ibot_head"](t_masked) if do_ibot else None
-            t_cls_probs = self.dino_loss.teacher_probs(t_cls_logits, temp, lc.centering, lc.sinkhorn_iterations)
-            t_patch_probs = None
-            if do_ibot:
-                t_patch_probs = self.ibot_loss.teacher_probs(
-                    t_patch_logits, temp, lc.centering, lc.sinkhorn_iterations
-                )
+            t_cls_probs, t_patch_probs = self.objective.teacher_targets(t_cls_logits, t_patch_logits, temp)
             if self.keep_monitor_outputs:
                 self.last_teacher_cls = t["cls"].detach().float()
                 self.last_teacher_probs = t_cls_probs.detach()
@@ -186,24 +184,9 @@ class DINOv2SSL(nn.Module):
             s_cls_logits = self.student["dino_head"](torch.cat(s_cls))
             s_patch_logits = self.student["ibot_head"](s_masked) if do_ibot else None
 
-        dino = self.dino_loss(list(s_cls_logits.split(B)), list(t_cls_probs.split(B)))
-        total = lc.dino_weight * dino
-        zero = dino.detach() * 0.0
-        ibot = zero
-        if do_ibot:
-            ibot = self.ibot_loss(s_patch_logits, t_patch_probs, m)
-            total = total + lc.ibot_weight * ibot
-        koleo = zero
-        if lc.koleo_weight > 0:
-            # summed over the global crops, as DINOv2 does (so weight 0.1 means the same as there)
-            koleo = torch.stack([self.koleo_loss(c) for c in s["cls"].split(B)]).sum()
-            total = total + lc.koleo_weight * koleo
-        parts = {
-            "dino": dino.detach().float(),
-            "ibot": ibot.detach().float(),
-            "koleo": koleo.detach().float(),
-            "masked_fraction": torch.tensor(n_masked / max(m.numel(), 1), device=dino.device),
-        }
+        total, parts = self.objective(s_cls_logits, t_cls_probs, G, s_patch_logits, t_patch_probs, m,
+                                      s["cls"] if lc.koleo_weight > 0 else None)
+        parts["masked_fraction"] = torch.tensor(n_masked / max(m.numel(), 1), device=total.device)
         return total, parts
 
     # ----------------------------------------------------------------------------------------------------------

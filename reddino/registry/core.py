@@ -95,8 +95,13 @@ def register_backbone(
     metrics: dict[str, float] | None = None,
     alias: str = "candidate",
     description: str | None = None,
+    baselines: dict[str, float] | None = None,
 ):
-    """Register the exported teacher backbone of `run` as a new version of `name` and alias it."""
+    """Register the exported teacher backbone of `run` as a new version of `name` and alias it.
+
+    `baselines` are the same metrics for a random-init model of the same architecture on the same evaluation;
+    `promote` refuses a version that does not beat them.
+    """
     import pandas as pd
 
     from reddino.model.backbone import read_export_meta
@@ -120,6 +125,8 @@ def register_backbone(
     }
     for key, value in (metrics or {}).items():
         tags[f"metric.{key}"] = f"{float(value):.6f}"
+    for key, value in (baselines or {}).items():
+        tags[f"baseline.{key}"] = f"{float(value):.6f}"
     mlflow.set_experiment("reddino-registry")
     with mlflow.start_run(run_name=f"register-{name}") as reg_run:
         mlflow.set_tags(tags)
@@ -171,8 +178,8 @@ def register_probe(probe, *, backbone: str, name: str | None = None, metrics: di
     return client.get_model_version(name, version)
 
 
-def _metric(version, metric: str) -> float | None:
-    value = (version.tags or {}).get(f"metric.{metric}")
+def _metric(version, metric: str, kind: str = "metric") -> float | None:
+    value = (version.tags or {}).get(f"{kind}.{metric}")
     return float(value) if value not in (None, "") else None
 
 
@@ -196,16 +203,26 @@ def promote(name: str, *, alias: str = "champion", metric: str = "knn20_balanced
         return True, f"@{alias} → v{cand.version} (forced)"
     if c_score is None:
         return False, f"candidate v{cand.version} has no '{metric}' evaluation; evaluate it first or use --force"
+    # A pretrained model has to earn its place against its own architecture with random weights.
+    base = _metric(cand, metric, kind="baseline")
+    arch = (cand.tags or {}).get("reddino.arch", "?")
+    if base is None:
+        return False, (f"candidate v{cand.version} has no random-init baseline for '{metric}'; evaluate it beside "
+                       f"random:{arch} and register with that evaluation (or use --force); stays @{candidate_alias}")
+    if c_score <= base:
+        return False, (f"candidate v{cand.version} ({metric} {c_score:.4f}) does not beat its random-init "
+                       f"{arch} baseline ({base:.4f}); stays @{candidate_alias}")
+    margin = f"random init {base:.4f}"
     if champ is None:
         client.set_registered_model_alias(name, alias, cand.version)
-        return True, f"@{alias} → v{cand.version}: first {alias} ({metric} {c_score:.4f})"
+        return True, f"@{alias} → v{cand.version}: first {alias} ({metric} {c_score:.4f}; {margin})"
     h_score = _metric(champ, metric)
     if h_score is not None and c_score <= h_score:
         return False, (f"candidate v{cand.version} ({metric} {c_score:.4f}) does not beat @{alias} "
-                       f"v{champ.version} ({h_score:.4f}); alias unchanged")
+                       f"v{champ.version} ({h_score:.4f}); stays @{candidate_alias}")
     client.set_registered_model_alias(name, alias, cand.version)
     was = "n/a" if h_score is None else f"{h_score:.4f}"
-    return True, f"@{alias} → v{cand.version}: {metric} {c_score:.4f} beats v{champ.version} ({was})"
+    return True, f"@{alias} → v{cand.version}: {metric} {c_score:.4f} beats v{champ.version} ({was}; {margin})"
 
 
 def _parse_ref(ref: str) -> str:
@@ -259,6 +276,24 @@ def list_models() -> list[dict[str, Any]]:
                 "metrics": {k[len("metric."):]: float(v) for k, v in tags.items() if k.startswith("metric.")},
             })
     return sorted(rows, key=lambda r: (r["name"], r["version"]))
+
+
+def baseline_metrics(eval_json: str | Path) -> dict[str, float]:
+    """The headline of the random-init model of the first model's architecture in the same `reddino evaluate`
+    output (`results.json` beside `metrics.json`); {} when the evaluation had none."""
+    path = Path(eval_json)
+    results = path if path.name == "results.json" else path.with_name("results.json")
+    if not results.is_file():
+        return {}
+    models = json.loads(results.read_text()).get("models", [])
+    if not models:
+        return {}
+    arch = (models[0].get("info") or {}).get("arch")
+    for entry in models[1:]:
+        info = entry.get("info") or {}
+        if info.get("kind") == "random" and info.get("arch") == arch:
+            return {k: float(v) for k, v in (entry.get("headline") or {}).items() if isinstance(v, (int, float))}
+    return {}
 
 
 def headline_metrics(eval_json: str | Path) -> dict[str, float]:

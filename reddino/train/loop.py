@@ -78,6 +78,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from reddino.model import DINOv2SSL, export_backbone, rankme, teacher_entropy
+    from reddino.model.monitors import collapse_signs
     from reddino.train.schedules import build_schedules
 
     cfg = RunConfig.model_validate(loop_config["cfg"])
@@ -202,6 +203,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps_at_start = state.step
     last_metrics: dict[str, float] = {}
     stop_reason = None
+    # Collapse guard state (rank 0): the signs at the previous monitor step, whether it warned, a stop reason.
+    guard_from = int(cfg.optim.warmup_epochs * cfg.train.iters_per_epoch)
+    collapse_seen: list[str] = []
+    collapse_warned = False
+    collapse_stop: str | None = None
 
     while state.step < total:
         step = state.step
@@ -281,25 +287,37 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                       + " ".join(f"{k} {v:.3f}" for k, v in parts_sum.items())
                       + f" lr {lr:.2e} {ips:.1f} img/s eta {eta/60:.1f} min", flush=True)
 
+        cls = None
         if cfg.train.monitor_every and (step % cfg.train.monitor_every == 0 or is_last) and rank == 0:
             cls = getattr(model, "last_teacher_cls", None)
             probs = getattr(model, "last_teacher_probs", None)
             if cls is not None:
                 metrics["rankme"] = rankme(cls.float())
             if probs is not None:
-                ent = teacher_entropy(probs.float())
-                if isinstance(ent, tuple):
-                    metrics["teacher_entropy"], metrics["teacher_mean_entropy"] = ent
-                else:
-                    metrics["teacher_entropy"] = ent
-        collapsed = False
-        if rank == 0 and cfg.train.collapse_rankme_min is not None and "rankme" in metrics:
-            collapsed = metrics["rankme"] < cfg.train.collapse_rankme_min
+                metrics["teacher_entropy"], metrics["teacher_mean_entropy"] = teacher_entropy(probs.float())
+        if "rankme" in metrics and rank == 0 and step > guard_from:
+            signs = collapse_signs(
+                rankme_value=metrics["rankme"], n_rows=int(cls.shape[0]), dim=int(cls.shape[-1]),
+                mean_entropy=metrics.get("teacher_entropy"), marginal=metrics.get("teacher_mean_entropy"),
+                prototypes=cfg.model.head_prototypes, batch=int(cls.shape[0]),
+                rankme_frac=cfg.train.collapse_rankme_frac, uniform_frac=cfg.train.collapse_uniform_frac,
+                marginal_frac=cfg.train.collapse_marginal_frac)
+            confirmed = bool(signs) and bool(collapse_seen)  # two monitor steps in a row
+            collapse_seen[:] = signs
+            if confirmed:
+                metrics["collapse"] = 1.0
+                text = f"step {step}: " + "; ".join(signs)
+                if cfg.train.collapse_stop:
+                    collapse_stop = f"representation collapse at {text}; run stopped, last good checkpoint kept"
+                elif not collapse_warned:
+                    collapse_warned = True
+                    print(f"[reddino] WARNING collapse: {text}. The features are not learning; see "
+                          "README 'Training health' (train.collapse_stop=true stops such runs).", flush=True)
+                    if logger is not None and logger.client is not None:
+                        logger.client.set_tag(logger.run_id, "reddino.collapse_warning", text)
         if cfg.train.monitor_every and (step % cfg.train.monitor_every == 0 or is_last):
-            if _any_rank(collapsed, device):
-                stop_reason = (f"representation collapse at step {step}: RankMe "
-                               f"{metrics.get('rankme', float('nan')):.2f} < {cfg.train.collapse_rankme_min}; "
-                               "run stopped, last good checkpoint kept")
+            if _any_rank(collapse_stop is not None, device):
+                stop_reason = collapse_stop or "representation collapse on rank 0; run stopped"
 
         if cfg.eval.data and ((cfg.eval.every and step % cfg.eval.every == 0) or is_last):
             if rank == 0:

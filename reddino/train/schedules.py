@@ -1,7 +1,8 @@
 """Per-optimizer-step schedules: learning rate, weight decay, teacher momentum, teacher temperature.
 
-As in DINO/DINOv2: linear warm-up followed by a half-cosine from ``base`` to ``final``. Steps are optimizer
-steps; ``total = epochs × iters_per_epoch``; values past the end stay at the last value.
+As DINOv2's ``CosineScheduler``: a warm-up ``np.linspace(start, base, warmup)`` (both ends included, so
+``base`` is reached at step ``warmup − 1``), then a half-cosine from ``base`` toward ``final``; from
+``total`` on, ``final``. Steps are optimizer steps; ``total = epochs × iters_per_epoch``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from reddino.config import RunConfig
 
 
 class CosineSchedule:
-    """``start_warmup → base`` linearly over ``warmup_steps``, then cosine ``base → final`` until ``total_steps``.
+    """``start_warmup → base`` linearly over steps ``0 … warmup_steps − 1``, then cosine ``base → final``.
 
-    Callable by step: ``sched(step) -> float``; steps < 0 are treated as 0 and steps ≥ ``total_steps`` give
-    the value at ``total_steps`` (``final``, or the warm-up value if the warm-up is longer than the run).
+    Callable by step: ``sched(step) -> float``; steps < 0 are treated as 0. Steps ≥ ``total_steps`` give
+    ``final``, unless the warm-up is longer than the run: then the run ends inside the warm-up (RedDino warms
+    the teacher temperature over 30 epochs and trains 10) and later steps keep the warm-up's value.
     """
 
     def __init__(
@@ -33,9 +35,15 @@ class CosineSchedule:
         self.start_warmup = float(start_warmup)
 
     def __call__(self, step: int) -> float:
-        step = min(max(int(step), 0), self.total_steps)
+        step = max(int(step), 0)
+        if self.warmup_steps > self.total_steps:
+            step = min(step, self.total_steps)
+        elif step >= self.total_steps:
+            return self.final
         if step < self.warmup_steps:
-            return self.start_warmup + (self.base - self.start_warmup) * step / self.warmup_steps
+            if self.warmup_steps == 1:
+                return self.start_warmup
+            return self.start_warmup + (self.base - self.start_warmup) * step / (self.warmup_steps - 1)
         span = self.total_steps - self.warmup_steps
         if span <= 0:
             return self.final
@@ -61,17 +69,15 @@ def build_schedules(cfg: RunConfig, global_batch: int) -> dict[str, CosineSchedu
     ipe = int(cfg.train.iters_per_epoch)
     total = int(cfg.total_steps)
     oc, lc = cfg.optim, cfg.loss
+    warm_tt = round(lc.warmup_teacher_temp_epochs * ipe)
     lr = oc.base_lr * math.sqrt(max(int(global_batch), 1) / oc.lr_reference_batch)
     return {
         "lr": CosineSchedule(lr, oc.min_lr, total, warmup_steps=round(oc.warmup_epochs * ipe), start_warmup=0.0),
         "wd": CosineSchedule(oc.weight_decay, oc.weight_decay_end, total),
         "momentum": CosineSchedule(oc.momentum_teacher, oc.final_momentum_teacher, total),
+        # as DINOv2's train.py: a schedule of its own, warm-up only, then constant
         "teacher_temp": CosineSchedule(
-            lc.teacher_temp,
-            lc.teacher_temp,
-            total,
-            warmup_steps=round(lc.warmup_teacher_temp_epochs * ipe),
-            start_warmup=lc.warmup_teacher_temp,
+            lc.teacher_temp, lc.teacher_temp, warm_tt, warmup_steps=warm_tt, start_warmup=lc.warmup_teacher_temp
         ),
         "last_layer_lr_zero_until": int(round(oc.freeze_last_layer_epochs * ipe)),
     }

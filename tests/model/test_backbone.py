@@ -71,16 +71,100 @@ def test_warm_start_dinov2_layout_same_size(tmp_path, prefix, chunked):
     assert torch.allclose(dst.reddino_mask_token, torch.full((1, 192), 0.5))
 
 
+def _official_interpolate(pos_embed, grid, offset, antialias):
+    """DINOv2's ``interpolate_pos_encoding`` (vision_transformer.py), written out from the official code."""
+    cls, patch = pos_embed[:, :1].float(), pos_embed[:, 1:].float()
+    M, dim = int(round(patch.shape[1] ** 0.5)), patch.shape[-1]
+    kw = {"scale_factor": ((grid + offset) / M, (grid + offset) / M)} if offset else {"size": (grid, grid)}
+    patch = torch.nn.functional.interpolate(patch.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic",
+                                            antialias=antialias, **kw)
+    return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
 def test_warm_start_resizes_pos_embed(tmp_path):
     src = create_backbone(ARCH, img_size=42)  # 3×3 grid
     torch.save(_dinov2_layout(src), tmp_path / "d.pth")
     dst = create_backbone(ARCH, img_size=28, pretrained=str(tmp_path / "d.pth")).eval()  # 2×2 grid
     assert dst.pos_embed.shape == (1, 5, 192)
-    expected = resample_abs_pos_embed(src.pos_embed.detach(), new_size=[2, 2], old_size=[3, 3], num_prefix_tokens=1)
+    # an original DINOv2 file (mask_token, no registers): DINOv2's own scale-factor interpolation
+    expected = _official_interpolate(src.pos_embed.detach(), 2, offset=0.1, antialias=False)
     assert torch.allclose(dst.pos_embed, expected, atol=1e-6)
     assert torch.allclose(dst.pos_embed[:, 0], src.pos_embed[:, 0])  # CLS position untouched
     assert torch.allclose(dst.blocks[2].mlp.fc1.weight, src.blocks[2].mlp.fc1.weight)
     assert torch.isfinite(backbone_tokens(dst, torch.randn(1, 3, 28, 28))["cls"]).all()
+    # a timm state dict (no mask_token): timm's resampling, and a warning that the mask token starts at zero
+    torch.save(src.state_dict(), tmp_path / "timm.pth")
+    with pytest.warns(UserWarning, match="no 'mask_token'"):
+        dst = create_backbone(ARCH, img_size=28, pretrained=str(tmp_path / "timm.pth"))
+    expected = resample_abs_pos_embed(src.pos_embed.detach(), new_size=[2, 2], old_size=[3, 3], num_prefix_tokens=1)
+    assert torch.allclose(dst.pos_embed, expected, atol=1e-6) and dst.reddino_mask_token is None
+
+
+def _vits14_official_layout(seed: int, registers: bool = False) -> dict[str, torch.Tensor]:
+    """Names and shapes of dinov2_vits14[_reg4]_pretrain.pth (518 px: 1 + 37×37 positions), seeded weights."""
+    arch = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
+    torch.manual_seed(seed)
+    m = timm.create_model(arch, pretrained=False, num_classes=0, img_size=518)
+    sd = {}
+    for k, v in m.state_dict().items():
+        sd[k] = torch.randn_like(v) * 0.02 if ("pos_embed" in k or "token" in k) else v.clone()
+    if registers:  # DINOv2 keeps the CLS position inside pos_embed and names registers register_tokens
+        sd["pos_embed"] = torch.cat([torch.randn(1, 1, 384) * 0.02, sd["pos_embed"]], dim=1)
+        sd["register_tokens"] = sd.pop("reg_token")
+    sd["mask_token"] = torch.randn(1, 384)
+    assert sd["pos_embed"].shape == (1, 1370, 384) and sd["patch_embed.proj.weight"].shape == (384, 3, 14, 14)
+    return sd
+
+
+def _official_tokens(sd, x, registers: bool):
+    """The official DinoVisionTransformer.forward_features at x's size, from the 518 px weights."""
+    arch = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
+    m = timm.create_model(arch, pretrained=False, num_classes=0, img_size=518).eval()
+    own = {k: v for k, v in sd.items() if k in m.state_dict() and k != "pos_embed"}
+    m.load_state_dict(own, strict=False)  # blocks, norms, patch embed, cls token: used as they are
+    grid = x.shape[-1] // 14
+    pos = _official_interpolate(sd["pos_embed"], grid, offset=0.0 if registers else 0.1, antialias=registers)
+    with torch.no_grad():
+        t = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        t = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), t], dim=1) + pos
+        if registers:
+            t = torch.cat([t[:, :1], sd["register_tokens"].expand(x.shape[0], -1, -1), t[:, 1:]], dim=1)
+        t = m.norm(m.blocks(t))
+    n_reg = 4 if registers else 0
+    return t[:, 0], t[:, 1 + n_reg:]
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_warm_start_gives_the_official_tokens_at_224(tmp_path, registers):
+    sd = _vits14_official_layout(seed=3, registers=registers)
+    torch.save(sd, tmp_path / "dinov2.pth")
+    arch = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
+    ours = create_backbone(arch, img_size=224, pretrained=str(tmp_path / "dinov2.pth")).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = backbone_tokens(ours, x)
+    cls, patch = _official_tokens(sd, x, registers)
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    assert rel(got["cls"], cls) <= 1e-5 and rel(got["patch"], patch) <= 1e-5
+    assert torch.equal(ours.reddino_mask_token, sd["mask_token"])
+
+
+def test_warm_start_refuses_mismatched_patch_and_registers(tmp_path):
+    sd = _vits14_official_layout(seed=0)
+    torch.save(sd, tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="registers"):
+        create_backbone("vit_small_patch14_reg4_dinov2", img_size=224, pretrained=str(tmp_path / "plain.pth"))
+    torch.save(_vits14_official_layout(seed=0, registers=True), tmp_path / "reg.pth")
+    with pytest.raises(ValueError, match="registers"):
+        create_backbone("vit_small_patch14_dinov2", img_size=224, pretrained=str(tmp_path / "reg.pth"))
+    p16 = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).state_dict()
+    sd16 = {**sd, "patch_embed.proj.weight": p16["patch_embed.proj.weight"]}
+    torch.save(sd16, tmp_path / "p16.pth")
+    with pytest.raises(ValueError, match="16x16 but the model's patch is 14x14"):
+        create_backbone("vit_small_patch14_dinov2", img_size=224, pretrained=str(tmp_path / "p16.pth"))
 
 
 def test_warm_start_errors(tmp_path):

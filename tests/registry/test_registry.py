@@ -53,10 +53,11 @@ def test_register_alias_pull_round_trip_gives_identical_embeddings(export, cells
 
 
 def test_promotion_refuses_a_worse_candidate_and_versions_accumulate(export, mlflow_uri):
-    register_backbone(str(export), name="bb2", metrics={"knn20_balanced_accuracy": 0.6})
+    base = {"knn20_balanced_accuracy": 0.3}
+    register_backbone(str(export), name="bb2", metrics={"knn20_balanced_accuracy": 0.6}, baselines=base)
     moved, reason = promote("bb2")
     assert moved and "first champion" in reason
-    mv2 = register_backbone(str(export), name="bb2", metrics={"knn20_balanced_accuracy": 0.4})
+    mv2 = register_backbone(str(export), name="bb2", metrics={"knn20_balanced_accuracy": 0.4}, baselines=base)
     assert str(mv2.version) == "2"  # registering again makes a new version, never overwrites
     moved, reason = promote("bb2")
     assert not moved and "does not beat" in reason
@@ -66,6 +67,43 @@ def test_promotion_refuses_a_worse_candidate_and_versions_accumulate(export, mlf
     assert moved and client.get_model_version_by_alias("bb2", "champion").version in (2, "2")
     rows = [r for r in list_models() if r["name"] == "bb2"]
     assert [r["version"] for r in rows] == [1, 2] and "champion" in rows[1]["aliases"]
+
+
+def test_champion_needs_to_beat_random_init_of_its_architecture(export, mlflow_uri):
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    # No baseline recorded: refused, and the reason says what to do.
+    register_backbone(str(export), name="bb4", metrics={"knn20_balanced_accuracy": 0.5})
+    moved, reason = promote("bb4")
+    assert not moved and "random-init baseline" in reason and "random:vit_tiny_patch14_reddino" in reason
+    # Below its own random init (today's collapsed demo): stays @candidate even with no champion yet.
+    register_backbone(str(export), name="bb4", metrics={"knn20_balanced_accuracy": 0.27},
+                      baselines={"knn20_balanced_accuracy": 0.37})
+    moved, reason = promote("bb4")
+    assert not moved and "does not beat its random-init" in reason and "stays @candidate" in reason
+    with pytest.raises(Exception):
+        client.get_model_version_by_alias("bb4", "champion")
+    register_backbone(str(export), name="bb4", metrics={"knn20_balanced_accuracy": 0.48},
+                      baselines={"knn20_balanced_accuracy": 0.37})
+    moved, reason = promote("bb4")
+    assert moved and client.get_model_version_by_alias("bb4", "champion").version in (3, "3")
+
+
+def test_baseline_read_from_an_evaluation_with_random_init(tmp_path):
+    import json
+
+    from reddino.registry.core import baseline_metrics
+
+    results = {"models": [
+        {"info": {"kind": "file", "arch": "vit_tiny_patch14_reddino"}, "headline": {"knn20_balanced_accuracy": 0.6}},
+        {"info": {"kind": "random", "arch": "vit_small_patch14_dinov2"}, "headline": {"knn20_balanced_accuracy": 0.5}},
+        {"info": {"kind": "random", "arch": "vit_tiny_patch14_reddino"}, "headline": {"knn20_balanced_accuracy": 0.4}},
+    ]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "metrics.json").write_text(json.dumps(results["models"][0]["headline"]))
+    assert baseline_metrics(tmp_path / "metrics.json") == {"knn20_balanced_accuracy": 0.4}  # same arch only
+    results["models"].pop()
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert baseline_metrics(tmp_path / "metrics.json") == {}
 
 
 def test_probe_registered_and_predicts_with_pulled_backbone(export, cells, mlflow_uri):

@@ -79,3 +79,22 @@ def test_non_finite_loss_stops_cleanly_keeping_last_good_checkpoint(ray_train, s
     assert result.backbone_path is None  # no export from a diverged run
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     assert client.get_run(result.mlflow_run_id).data.tags["reddino.status"] == "stopped"
+
+
+def test_collapse_guard_warns_once_then_stops_when_asked(ray_train, synth, tmp_path):
+    # Thresholds every run meets, so the guard's plumbing is what is tested (the signs themselves: test_ssl).
+    cfg = _cfg(synth, tmp_path, steps=8, workers=1, **{"train.collapse_uniform_frac": 0.0})
+    result = pretrain(cfg, run_name="warned")
+    assert not result.stopped and result.metrics["step"] == 8
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    tags = client.get_run(result.mlflow_run_id).data.tags
+    assert "uniform teacher targets" in tags["reddino.collapse_warning"]
+    assert tags["reddino.collapse_warning"].startswith("step 4:")  # 2 monitor steps in a row after warm-up
+    assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "collapse")] == [4, 6, 8]
+
+    cfg = _cfg(synth, tmp_path, steps=8, workers=1,
+               **{"train.collapse_rankme_frac": 1.0, "train.collapse_stop": "true"})
+    result = pretrain(cfg, run_name="collapsed")
+    assert result.stopped and "collapse at step 4" in result.stopped and "RankMe" in result.stopped
+    assert result.backbone_path is None
+    assert client.get_run(result.mlflow_run_id).data.tags["reddino.status"] == "stopped"
