@@ -51,7 +51,7 @@ def synthetic_patches(n_images: int, size: int = 224, root: Path | None = None) 
 
     per_source = max(1, -(-n_images // 3))
     out = (root or WORK_DIR) / f"synth_patches_{per_source}x3_{size}"
-    if not (out / "manifest.json").is_file():
+    if not (out / "_manifest.json").is_file():
         t = time.perf_counter()
         generate_synthetic(out, n_per_class=1, sources=3, unit="patch", seed=0, patch_size=size,
                            n_patches=per_source, overwrite=True)

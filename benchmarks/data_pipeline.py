@@ -262,7 +262,7 @@ def _subset_dataset(data: Path, n: int, unit: str | None) -> Path:
     from reddino.data import load_table, write_dataset
 
     out = WORK_DIR / f"subset_{data.name}_{n}"
-    if (out / "manifest.json").is_file():
+    if (out / "_manifest.json").is_file():
         return out
     table = load_table([data], units=[unit] if unit else None).slice(0, n)
     write_dataset([table], out, {"command": "benchmarks/data_pipeline.py subset", "source": str(data)},

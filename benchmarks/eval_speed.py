@@ -60,7 +60,7 @@ def main() -> None:
 
         per_class = max(1, math.ceil(n_cells / (9 * 3)))
         data = args.work_dir / f"synth_{per_class}x9x3"
-        if not (data / "manifest.json").is_file():
+        if not (data / "_manifest.json").is_file():
             t = time.perf_counter()
             generate_synthetic(data, n_per_class=per_class, sources=3, unit="cell", seed=0, size=64)
             print(f"generated {per_class * 27} synthetic cells in {time.perf_counter() - t:.1f} s (not timed)")

@@ -24,7 +24,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """What images feed pretraining and how Ray Data moves them."""
 
-    paths: list[str] = Field(default_factory=list, description="Parquet dataset dirs (each with manifest.json).")
+    paths: list[str] = Field(default_factory=list, description="Parquet dataset dirs (each with _manifest.json).")
     sources: list[str] | None = None
     unit: Literal["patch", "cell"] | None = "patch"
     source_weights: dict[str, float] | None = None

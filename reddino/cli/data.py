@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
     def ingest_cmd(
         format: Format = typer.Argument(..., help="Input layout: folder (ImageFolder or flat), chula (Chula RBC-12), voc (Pascal VOC)."),
         src: Path = typer.Argument(..., help="Source directory."),
-        out: Path = typer.Option(..., "--out", "-o", help="Output dataset directory (Parquet shards + manifest.json)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output dataset directory (Parquet shards + _manifest.json)."),
         unit: Unit = typer.Option(Unit.cell, help="cell: one row per annotated cell / crop file; patch: tile whole smears."),
         crop_size: int = typer.Option(80, help="Chula: square crop size (px) centred on each annotated cell."),
         patch_size: int = typer.Option(224, help="--unit patch: tile size (px); grid centred, remainders dropped."),
@@ -150,10 +150,35 @@ def register(app: typer.Typer) -> None:
             _fail(exc)
         _print_summary(m, title=f"{out} ({time.perf_counter() - t0:.1f} s)")
 
+    def _verify(path: Path):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from reddino.data.shards import read_manifest, verify_dataset
+
+        n = read_manifest(path)["num_rows"]
+        with Progress(TextColumn("verify"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      transient=True) as bar:
+            task = bar.add_task("rows", total=n)
+            return verify_dataset(path, progress=lambda k: bar.advance(task, k))
+
+    @app.command("verify")
+    def verify_cmd(
+        path: Path = typer.Argument(..., help="Dataset directory."),
+    ) -> None:
+        """Check a dataset against its manifest: shard sizes, sha256, schema, row counts, every image decodes."""
+        from reddino.data.shards import ManifestError
+
+        try:
+            m = _verify(path)
+        except ManifestError as exc:
+            _fail(exc)
+        typer.echo(f"ok: {m.path} — {m['num_rows']} rows in {len(m['shards'])} shard(s) match the manifest")
+
     @app.command("summary")
     def summary_cmd(
-        path: Path = typer.Argument(..., help="Dataset directory (or its manifest.json)."),
-        verify: bool = typer.Option(False, "--verify", help="Also check every shard's sha256."),
+        path: Path = typer.Argument(..., help="Dataset directory (or its _manifest.json)."),
+        verify: bool = typer.Option(False, "--verify", help="Also check the shards against the manifest "
+                                    "(as `reddino verify`)."),
         skipped: int = typer.Option(10, help="How many skipped inputs to list."),
     ) -> None:
         """Print a dataset manifest's counts."""
@@ -162,7 +187,7 @@ def register(app: typer.Typer) -> None:
         from reddino.data.shards import ManifestError, read_manifest
 
         try:
-            m = read_manifest(path, verify=verify)
+            m = _verify(path) if verify else read_manifest(path)
         except ManifestError as exc:
             _fail(exc)
         _print_summary(m)

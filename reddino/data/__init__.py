@@ -1,7 +1,7 @@
 """reddino's data layer: RBC image rows in sharded Parquet with a manifest.
 
 - :mod:`~reddino.data.schema`: the row schema (``RBC_SCHEMA``) and ``validate_table``.
-- :mod:`~reddino.data.shards`: atomic shard + ``manifest.json`` writing/reading.
+- :mod:`~reddino.data.shards`: atomic shard + ``_manifest.json`` writing/reading.
 - :mod:`~reddino.data.ingest`: folder / Chula RBC-12 / Pascal VOC → cells or smear patches.
 - :mod:`~reddino.data.synth`: procedural synthetic RBCs for demos and tests.
 - :mod:`~reddino.data.stream`: Ray Data streaming with filters and source weighting; ``load_table``.

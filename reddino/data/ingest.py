@@ -617,7 +617,7 @@ def ingest(
         lines = [f"skipped {len(recorded)} input(s) from {src_p}:"]
         lines += [f"  {s['file']}: {s['reason']}" for s in recorded[:SKIP_REPORT_N]]
         if len(recorded) > SKIP_REPORT_N:
-            lines.append(f"  … and {len(recorded) - SKIP_REPORT_N} more (see {Path(out) / 'manifest.json'} 'skipped')")
+            lines.append(f"  … and {len(recorded) - SKIP_REPORT_N} more (see {Path(out) / '_manifest.json'} 'skipped')")
         report("\n".join(lines))
     dups = manifest.get("duplicates", {}).get("count", 0)
     if dups:

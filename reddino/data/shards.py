@@ -1,11 +1,11 @@
-"""Parquet shards + ``manifest.json``, written atomically.
+"""Parquet shards + ``_manifest.json``, written atomically.
 
 Layout of a dataset directory::
 
     DIR/
       shard-00000.parquet   # RBC_SCHEMA rows, at most max_rows_per_shard rows / ~max_bytes_per_shard bytes
       shard-00001.parquet
-      manifest.json         # written last; the only entry point readers use
+      _manifest.json        # written last; the only entry point reddino readers use (Parquet readers skip it)
 
 The whole directory is first built under a hidden sibling temp dir (``.DIR.tmp-<id>``) and then
 renamed into place, so a crash never leaves a manifest that points at half-written shards. Rows are
@@ -33,7 +33,10 @@ import pyarrow.parquet as pq
 
 from reddino.data.schema import RBC_SCHEMA, SCHEMA_VERSION, UNITS, SchemaError, rows_to_table, sha256_hex, validate_table
 
-MANIFEST_NAME = "manifest.json"
+# A leading "_" makes Parquet readers (pandas, pyarrow.dataset, polars, duckdb, Spark) skip the manifest, so a
+# dataset dir opens as plain Parquet. Datasets written before the rename keep their "manifest.json".
+MANIFEST_NAME = "_manifest.json"
+LEGACY_MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.parquet"
 MANIFEST_FORMAT = "reddino-rbc-parquet"
 DEFAULT_MAX_ROWS_PER_SHARD = 10_000
@@ -207,6 +210,14 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def manifest_path(dataset_dir: str | os.PathLike) -> Path:
+    """Where ``dataset_dir``'s manifest is: ``_manifest.json``, or the legacy ``manifest.json`` when only that
+    exists (the new name when neither does)."""
+    d = Path(dataset_dir)
+    new, old = d / MANIFEST_NAME, d / LEGACY_MANIFEST_NAME
+    return old if (not new.exists() and old.exists()) else new
+
+
 def check_output_dir(out_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
     """Fail early when ``out_dir`` holds something a new dataset must not silently replace.
 
@@ -218,7 +229,7 @@ def check_output_dir(out_dir: str | os.PathLike, meta: Mapping[str, Any] | None 
         return
     if not out.is_dir():
         raise DatasetExistsError(f"output path {out} exists and is not a directory")
-    mpath = out / MANIFEST_NAME
+    mpath = manifest_path(out)
     if not mpath.exists():
         raise DatasetExistsError(
             f"output dir {out} is not empty and holds no {MANIFEST_NAME} (not a reddino dataset); "
@@ -312,9 +323,9 @@ def write_dataset(
         _write_json_atomic(tmp / MANIFEST_NAME, manifest)
         _fsync_dir(tmp)
 
-        if (out / MANIFEST_NAME).exists():
+        if manifest_path(out).exists():
             try:
-                old = json.loads((out / MANIFEST_NAME).read_text())
+                old = json.loads(manifest_path(out).read_text())
             except (OSError, json.JSONDecodeError):
                 old = None
             if old is not None and _same_dataset(old, manifest) and _shards_intact(out, old):
@@ -372,13 +383,13 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def read_manifest(path: str | os.PathLike, *, verify: bool = False) -> Manifest:
-    """Read ``DIR/manifest.json`` (``path`` may be the dir or the manifest file itself).
+    """Read ``DIR/_manifest.json`` (or a legacy ``DIR/manifest.json``) (``path`` may be the dir or the manifest file itself).
 
     Raises :class:`ManifestError` naming the dir when it is missing, unreadable or has another
     schema version. With ``verify`` every shard's existence, size and sha256 are checked too.
     """
     p = Path(path)
-    mpath = p if p.name == MANIFEST_NAME else p / MANIFEST_NAME
+    mpath = p if p.name in (MANIFEST_NAME, LEGACY_MANIFEST_NAME) else manifest_path(p)
     d = mpath.parent
     if not d.exists():
         raise ManifestError(f"dataset dir {d} does not exist")
@@ -405,8 +416,52 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = False) -> Manifest:
     return m
 
 
+def verify_dataset(path: str | os.PathLike, *, decode: bool = True, progress=None) -> Manifest:
+    """Check a dataset against its manifest, not only the manifest itself: every shard exists, has the listed
+    size and sha256, reads as Parquet with the reddino schema and the listed row count, the rows add up to the
+    manifest's, and (``decode``) every image decodes. Raises :class:`ManifestError` naming the file and row."""
+    import pyarrow.parquet as pq
+
+    from reddino.data.images import ImageDecodeError, decode_image
+    from reddino.data.schema import RBC_SCHEMA
+
+    m = read_manifest(path)
+    d = m.path
+    total = 0
+    for s in m["shards"]:
+        sp = d / s["file"]
+        if not sp.exists():
+            raise ManifestError(f"{sp}: listed in the manifest but missing")
+        if "bytes" in s and sp.stat().st_size != s["bytes"]:
+            raise ManifestError(f"{sp}: {sp.stat().st_size} bytes, the manifest says {s['bytes']} (truncated?)")
+        if file_sha256(sp) != s["sha256"]:
+            raise ManifestError(f"{sp}: content does not match its sha256 in the manifest")
+        try:
+            table = pq.read_table(sp)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise ManifestError(f"{sp}: not readable as Parquet ({exc})") from exc
+        missing = [f.name for f in RBC_SCHEMA if f.name not in table.column_names]
+        if missing:
+            raise ManifestError(f"{sp}: column(s) {', '.join(missing)} missing from the reddino schema")
+        if "rows" in s and table.num_rows != s["rows"]:
+            raise ManifestError(f"{sp}: {table.num_rows} rows, the manifest says {s['rows']}")
+        total += table.num_rows
+        if decode:
+            ids = table.column("image_id").to_pylist()
+            for i, blob in enumerate(table.column("image").to_pylist()):
+                try:
+                    decode_image(blob)
+                except (ImageDecodeError, ValueError) as exc:
+                    raise ManifestError(f"{sp}: row {i} ({ids[i]}) does not decode: {exc}") from exc
+        if progress is not None:
+            progress(table.num_rows)
+    if total != m["num_rows"]:
+        raise ManifestError(f"{d}: shards hold {total} rows, the manifest says {m['num_rows']}")
+    return m
+
+
 def manifest_hash(path: str | os.PathLike) -> str:
-    """The dataset content hash (sha256 over sorted row sha256s) recorded in ``DIR/manifest.json``."""
+    """The dataset content hash (sha256 over sorted row sha256s) recorded in the dataset's manifest."""
     return read_manifest(path)["content_hash"]
 
 
@@ -415,9 +470,12 @@ __all__ = [
     "ManifestError",
     "DatasetExistsError",
     "MANIFEST_NAME",
+    "LEGACY_MANIFEST_NAME",
+    "manifest_path",
     "write_dataset",
     "read_manifest",
     "manifest_hash",
+    "verify_dataset",
     "content_hash_of",
     "check_output_dir",
     "RBC_SCHEMA",

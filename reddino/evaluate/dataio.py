@@ -15,7 +15,7 @@ import pyarrow as pa
 
 
 def manifest_hash(path: str | Path) -> str:
-    """The dataset's content hash from its ``manifest.json`` (``reddino.data.manifest_hash``)."""
+    """The dataset's content hash from its manifest (``reddino.data.manifest_hash``)."""
     from reddino.data import manifest_hash as _hash  # noqa: PLC0415
 
     return str(_hash(Path(path).expanduser()))

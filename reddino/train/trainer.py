@@ -33,11 +33,32 @@ def _latest_checkpoint(result):
 
 
 def _quiet_data_progress() -> None:
-    # One overall progress bar per dataset, not one per operator (the training loop prints its own).
+    # The training loop prints its own progress; Ray Data's bars would redraw (one new line per redraw in a log
+    # file) under it. REDDINO_VERBOSE=1 brings them back.
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_operator_progress_bars = False
+    if os.environ.get("REDDINO_VERBOSE", "") in ("", "0"):
+        ctx.enable_progress_bars = False
+
+
+def _learning_curve(run_id: str, run_dir: Path | None, run_name: str) -> Path | None:
+    """learning_curve.png of the run (kNN, RankMe, losses by step) in its run dir, or a temp dir for remote
+    storage; a plotting failure never fails a finished run."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from reddino.train.curves import metric_histories, plot_learning_curve
+
+    folder = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="reddino-curve-"))
+    try:
+        return plot_learning_curve(metric_histories(MlflowClient(), run_id), folder / "learning_curve.png",
+                                   title=run_name)
+    except Exception as exc:  # noqa: BLE001
+        print(f"[reddino] learning curve not drawn: {exc}", flush=True)
+        return None
 
 
 def _use_gpu(cfg: RunConfig) -> bool:
@@ -214,6 +235,9 @@ def pretrain(
                 mlflow.set_tag("reddino.status", "finished")
             if ckpt_dir is not None:
                 mlflow.set_tag("reddino.checkpoint", str(ckpt_dir))
+            curve = _learning_curve(mlflow_run_id, run_dir, run_name)
+            if curve is not None:
+                mlflow.log_artifact(str(curve))
     ray.kill(run_state)
     return PretrainResult(run_name=run_name, run_dir=run_dir, checkpoint_dir=ckpt_dir, backbone_path=backbone,
                           metrics=metrics, mlflow_run_id=mlflow_run_id, stopped=stopped)

@@ -30,10 +30,22 @@ class SweepResult:
     ablation_markdown: str | None = None
 
 
+def _scored_reports(metric: str):
+    """A TuneReportCallback that passes on only the reports carrying the sweep metric: Optuna and ASHA read
+    it from every result, and the loop's step logs before the first kNN do not have it."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _ScoredReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return _ScoredReports()
+
+
 def _trial(config: dict[str, Any]) -> None:
     """One trial: pretrain with this trial's overrides; its reports (kNN every `eval.every`) go to Tune."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from reddino.config import load_config
     from reddino.train import pretrain
@@ -49,7 +61,7 @@ def _trial(config: dict[str, Any]) -> None:
     cfg = load_config(config["_base"], overrides)
     trial_name = f"trial-{ctx.get_trial_id()}"
     pretrain(
-        cfg, run_name=trial_name, callbacks=[TuneReportCallback()],
+        cfg, run_name=trial_name, callbacks=[_scored_reports(config.get("_metric", "eval_knn20_balanced_accuracy"))],
         mlflow_tags={"mlflow.parentRunId": config["_parent_run_id"]} if config.get("_parent_run_id") else None,
     )
     # The final kNN-1/kNN-20/probe scores reach Tune with the last training report.
@@ -166,7 +178,7 @@ def sweep(
     # Trials run in other processes (maybe other nodes): hand them the resolved tracking URI.
     extra = extra + [f"mlflow.tracking_uri={tracking_uri}"]
     fixed = {"_base": space.base, "_overrides": space.overrides + extra, "_storage": str(storage),
-             "_experiment": experiment, "_parent_run_id": parent_run_id}
+             "_experiment": experiment, "_parent_run_id": parent_run_id, "_metric": space.metric}
     if mode == "ablation":
         variants = space.ablation_variants()
         param_space = {**fixed, "_variant": tune.grid_search(variants)}

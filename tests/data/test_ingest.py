@@ -147,11 +147,11 @@ def test_folder_empty_source_errors(tmp_path):
 def test_idempotent_reingest_and_conflicts(chula_tree, tmp_path):
     out = tmp_path / "out"
     m1 = ingest("chula", chula_tree, out, workers=1, progress=False)
-    before = (out / "manifest.json").read_bytes()
+    before = (out / "_manifest.json").read_bytes()
     m2 = ingest("chula", chula_tree, out, workers=2, progress=False)  # the process pool gives the same result
-    assert (out / "manifest.json").read_bytes() == before
+    assert (out / "_manifest.json").read_bytes() == before
     assert m2.content_hash == m1.content_hash and m2.num_rows == m1.num_rows
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "shard-00000.parquet"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp dirs left
     # a different dataset into the same dir: clear error before any work, unless --overwrite
     with pytest.raises(DatasetExistsError, match="different dataset"):
@@ -182,7 +182,7 @@ def test_identical_smears_share_group(chula_tree, tmp_path):
 
 def test_manifest_json_fields(chula_tree, tmp_path):
     ingest("chula", chula_tree, tmp_path / "o", workers=1, progress=False, command="reddino ingest chula x")
-    d = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    d = json.loads((tmp_path / "o" / "_manifest.json").read_text())
     for key in ("schema_version", "num_rows", "content_hash", "sources", "labels", "units", "shards",
                 "skipped", "duplicates", "meta", "created", "classes"):
         assert key in d

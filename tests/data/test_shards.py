@@ -152,9 +152,9 @@ def test_rows_generator_error_cleans_up(tmp_path):
 def test_existing_dataset_rules(tmp_path):
     meta = {"command": "x", "config": {"k": 1}}
     m1 = write_dataset(_rows(3), tmp_path / "ds", meta)
-    text = (tmp_path / "ds" / "manifest.json").read_text()
+    text = (tmp_path / "ds" / "_manifest.json").read_text()
     m2 = write_dataset(_rows(3), tmp_path / "ds", {"command": "y", "config": {"k": 1}})
-    assert (tmp_path / "ds" / "manifest.json").read_text() == text and m2.content_hash == m1.content_hash
+    assert (tmp_path / "ds" / "_manifest.json").read_text() == text and m2.content_hash == m1.content_hash
     with pytest.raises(DatasetExistsError, match="different dataset"):
         write_dataset(_rows(3), tmp_path / "ds", {"config": {"k": 2}})
     with pytest.raises(DatasetExistsError, match="different dataset"):
@@ -169,10 +169,10 @@ def test_read_manifest_errors(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
         read_manifest(tmp_path / "nope")
     (tmp_path / "d").mkdir()
-    with pytest.raises(ManifestError, match=f"{tmp_path / 'd'} has no manifest.json"):
+    with pytest.raises(ManifestError, match=f"{tmp_path / 'd'} has no _manifest.json"):
         read_manifest(tmp_path / "d")
     write_dataset(_rows(2), tmp_path / "ds")
-    mp = tmp_path / "ds" / "manifest.json"
+    mp = tmp_path / "ds" / "_manifest.json"
     data = json.loads(mp.read_text())
     data["schema_version"] = 999
     mp.write_text(json.dumps(data))
@@ -180,3 +180,53 @@ def test_read_manifest_errors(tmp_path):
         read_manifest(tmp_path / "ds")
     with pytest.raises(ManifestError, match="schema version 999"):
         load_table(tmp_path / "ds")
+
+
+def test_dataset_dir_opens_in_other_parquet_readers_and_legacy_manifest_still_reads(tmp_path):
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    from reddino.data import load_table
+
+    m = write_dataset(_rows(5), tmp_path / "ds")
+    # Parquet readers skip "_"-prefixed files: the dir reads as is, every row once.
+    df = pd.read_parquet(tmp_path / "ds")
+    assert len(df) == 5 and {"image", "sha256", "source"} <= set(df.columns)
+    assert pads.dataset(tmp_path / "ds", format="parquet").count_rows() == 5
+    # A dataset written before the rename (manifest.json) is still a reddino dataset.
+    (tmp_path / "ds" / "_manifest.json").rename(tmp_path / "ds" / "manifest.json")
+    assert read_manifest(tmp_path / "ds").content_hash == m.content_hash
+    assert load_table([tmp_path / "ds"]).num_rows == 5
+    assert write_dataset(_rows(5), tmp_path / "ds").content_hash == m.content_hash  # a re-run accepts it
+
+
+def test_verify_finds_what_the_manifest_alone_does_not(tmp_path):
+    from typer.testing import CliRunner
+
+    from reddino.cli import app
+    from reddino.data.shards import verify_dataset
+
+    m = write_dataset(_rows(6), tmp_path / "ds")
+    assert verify_dataset(tmp_path / "ds").num_rows == 6
+    shard = m.shard_paths[0]
+    runner = CliRunner()
+    assert runner.invoke(app, ["verify", str(tmp_path / "ds")]).exit_code == 0
+
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])  # truncated: read_manifest still says healthy
+    read_manifest(tmp_path / "ds")
+    with pytest.raises(ManifestError, match=f"{shard.name}.*truncated"):
+        verify_dataset(tmp_path / "ds")
+    res = runner.invoke(app, ["verify", str(tmp_path / "ds")])
+    assert res.exit_code == 2 and shard.name in res.output
+
+    # A column dropped (size and hash re-recorded as a careless rewrite would): named.
+    shard.write_bytes(good)
+    pq.write_table(pq.read_table(shard).drop(["group"]), shard)
+    data = json.loads((tmp_path / "ds" / "_manifest.json").read_text())
+    from reddino.data.shards import file_sha256
+
+    data["shards"][0].update(bytes=shard.stat().st_size, sha256=file_sha256(shard))
+    (tmp_path / "ds" / "_manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="column.*group"):
+        verify_dataset(tmp_path / "ds")

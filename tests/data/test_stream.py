@@ -1,4 +1,5 @@
 from collections import Counter
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -6,6 +7,8 @@ import pytest
 
 from reddino.data import ManifestError, decode_image, generate_synthetic, load_table, read_rbc_dataset
 from reddino.data.images import ImageDecodeError, encode_image
+
+TINY_CONFIG = str(Path(__file__).parents[1] / "tiny.yaml")  # the tests' own tiny recipe
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def test_train_stream_splits_a_shard_into_parallel_uint8_augmentation_blocks(ray
     from reddino.train.data import build_train_dataset, crops_to_device
 
     cells, _ = two_dirs
-    cfg = load_config("tiny_cpu", [f"data.paths=[{str(cells)!r}]", "data.unit=cell", "data.map_batch_size=16",
+    cfg = load_config(TINY_CONFIG, [f"data.paths=[{str(cells)!r}]", "data.unit=cell", "data.map_batch_size=16",
                                    "data.resize=56", "crops.global_crops_size=28", "crops.local_crops_size=14"])
     ds = build_train_dataset(cfg, patch_size=14, skip_actor_name=None).materialize()
     import re

@@ -235,7 +235,7 @@ def test_pretrain_job(cluster, synth, tmp_path):
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runs = tmp_path / "runs"
-    cmd = " ".join(["python jobs/pretrain.py --config tiny_cpu --run-name ops-tiny", f"--data {synth}",
+    cmd = " ".join(["python jobs/pretrain.py --config tests/tiny.yaml --run-name ops-tiny", f"--data {synth}",
                     *TINY, f"train.storage_path={runs}"])
     t0 = time.time()
     logs = _submit_and_wait(cluster.client(), cmd, _runtime_env(MLFLOW_TRACKING_URI=tracking), timeout=420)

@@ -1,5 +1,7 @@
 """Pretraining on a real local Ray: 2 CPU workers, kill + resume, NaN stop, MLflow, export."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -8,6 +10,8 @@ from reddino.config import load_config
 from reddino.data import generate_synthetic
 from reddino.train import pretrain
 from reddino.train.checkpoint import DATA_STATE_FILE
+
+TINY_CONFIG = str(Path(__file__).parents[1] / "tiny.yaml")  # the tests' own tiny recipe
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def _cfg(synth, tmp_path, steps, workers=2, **extra):
         "train.log_every=1", "train.monitor_every=2", f"train.storage_path={tmp_path / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ] + [f"{k}={v}" for k, v in extra.items()]
-    return load_config("tiny_cpu", overrides)
+    return load_config(TINY_CONFIG, overrides)
 
 
 def _consumed(ckpt_dir):
@@ -91,6 +95,10 @@ def test_collapse_guard_warns_once_then_stops_when_asked(ray_train, synth, tmp_p
     assert "uniform teacher targets" in tags["reddino.collapse_warning"]
     assert tags["reddino.collapse_warning"].startswith("step 4:")  # 2 monitor steps in a row after warm-up
     assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "collapse")] == [4, 6, 8]
+    # Every finished run draws its learning curve (RankMe and losses here; kNN when eval.data is set).
+    curve = result.run_dir / "learning_curve.png"
+    assert curve.stat().st_size > 5000 and curve.read_bytes()[:4] == b"\x89PNG"
+    assert "learning_curve.png" in {a.path for a in client.list_artifacts(result.mlflow_run_id)}
 
     cfg = _cfg(synth, tmp_path, steps=8, workers=1,
                **{"train.collapse_rankme_frac": 1.0, "train.collapse_stop": "true"})

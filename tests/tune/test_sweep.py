@@ -1,11 +1,15 @@
 """Sweeps on a real local Ray: Optuna + ASHA on in-training kNN, MLflow parent/child, resume."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from reddino.data import generate_synthetic
 from reddino.tune import sweep
+
+TINY_CONFIG = str(Path(__file__).parents[1] / "tiny.yaml")  # the tests' own tiny recipe
 
 TINY = [
     "data.resize=56", "crops.global_crops_size=56", "crops.local_crops_size=28", "model.img_size=56",
@@ -28,7 +32,7 @@ def data(tmp_path_factory):
 def space_file(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump({
-        "base": "tiny_cpu", "metric": "eval_knn20_balanced_accuracy", "mode": "max", "overrides": TINY,
+        "base": TINY_CONFIG, "metric": "eval_knn20_balanced_accuracy", "mode": "max", "overrides": TINY,
         "space": {"optim.base_lr": {"loguniform": [1e-6, 1e-1]}, "loss.centering": {"choice": ["ema", "sinkhorn_knopp"]}},
         "scheduler": {"grace_period": 1, "reduction_factor": 3},
     }))

@@ -1,0 +1,60 @@
+"""The learning curve of a pretraining run as a picture: in-training kNN, RankMe and the loss parts by step.
+
+Read back from the run's MLflow metric history (what the loop logged), written next to the run's other files
+and logged to the run as ``learning_curve.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PANELS = (
+    ("kNN balanced accuracy (in-training)", ("eval_knn20_balanced_accuracy", "eval_knn1_balanced_accuracy",
+                                             "eval_probe_balanced_accuracy")),
+    ("RankMe (teacher CLS)", ("rankme",)),
+    ("loss", ("loss_dino", "loss_ibot", "loss_koleo")),
+)
+
+
+def metric_histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    out = {}
+    for _, keys in PANELS:
+        for key in keys:
+            hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            if hist:
+                out[key] = hist
+    return out
+
+
+def plot_learning_curve(histories: dict[str, list[tuple[int, float]]], out: Path, title: str = "") -> Path | None:
+    """One row of panels (kNN, RankMe, loss parts) → PNG (temp name, then rename). None when nothing was logged."""
+    panels = [(name, [k for k in keys if k in histories]) for name, keys in PANELS]
+    panels = [(name, keys) for name, keys in panels if keys]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (name, keys) in zip(axes[0], panels):
+        for key in keys:
+            steps, values = zip(*histories[key])
+            label = key.removeprefix("eval_").removeprefix("loss_").replace("_balanced_accuracy", "")
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
