@@ -154,7 +154,6 @@ class EvalHookConfig(_Section):
     max_images: int = 2000
     k: int = 20
     exclude_labels: list[int] | None = None
-    metric: str = "knn20_balanced_accuracy"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # feature extraction; auto: bf16 where native
 
 

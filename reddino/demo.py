@@ -95,7 +95,7 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
 
     arch = cfg.model.arch
     refs = [str(trained.backbone_path), f"random:{arch}", "handcrafted"]
-    labels = ["reddino (pretrained)", f"random init {arch}", "handcrafted morphology"]
+    labels = ["pretrained", "random init", "handcrafted"]  # same architecture for the first two
     kfold = evaluate(refs, str(cells), protocol="kfold", folds=3 if quick else 5, img_size=cfg.model.img_size,
                      out_dir=out / "eval" / "kfold", tracking_uri=tracking_uri, use_ray=True, progress=True)
     xsrc = evaluate(refs, str(cells), protocol="cross-source", img_size=cfg.model.img_size,
@@ -139,17 +139,48 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
     return result
 
 
+def _short(key: str) -> str:
+    """knn20_balanced_accuracy → kNN-20; xsrc_probe_balanced_accuracy → LOSO probe (fits 80 columns)."""
+    loso = key.startswith("xsrc_")
+    name = key.removeprefix("xsrc_").removesuffix("_balanced_accuracy")
+    name = {"probe": "probe"}.get(name, name.replace("knn", "kNN-"))
+    return f"LOSO {name}" if loso else name
+
+
+def summary_table(result: DemoResult) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of balanced accuracies with short labels: the console table and summary.md."""
+    keys = [k for k in result.table[0] if k != "model"]
+    keys = [k for k in keys if k.endswith("_balanced_accuracy")] or keys
+    rows = [[row["model"], *[f"{row.get(k, float('nan')):.3f}" for k in keys]] for row in result.table]
+    return ["model", *[_short(k) for k in keys]], rows
+
+
+def write_summary(result: DemoResult) -> Path:
+    headers, rows = summary_table(result)
+    lines = ["# reddino demo", "", "Synthetic RBC morphology (9 classes, 3 sources), balanced accuracy "
+             "(grouped k-fold; LOSO = leave one source out).", "",
+             "| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", f"- backbone: `{result.backbone_path}`",
+              f"- registry: reddino-demo-backbone v{result.model_version} — {result.promoted}",
+              f"- wall time: {result.seconds / 60:.1f} min", ""]
+    path = result.out / "summary.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
 def show(result: DemoResult) -> None:
     if result.table:
-        keys = [k for k in result.table[0] if k != "model"]
-        preferred = [k for k in keys if "balanced" in k and not k.endswith("_std")] or keys
-        table = Table(title="Synthetic RBC morphology (9 classes, 3 sources) — balanced accuracy")
-        table.add_column("model")
-        for k in preferred:
-            table.add_column(k)
-        for row in result.table:
-            table.add_row(row["model"], *[f"{row.get(k, float('nan')):.3f}" for k in preferred])
+        headers, rows = summary_table(result)
+        table = Table(title="Synthetic RBCs (9 classes, 3 sources): balanced accuracy")
+        for i, h in enumerate(headers):
+            table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+        for r in rows:
+            table.add_row(*r)
         console.print(table)
+        console.print(f"summary: {write_summary(result)}")
     console.print(f"backbone: {result.backbone_path}")
     console.print(f"registry: reddino-demo-backbone v{result.model_version} — {result.promoted}")
     if result.sweep_dir:

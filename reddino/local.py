@@ -69,3 +69,16 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
             kwargs.setdefault("dashboard_port", _free_port())
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
     return ray
+
+
+def dashboard_url() -> str | None:
+    """The connected Ray cluster's dashboard address (Train / Data / Jobs views), or None without one."""
+    import ray
+
+    try:
+        url = ray._private.worker.get_dashboard_url()
+    except Exception:  # noqa: BLE001 - no dashboard (include_dashboard=False) or not connected
+        return None
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"

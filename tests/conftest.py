@@ -5,6 +5,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Ray Train gives a worker group 60 s to start; a loaded 2-core machine can need more (a failed start would
+# look like the crash a fault-injection test expects).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 import pytest
 

@@ -20,6 +20,8 @@ def sweep(
     cpus_per_trial: Optional[float] = typer.Option(None, help="CPUs reserved by each trial's driver."),
     gpus_per_trial: float = typer.Option(0.0, help="GPUs (or fraction) reserved per trial."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Resume the sweep in this folder."),
+    optuna_storage: Optional[str] = typer.Option(None, "--optuna-storage", help="SQLAlchemy URL of the Optuna "
+                                                 "study (default: sqlite:///<sweep dir>/optuna.db)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides for every trial"),
 ) -> None:
     """Ray Tune + Optuna sweep over a config space, early-stopped by ASHA on in-training kNN."""
@@ -27,7 +29,7 @@ def sweep(
 
     result = run_sweep(space, data=data, eval_data=eval_data, trials=trials, concurrency=concurrency, mode=mode,
                        out=out, name=name, seed=seed, overrides=overrides, cpus_per_trial=cpus_per_trial,
-                       gpus_per_trial=gpus_per_trial, resume=resume)
+                       gpus_per_trial=gpus_per_trial, resume=resume, optuna_storage=optuna_storage)
     typer.echo(f"sweep: {result.sweep_dir}")
     if result.ablation_markdown:
         typer.echo(result.ablation_markdown)

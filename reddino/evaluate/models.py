@@ -24,16 +24,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:", "dbfs:/")
 
 
-def _import_model_module():
-    """Import ``reddino.model`` (registers the tiny arch) if it exists yet."""
-    try:
-        import reddino.model as m  # noqa: PLC0415
-
-        return m
-    except Exception:  # pragma: no cover - the model layer is written in parallel
-        return None
-
-
 def _sidecar(path: Path) -> Path | None:
     for cand in (
         path.with_name(path.name + ".json"),
@@ -116,42 +106,19 @@ def model_img_size(model, default: int = 224) -> int:
 
 
 def _load_backbone_file(path: Path):
-    mod = _import_model_module()
-    if mod is not None and hasattr(mod, "load_backbone"):
-        return mod.load_backbone(path)
-    # Fallback until reddino.model exists: timm arch from the sidecar + the state dict.
-    import timm  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    from reddino.model import load_backbone  # noqa: PLC0415 - strict: every tensor present, nothing left over
 
-    meta = _sidecar_info(path)
-    if "arch" not in meta:
-        raise ValueError(f"{path}: no sidecar json with 'arch' next to the exported backbone")
-    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "dynamic_img_size": True}
-    if meta.get("img_size"):
-        kwargs["img_size"] = int(meta["img_size"])
-    if meta.get("patch_size"):
-        kwargs["patch_size"] = int(meta["patch_size"])
-    model = timm.create_model(meta["arch"], **kwargs)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # noqa: PLC0415
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-    model.load_state_dict(state, strict=False)
-    return model.eval()
+    return load_backbone(path)
 
 
 def _backbone_info(model, path: Path | None = None) -> dict[str, Any]:
+    from reddino.model import backbone_info  # noqa: PLC0415
+
     info: dict[str, Any] = {}
-    mod = _import_model_module()
-    if mod is not None and hasattr(mod, "backbone_info"):
-        try:
-            info.update(dict(mod.backbone_info(model)))
-        except Exception:
-            pass
+    try:
+        info.update(dict(backbone_info(model)))
+    except AttributeError:  # a foreign module (not a timm ViT): the generic fields below still apply
+        pass
     if path is not None:
         for k, v in _sidecar_info(path).items():
             info.setdefault(k, v)
@@ -203,7 +170,7 @@ def _random_model(arch: str, img_size: int | None, seed: int):
     import timm  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    _import_model_module()  # registers the vit_tiny_*_reddino archs
+    import reddino.model  # noqa: F401, PLC0415 - registers the vit_tiny_*_reddino archs
     if not timm.is_model(arch):
         raise ValueError(f"unknown model reference or timm arch: {arch!r}")
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "dynamic_img_size": True}

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reddino.config import LossConfig, MaskConfig, ModelConfig, OptimConfig
+from reddino.config import LossConfig, ModelConfig, OptimConfig
 from reddino.model.backbone import backbone_tokens, create_backbone
 from reddino.model.heads import DINOHead
 from reddino.model.losses import DINOLoss, DINOv2Loss, IBOTPatchLoss
@@ -45,12 +45,10 @@ class DINOv2SSL(nn.Module):
         dino_head: DINOHead,
         ibot_head: DINOHead | None = None,
         loss_cfg: LossConfig | None = None,
-        mask_cfg: MaskConfig | None = None,
         mask_token: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.loss_cfg = loss_cfg or LossConfig()
-        self.mask_cfg = mask_cfg or MaskConfig()
         embed_dim = int(backbone.embed_dim)
         student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head})
         if ibot_head is not None:
@@ -86,7 +84,6 @@ class DINOv2SSL(nn.Module):
         cls,
         model_cfg: ModelConfig,
         loss_cfg: LossConfig | None = None,
-        mask_cfg: MaskConfig | None = None,
     ) -> "DINOv2SSL":
         """Build backbone (warm-started from ``model_cfg.pretrained`` if set) and random heads.
 
@@ -111,7 +108,7 @@ class DINOv2SSL(nn.Module):
             # no BatchNorm here: a batch may mask zero or one patch token
             ibot_head = DINOHead(dim, model_cfg.ibot_head_prototypes or model_cfg.head_prototypes,
                                  **{**head_kw, "use_bn": False})
-        return cls(backbone, dino_head, ibot_head, loss_cfg, mask_cfg, mask_token=mask_token)
+        return cls(backbone, dino_head, ibot_head, loss_cfg, mask_token=mask_token)
 
     def train(self, mode: bool = True) -> "DINOv2SSL":
         super().train(mode)

@@ -122,6 +122,7 @@ def sweep(
     gpus_per_trial: float = 0.0,
     resume: str | Path | None = None,
     stop_after_trials: int | None = None,
+    optuna_storage: str | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep. `mode="search"`: Optuna TPE + ASHA; `mode="ablation"`: one factor at a time."""
     from ray import tune
@@ -131,6 +132,10 @@ def sweep(
     # Log-step reports carry no kNN score yet; Tune must accept them (ASHA decides on eval steps).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     init_ray(num_cpus=cpus_with_driver_headroom())  # a local Ray; ignored when connecting to a cluster
+    from reddino.local import dashboard_url
+
+    if dashboard_url():
+        print(f"[reddino] Ray dashboard (trials, Train and Data views): {dashboard_url()}", flush=True)
     if resume is not None:
         sweep_dir = Path(resume).expanduser().resolve()
         state = json.loads((sweep_dir / STATE_FILE).read_text())
@@ -139,6 +144,7 @@ def sweep(
             state["mode"], state["seed"], state["overrides"])
         cpus_per_trial, gpus_per_trial = state["cpus_per_trial"], state["gpus_per_trial"]
         parent_run_id = state.get("parent_run_id")
+        optuna_storage = state.get("optuna_storage")
     space = load_space(space_name)
     extra = list(overrides or [])
     if data:
@@ -169,10 +175,13 @@ def sweep(
             parent_run_id = parent.info.run_id
             mlflow.log_params({"space": space.path, "mode": mode, "trials": trials, "seed": seed,
                                "concurrency": concurrency, "metric": space.metric})
+    # The Optuna study lives in an RDB (sqlite in the sweep dir by default): `optuna-dashboard <url>` watches it
+    # live, `optuna.load_study(study_name=<sweep name>, storage=<url>)` reads it, and a resume continues it.
+    optuna_storage = optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
     state = {"space": space.path, "data": data, "eval_data": eval_data, "trials": trials,
              "concurrency": concurrency, "mode": mode, "seed": seed, "overrides": overrides,
              "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
-             "parent_run_id": parent_run_id}
+             "parent_run_id": parent_run_id, "optuna_storage": optuna_storage}
     (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
 
     # Trials run in other processes (maybe other nodes): hand them the resolved tracking URI.
@@ -188,8 +197,12 @@ def sweep(
         from ray.tune.search.optuna import OptunaSearch
 
         param_space = dict(fixed)
+        import optuna
+
         search_alg = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode,
-                                  sampler=TPESampler(seed=seed))
+                                  sampler=TPESampler(seed=seed), study_name=sweep_dir.name,
+                                  storage=optuna.storages.RDBStorage(optuna_storage))
+        print(f"[reddino] Optuna study '{sweep_dir.name}': optuna-dashboard {optuna_storage}", flush=True)
         scheduler, num_samples = _scheduler(space, base_cfg), trials
     else:
         raise ValueError(f"unknown sweep mode {mode!r}; valid: search, ablation")

@@ -221,12 +221,10 @@ def test_ray_job_cli_as_documented(cluster):
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    pytest.importorskip("reddino.model", reason="reddino.model not written yet")
-    data = pytest.importorskip("reddino.data", reason="reddino.data not written yet")
-    if not hasattr(data, "generate_synthetic"):
-        pytest.skip("reddino.data.generate_synthetic not written yet")
+    from reddino.data import generate_synthetic
+
     out = tmp_path_factory.mktemp("ops-synth") / "data"
-    data.generate_synthetic(out, n_per_class=4, sources=2, unit="both", seed=0, n_patches=16)
+    generate_synthetic(out, n_per_class=4, sources=2, unit="both", seed=0, n_patches=16)
     return out
 
 
@@ -254,7 +252,6 @@ def test_pretrain_job(cluster, synth, tmp_path):
 
 
 def test_sweep_job(cluster, synth, tmp_path):
-    pytest.importorskip("reddino.tune", reason="reddino.tune not written yet")
     from mlflow.tracking import MlflowClient
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"

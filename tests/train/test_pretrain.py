@@ -43,9 +43,9 @@ def test_kill_and_resume_continues_step_and_data_position(ray_train, synth, tmp_
     # 2 sources × 48 patches = 96 rows; 2 workers × 4 = 8 rows/step → one pass is 12 steps.
     cfg = _cfg(synth, tmp_path, steps=10)
     marker = tmp_path / "crashed"
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as failed:
         pretrain(cfg, run_name="killed", faults={"crash_at_step": 5, "crash_marker": str(marker)})
-    assert marker.exists()
+    assert marker.exists(), f"the run failed before the injected crash: {failed.value!r}"
     run_dir = tmp_path / "runs" / "killed"
     assert (run_dir / "checkpoint_0000004").exists()
 

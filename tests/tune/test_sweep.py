@@ -55,6 +55,13 @@ def test_sweep_asha_stops_early_and_writes_results(ray_fresh, data, space_file, 
         filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
     )
     assert len(children) == 4
+    # The Optuna study persisted in the sweep dir: what optuna-dashboard shows, every trial with its value.
+    import optuna
+
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{result.sweep_dir / 'optuna.db'}")
+    scored = {round(t.value, 6) for t in study.trials if t.value is not None}
+    assert len(study.trials) == 4 and len(scored) >= 1
+    assert scored <= {round(v, 6) for v in table["eval_knn20_balanced_accuracy"].dropna()}
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_fresh, data, space_file, tmp_path,
