@@ -1,6 +1,6 @@
 """`reddino demo`: the whole platform on a laptop, in one command, with no GPU and no network.
 
-synthetic multi-source RBCs → Parquet → local Ray → tiny DINOv2 pretraining on unlabelled cells (Ray Train) → evaluation
+synthetic multi-source RBCs → Parquet → local Ray → tiny DINOv2 pretraining (Ray Train) → evaluation
 against random-init and handcrafted baselines (kNN, probe, cross-source) → registry (candidate →
 champion) → a results table and the command to open the MLflow UI. Everything lands in one folder.
 """
@@ -21,16 +21,16 @@ console = Console()
 
 @dataclass
 class DemoSize:
-    n_per_class: int = 40  # labelled cells per class per source (9 classes × 3 sources): the evaluation set
-    n_pretrain: int = 60  # unlabelled cells per class per source, another seed: the pretraining set
-    steps: int = 300  # optimizer steps of tiny_cpu (~5 min on 2 cores)
+    n_per_class: int = 40  # labelled cells per class per source (9 classes × 3 sources)
+    n_patches: int = 300  # unlabelled smear patches per source (the pretraining set)
+    steps: int = 150  # optimizer steps of the tiny preset (~4 min on 2 cores)
     batch: int = 32
-    eval_every: int = 100
+    eval_every: int = 50
     sweep_trials: int = 4
     sweep_steps: int = 40
 
 
-QUICK = DemoSize(n_per_class=6, n_pretrain=4, steps=6, batch=8, eval_every=3, sweep_trials=2, sweep_steps=4)
+QUICK = DemoSize(n_per_class=6, n_patches=24, steps=6, batch=8, eval_every=3, sweep_trials=2, sweep_steps=4)
 
 
 @dataclass
@@ -68,19 +68,19 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
     _step(1, n, "synthetic RBCs: 9 morphologies × 3 sources (stain, optics, scale) → Parquet")
     from reddino.data import generate_synthetic
 
-    # Pretraining never reads labels; its cells are other draws than the labelled evaluation cells.
-    cells, unlabelled = out / "data" / "cells", out / "data" / "pretrain-cells"
+    cells, patches = out / "data" / "cells", out / "data" / "patches"
     generate_synthetic(cells, n_per_class=size.n_per_class, sources=3, unit="cell", seed=0, overwrite=True)
-    generate_synthetic(unlabelled, n_per_class=size.n_pretrain, sources=3, unit="cell", seed=1, overwrite=True)
+    generate_synthetic(patches, n_per_class=size.n_per_class, sources=3, unit="patch", seed=1,
+                       n_patches=size.n_patches, overwrite=True)
 
-    _step(2, n, "local Ray (loopback only) + DINOv2 pretraining of the tiny ViT/8 on unlabelled cells")
+    _step(2, n, "local Ray (loopback only) + DINOv2 pretraining of the tiny ViT/14 on smear patches")
     from reddino.config import load_config
     from reddino.local import cpus_with_driver_headroom, init_ray
     from reddino.train import pretrain
 
     init_ray(num_cpus=num_cpus or cpus_with_driver_headroom(), log_to_driver=True)
     cfg = load_config("tiny_cpu", [
-        f"data.paths=[{unlabelled}]", f"eval.data={cells}", f"eval.every={size.eval_every}",
+        f"data.paths=[{patches}]", f"eval.data={cells}", f"eval.every={size.eval_every}",
         "train.epochs=1", f"train.iters_per_epoch={size.steps}", f"train.batch_size_per_worker={size.batch}",
         f"train.checkpoint_every={size.eval_every}", f"train.storage_path={out / 'runs'}",
         f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=reddino-demo",
@@ -123,10 +123,7 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
         _step(5, n, "Optuna + ASHA sweep over the RedDino ablation axes (in-training kNN)")
         from reddino.tune import sweep
 
-        patches = out / "data" / "patches"  # the ablation's patch-vs-cell axis needs smear patches too
-        generate_synthetic(patches, n_per_class=size.n_per_class, sources=3, unit="patch", seed=2,
-                           n_patches=size.n_pretrain * 5, overwrite=True)
-        sw = sweep("ablation", data=[patches, unlabelled], eval_data=str(cells), trials=size.sweep_trials,
+        sw = sweep("ablation", data=[patches, cells], eval_data=str(cells), trials=size.sweep_trials,
                    out=out / "sweeps", name="demo", overrides=[
                        f"train.iters_per_epoch={size.sweep_steps}", "train.epochs=1",
                        f"train.batch_size_per_worker={size.batch}", f"eval.every={max(size.sweep_steps // 4, 1)}",
@@ -140,28 +137,29 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
 
 
 def _short(key: str) -> str:
-    """knn20_balanced_accuracy → kNN-20; xsrc_probe_balanced_accuracy → LOSO probe (fits 80 columns)."""
-    loso = key.startswith("xsrc_")
+    """knn20_balanced_accuracy → kNN-20, cosknn20_… → cos kNN-20, probe_… → probe (fits 80 columns)."""
     name = key.removeprefix("xsrc_").removesuffix("_balanced_accuracy")
-    name = {"probe": "probe"}.get(name, name.replace("knn", "kNN-"))
-    return f"LOSO {name}" if loso else name
+    return name.replace("cosknn", "cos kNN-").replace("knn", "kNN-")
 
 
-def summary_table(result: DemoResult) -> tuple[list[str], list[list[str]]]:
-    """(headers, rows) of balanced accuracies with short labels: the console table and summary.md."""
-    keys = [k for k in result.table[0] if k != "model"]
-    keys = [k for k in keys if k.endswith("_balanced_accuracy")] or keys
-    rows = [[row["model"], *[f"{row.get(k, float('nan')):.3f}" for k in keys]] for row in result.table]
-    return ["model", *[_short(k) for k in keys]], rows
+def summary_tables(result: DemoResult) -> list[tuple[str, list[str], list[list[str]]]]:
+    """One (title, headers, rows) of balanced accuracies per protocol, short labels: console and summary.md."""
+    keys = [k for k in result.table[0] if k.endswith("_balanced_accuracy")]
+    out = []
+    for title, ks in (("grouped 5-fold", [k for k in keys if not k.startswith("xsrc_")]),
+                      ("leave one source out (LOSO)", [k for k in keys if k.startswith("xsrc_")])):
+        if ks:
+            rows = [[row["model"], *[f"{row.get(k, float('nan')):.3f}" for k in ks]] for row in result.table]
+            out.append((title, ["model", *[_short(k) for k in ks]], rows))
+    return out
 
 
 def write_summary(result: DemoResult) -> Path:
-    headers, rows = summary_table(result)
-    lines = ["# reddino demo", "", "Synthetic RBC morphology (9 classes, 3 sources), balanced accuracy "
-             "(grouped k-fold; LOSO = leave one source out).", "",
-             "| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", f"- backbone: `{result.backbone_path}`",
+    lines = ["# reddino demo", "", "Synthetic RBC morphology (9 classes, 3 sources), balanced accuracy.", ""]
+    for title, headers, rows in summary_tables(result):
+        lines += [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    lines += [f"- backbone: `{result.backbone_path}`",
               f"- registry: reddino-demo-backbone v{result.model_version} — {result.promoted}",
               f"- wall time: {result.seconds / 60:.1f} min", ""]
     path = result.out / "summary.md"
@@ -173,13 +171,13 @@ def write_summary(result: DemoResult) -> Path:
 
 def show(result: DemoResult) -> None:
     if result.table:
-        headers, rows = summary_table(result)
-        table = Table(title="Synthetic RBCs (9 classes, 3 sources): balanced accuracy")
-        for i, h in enumerate(headers):
-            table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
-        for r in rows:
-            table.add_row(*r)
-        console.print(table)
+        for title, headers, rows in summary_tables(result):
+            table = Table(title=f"Synthetic RBCs, balanced accuracy: {title}")
+            for i, h in enumerate(headers):
+                table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+            for r in rows:
+                table.add_row(*r)
+            console.print(table)
         console.print(f"summary: {write_summary(result)}")
     console.print(f"backbone: {result.backbone_path}")
     console.print(f"registry: reddino-demo-backbone v{result.model_version} — {result.promoted}")

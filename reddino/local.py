@@ -15,6 +15,14 @@ def loopback_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def quiet_ray_logs() -> None:
+    """Ray Data's per-pass INFO lines ("Starting execution", "Execution plan") go to its log file, not the
+    console, in every Ray process started after this (set before ray.init). REDDINO_VERBOSE=1 keeps them."""
+    if os.environ.get("REDDINO_VERBOSE", "") in ("", "0"):
+        config = Path(__file__).parent / "configs" / "ray_data_logging.yaml"
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(config))
+
+
 def default_tracking_uri(home: Path | None = None) -> str:
     """`MLFLOW_TRACKING_URI` if set, else a sqlite file in the reddino home folder."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -49,6 +57,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet_ray_logs()
     if address:
         ray.init(address=address, **kwargs)
     else:

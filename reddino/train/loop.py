@@ -73,9 +73,25 @@ class _MLflowLogger:
             self._pending = []
 
 
+def _quiet_train_reports() -> None:
+    """Ray Train logs every report (all ~40 metrics) at INFO to the console, from a logger named after its
+    source file; the loop prints what a user reads. REDDINO_VERBOSE=1 keeps Train's lines."""
+    import logging
+
+    if os.environ.get("REDDINO_VERBOSE", "") not in ("", "0"):
+        return
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
+
+    _quiet_train_reports()
 
     from reddino.model import DINOv2SSL, export_backbone, rankme, teacher_entropy
     from reddino.model.monitors import collapse_signs

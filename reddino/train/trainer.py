@@ -32,6 +32,12 @@ def _latest_checkpoint(result):
     return max(candidates, key=lambda c: Path(c.path).name) if candidates else None
 
 
+def _quiet_train_console() -> None:
+    # Ray Train patches print() in its workers to go through its logger, which (with a wrapped stdout) prints
+    # every loop line twice; the loop writes plain stdout instead. Propagated to the workers by Ray Train.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
 def _quiet_data_progress() -> None:
     # The training loop prints its own progress; Ray Data's bars would redraw (one new line per redraw in a log
     # file) under it. REDDINO_VERBOSE=1 brings them back.
@@ -110,6 +116,7 @@ def pretrain(
 
     init_ray()
     _quiet_data_progress()
+    _quiet_train_console()
     storage = Path(os.path.expanduser(cfg.train.storage_path)).resolve() if "://" not in cfg.train.storage_path else cfg.train.storage_path
     run_name = run_name or cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(storage) / run_name if not isinstance(storage, str) else None

@@ -28,11 +28,22 @@ def test_demo_quick_runs_the_whole_flow(fresh_ray, tmp_path, monkeypatch):
     assert "candidate" in version.aliases
     assert (tmp_path / "demo" / "eval" / "kfold").exists() and (tmp_path / "demo" / "mlflow.db").exists()
     # The results table fits 80 columns (short headers), and the same table is in summary.md.
-    from reddino.demo import summary_table
+    from rich.console import Console
 
-    headers, rows = summary_table(result)
-    assert "kNN-20" in headers and "LOSO kNN-20" in headers
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    assert sum(widths) + 3 * len(widths) + 1 <= 80
+    from reddino.demo import show, summary_tables
+
+    tables = summary_tables(result)
+    assert [t[0] for t in tables] == ["grouped 5-fold", "leave one source out (LOSO)"]
+    assert "kNN-20" in tables[0][1] and "probe" in tables[0][1]
+    import reddino.demo as demo_mod
+
+    narrow = Console(width=80, record=True, force_terminal=False)
+    demo_mod.console, saved = narrow, demo_mod.console
+    try:
+        show(result)
+    finally:
+        demo_mod.console = saved
+    text = narrow.export_text()
+    assert "…" not in text.split("summary:")[0]  # no header or model name truncated at 80 columns
     summary = (tmp_path / "demo" / "summary.md").read_text()
     assert "| pretrained |" in summary and "kNN-20" in summary
