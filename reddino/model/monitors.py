@@ -62,19 +62,21 @@ def rankme(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
 
 
 def collapse_signs(*, rankme_value: float | None, n_rows: int, dim: int, mean_entropy: float | None,
-                   marginal: float | None, prototypes: int, batch: int, rankme_frac: float, uniform_frac: float,
+                   marginal: float | None, prototypes: int, rankme_frac: float, uniform_frac: float,
                    marginal_frac: float) -> list[str]:
     """Which of DINO's two collapses (and a rank collapse) the monitors show, in plain words; [] = none.
 
+    ``n_rows``: the batch rows the monitors saw (teacher CLS features and targets of the global crops).
+
     * uniform targets: mean per-image teacher entropy ≥ ``uniform_frac``·ln K (every target ~flat);
-    * one prototype: entropy of the batch-mean target ≤ ``marginal_frac``·ln min(K, batch);
+    * one prototype: entropy of the batch-mean target ≤ ``marginal_frac``·ln min(K, rows);
     * rank: RankMe ≤ ``rankme_frac``·min(rows, D) (the most a batch of that size can show).
     """
     signs = []
     ln_k = math.log(max(prototypes, 2))
     if mean_entropy is not None and math.isfinite(mean_entropy) and mean_entropy >= uniform_frac * ln_k:
         signs.append(f"uniform teacher targets (mean per-image entropy {mean_entropy:.2f} of max ln K = {ln_k:.2f})")
-    ln_b = math.log(max(min(prototypes, batch), 2))
+    ln_b = math.log(max(min(prototypes, n_rows), 2))
     if marginal is not None and math.isfinite(marginal) and marginal <= marginal_frac * ln_b:
         signs.append(f"every image on the same prototypes (entropy of the batch-mean target {marginal:.2f}, "
                      f"max {ln_b:.2f})")

@@ -78,7 +78,9 @@ def _quiet_train_reports() -> None:
     source file; the loop prints what a user reads. REDDINO_VERBOSE=1 keeps Train's lines."""
     import logging
 
-    if os.environ.get("REDDINO_VERBOSE", "") not in ("", "0"):
+    from reddino.local import verbose
+
+    if verbose():
         return
     try:
         from ray.train.v2._internal.execution import context as train_context
@@ -219,9 +221,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps_at_start = state.step
     last_metrics: dict[str, float] = {}
     stop_reason = None
-    # Collapse guard state (rank 0): the signs at the previous monitor step, whether it warned, a stop reason.
-    guard_from = int(cfg.optim.warmup_epochs * cfg.train.iters_per_epoch)
-    collapse_seen: list[str] = []
+    # Collapse guard state (rank 0): signs at the previous monitor step, whether it warned, a stop reason.
+    guard_from = sched["lr"].warmup_steps  # from the end of the lr warm-up
+    collapse_before = False
     collapse_warned = False
     collapse_stop: str | None = None
 
@@ -311,15 +313,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics["rankme"] = rankme(cls.float())
             if probs is not None:
                 metrics["teacher_entropy"], metrics["teacher_mean_entropy"] = teacher_entropy(probs.float())
-        if "rankme" in metrics and rank == 0 and step > guard_from:
+        if "rankme" in metrics and rank == 0 and step >= guard_from:
             signs = collapse_signs(
                 rankme_value=metrics["rankme"], n_rows=int(cls.shape[0]), dim=int(cls.shape[-1]),
                 mean_entropy=metrics.get("teacher_entropy"), marginal=metrics.get("teacher_mean_entropy"),
-                prototypes=cfg.model.head_prototypes, batch=int(cls.shape[0]),
-                rankme_frac=cfg.train.collapse_rankme_frac, uniform_frac=cfg.train.collapse_uniform_frac,
-                marginal_frac=cfg.train.collapse_marginal_frac)
-            confirmed = bool(signs) and bool(collapse_seen)  # two monitor steps in a row
-            collapse_seen[:] = signs
+                prototypes=cfg.model.head_prototypes, rankme_frac=cfg.train.collapse_rankme_frac,
+                uniform_frac=cfg.train.collapse_uniform_frac, marginal_frac=cfg.train.collapse_marginal_frac)
+            confirmed = bool(signs) and collapse_before  # two monitor steps in a row
+            collapse_before = bool(signs)
             if confirmed:
                 metrics["collapse"] = 1.0
                 text = f"step {step}: " + "; ".join(signs)

@@ -154,7 +154,7 @@ def test_monitors():
 def test_collapse_signs_see_both_dino_collapses_and_low_rank():
     from reddino.model.monitors import collapse_signs
 
-    kw = dict(n_rows=64, dim=192, prototypes=1024, batch=64, rankme_frac=0.1, uniform_frac=0.95, marginal_frac=0.1)
+    kw = dict(n_rows=64, dim=192, prototypes=1024, rankme_frac=0.1, uniform_frac=0.95, marginal_frac=0.1)
     # The collapsed Chula run of the issue: per-image entropy 6.7 of ln 1024 = 6.93, RankMe 4 of 192.
     signs = collapse_signs(rankme_value=4.0, mean_entropy=6.7, marginal=6.9, **kw)
     assert len(signs) == 2 and "uniform" in signs[0] and "RankMe 4.0" in signs[1]
