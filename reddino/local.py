@@ -15,10 +15,15 @@ def loopback_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def verbose() -> bool:
+    """REDDINO_VERBOSE=1: Ray's own INFO output (Train reports, Ray Data plans and progress bars) on the console."""
+    return os.environ.get("REDDINO_VERBOSE", "") not in ("", "0")
+
+
 def quiet_ray_logs() -> None:
     """Ray Data's per-pass INFO lines ("Starting execution", "Execution plan") go to its log file, not the
     console, in every Ray process started after this (set before ray.init). REDDINO_VERBOSE=1 keeps them."""
-    if os.environ.get("REDDINO_VERBOSE", "") in ("", "0"):
+    if not verbose():
         config = Path(__file__).parent / "configs" / "ray_data_logging.yaml"
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(config))
 

@@ -43,9 +43,11 @@ def _quiet_data_progress() -> None:
     # file) under it. REDDINO_VERBOSE=1 brings them back.
     from ray.data import DataContext
 
+    from reddino.local import verbose
+
     ctx = DataContext.get_current()
     ctx.enable_operator_progress_bars = False
-    if os.environ.get("REDDINO_VERBOSE", "") in ("", "0"):
+    if not verbose():
         ctx.enable_progress_bars = False
 
 

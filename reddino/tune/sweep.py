@@ -127,15 +127,12 @@ def sweep(
     """Run (or resume) a sweep. `mode="search"`: Optuna TPE + ASHA; `mode="ablation"`: one factor at a time."""
     from ray import tune
 
-    from reddino.local import cpus_with_driver_headroom, default_tracking_uri, init_ray
+    from reddino.local import cpus_with_driver_headroom, dashboard_url, default_tracking_uri, init_ray
 
-    # Log-step reports carry no kNN score yet; Tune must accept them (ASHA decides on eval steps).
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     init_ray(num_cpus=cpus_with_driver_headroom())  # a local Ray; ignored when connecting to a cluster
-    from reddino.local import dashboard_url
-
-    if dashboard_url():
-        print(f"[reddino] Ray dashboard (trials, Train and Data views): {dashboard_url()}", flush=True)
+    dashboard = dashboard_url()
+    if dashboard:
+        print(f"[reddino] Ray dashboard (trials, Train and Data views): {dashboard}", flush=True)
     if resume is not None:
         sweep_dir = Path(resume).expanduser().resolve()
         state = json.loads((sweep_dir / STATE_FILE).read_text())
@@ -193,12 +190,11 @@ def sweep(
         param_space = {**fixed, "_variant": tune.grid_search(variants)}
         search_alg, scheduler, num_samples = None, None, 1  # equal budget: nobody is stopped early
     elif mode == "search":
+        import optuna
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
         param_space = dict(fixed)
-        import optuna
-
         search_alg = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode,
                                   sampler=TPESampler(seed=seed), study_name=sweep_dir.name,
                                   storage=optuna.storages.RDBStorage(optuna_storage))
