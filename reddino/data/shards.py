@@ -386,7 +386,7 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = False) -> Manifest:
     """Read ``DIR/_manifest.json`` (or a legacy ``DIR/manifest.json``) (``path`` may be the dir or the manifest file itself).
 
     Raises :class:`ManifestError` naming the dir when it is missing, unreadable or has another
-    schema version. With ``verify`` every shard's existence, size and sha256 are checked too.
+    schema version. With ``verify`` the shards are checked too (:func:`verify_dataset`, without decoding).
     """
     p = Path(path)
     mpath = p if p.name in (MANIFEST_NAME, LEGACY_MANIFEST_NAME) else manifest_path(p)
@@ -407,12 +407,7 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = False) -> Manifest:
         )
     m = Manifest(data, d)
     if verify:
-        for s in data["shards"]:
-            sp = d / s["file"]
-            if not sp.exists():
-                raise ManifestError(f"{d}: shard {s['file']} listed in the manifest is missing")
-            if file_sha256(sp) != s["sha256"]:
-                raise ManifestError(f"{d}: shard {s['file']} does not match its sha256 in the manifest")
+        verify_dataset(d, decode=False)
     return m
 
 
