@@ -28,6 +28,21 @@ def quiet_ray_logs() -> None:
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(config))
 
 
+def quiet_data_progress() -> None:
+    """Ray Data's progress bars off in this process (the command prints its own progress; in a log file every
+    redraw would become a new line). REDDINO_VERBOSE=1 brings them back."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_operator_progress_bars = False
+    if not verbose():
+        ctx.enable_progress_bars = False
+        # ... and its notice that they are off, which says what to do to turn them on, is not news here.
+        import logging
+
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 def default_tracking_uri(home: Path | None = None) -> str:
     """`MLFLOW_TRACKING_URI` if set, else a sqlite file in the reddino home folder."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")

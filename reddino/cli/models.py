@@ -79,9 +79,10 @@ def list_cmd() -> None:
 
     from reddino.registry import list_models
 
-    table = Table("name", "version", "aliases", "kind", "arch", "metrics")
+    table = Table("name", "version", "aliases", "kind", "arch / backbone", "metrics")
     for row in list_models():
-        table.add_row(row["name"], str(row["version"]), ",".join(row["aliases"]), row["kind"], row["arch"],
+        table.add_row(row["name"], str(row["version"]), ",".join(row["aliases"]), row["kind"],
+                      row["arch"] or row["backbone"],
                       " ".join(f"{k}={v:.3f}" for k, v in row["metrics"].items()))
     Console().print(table)
 

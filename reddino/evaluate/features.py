@@ -404,9 +404,12 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    from reddino.local import init_ray  # noqa: PLC0415
+    import logging  # noqa: PLC0415
 
-    init_ray(num_cpus=num_cpus, log_to_driver=False)
+    from reddino.local import init_ray, verbose  # noqa: PLC0415
+
+    # Ray's "Started a local Ray instance" INFO line is not news to someone embedding cells.
+    init_ray(num_cpus=num_cpus, log_to_driver=False, **({} if verbose() else {"logging_level": logging.WARNING}))
     return True
 
 
@@ -416,7 +419,10 @@ def _run_extraction_ray(
 ) -> dict[str, np.ndarray]:
     import ray  # noqa: PLC0415
 
+    from reddino.local import quiet_data_progress  # noqa: PLC0415
+
     ensure_ray(num_cpus)
+    quiet_data_progress()
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     usable = max(1, min(int(num_cpus or cluster_cpus), cluster_cpus))
     # One actor; reserve all but one CPU for it and leave that one to the Parquet read tasks, or the
@@ -441,6 +447,7 @@ def _run_extraction_ray(
         batch_size=max(batch_size, 64),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1),
+        max_restarts=0,  # a lost actor fails the pass (rerun: the cache keeps nothing half-done); no restart warning
         **resources,
     )
     got: dict[str, np.ndarray] = {}

@@ -17,6 +17,8 @@ from reddino.local import default_tracking_uri
 
 DEFAULT_NAME = "reddino-backbone"
 BACKBONE_ARTIFACT = "backbone"
+# reddino's own sklearn estimators (evaluate/classifiers.py), trusted by MLflow's skops loader for probes.
+PROBE_TYPES = ["reddino.evaluate.classifiers.LinearProbe", "reddino.evaluate.classifiers.CosineKNN"]
 
 
 def _client() -> MlflowClient:
@@ -153,29 +155,66 @@ def register_backbone(
 
 
 def register_probe(probe, *, backbone: str, name: str | None = None, metrics: dict[str, float] | None = None,
-                   classes: list[str] | None = None, alias: str = "candidate"):
-    """Register a fitted sklearn probe, tagged with the backbone version (`name/version`) it needs."""
+                   classes: list[str] | None = None, class_ids: list[int] | None = None, alias: str = "candidate",
+                   tags: dict[str, str] | None = None, artifacts: list[str | Path] = ()):
+    """Register a fitted sklearn probe, tagged with the backbone version (`name/version`) it needs.
+
+    Served by MLflow, it maps embedding rows to class ids (`reddino.class_ids` / `reddino.classes` name them)."""
     import mlflow.sklearn
 
     client = _client()
     bname, _, bversion = backbone.partition("/")
-    name = name or f"{bname}-probe"
+    name = name or f"{Path(bname).name}-probe"
+    n_features = getattr(probe, "n_features_in_", None)
+    example = np.zeros((1, int(n_features)), dtype=np.float32) if n_features else None
     mlflow.set_experiment("reddino-registry")
     with mlflow.start_run(run_name=f"register-{name}"):
         if metrics:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        info = mlflow.sklearn.log_model(probe, name="model", registered_model_name=name,
-                                        pip_requirements=["scikit-learn"])
+        for path in artifacts:
+            mlflow.log_artifact(str(path), artifact_path="probe")
+        info = mlflow.sklearn.log_model(probe, name="model", registered_model_name=name, input_example=example,
+                                        pip_requirements=["scikit-learn", "reddino"],
+                                        skops_trusted_types=PROBE_TYPES)
     version = str(info.registered_model_version)
-    client.set_model_version_tag(name, version, "reddino.kind", "probe")
-    client.set_model_version_tag(name, version, "reddino.backbone", backbone)
+    all_tags = {"reddino.kind": "probe", "reddino.backbone": backbone, **(tags or {})}
     if classes:
-        client.set_model_version_tag(name, version, "reddino.classes", json.dumps(classes))
+        all_tags["reddino.classes"] = json.dumps(classes)
+    if class_ids:
+        all_tags["reddino.class_ids"] = json.dumps(class_ids)
     for key, value in (metrics or {}).items():
-        client.set_model_version_tag(name, version, f"metric.{key}", f"{float(value):.6f}")
+        all_tags[f"metric.{key}"] = f"{float(value):.6f}"
+    for key, value in all_tags.items():
+        client.set_model_version_tag(name, version, key, value)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return client.get_model_version(name, version)
+
+
+def _model_version(ref: str):
+    """The registry entry a `models:/`, `name@alias` or `name/version` reference points at."""
+    client = _client()
+    body = _parse_ref(ref)[len("models:/"):]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = body.partition("/")
+    return client.get_model_version(name, version)
+
+
+def load_probe_version(ref: str) -> tuple[Any, dict[str, Any]]:
+    """(sklearn estimator, probe.json metadata) of a registered probe."""
+    import mlflow.sklearn
+
+    mv = _model_version(ref)
+    if (mv.tags or {}).get("reddino.kind") != "probe":
+        raise ValueError(f"{ref} (v{mv.version}) is not a reddino probe (tag reddino.kind={mv.tags.get('reddino.kind')!r})")
+    estimator = mlflow.sklearn.load_model(f"models:/{mv.name}/{mv.version}")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="probe/probe.json", dst_path=tmp)
+        meta = json.loads(Path(local).read_text())
+    meta["registered"] = {"name": mv.name, "version": str(mv.version)}
+    return estimator, meta
 
 
 def _metric(version, metric: str, kind: str = "metric") -> float | None:
@@ -273,6 +312,7 @@ def list_models() -> list[dict[str, Any]]:
                 "name": rm.name, "version": int(mv.version),
                 "aliases": sorted(aliases_by_version.get(str(mv.version), [])),
                 "kind": tags.get("reddino.kind", ""), "arch": tags.get("reddino.arch", ""),
+                "backbone": tags.get("reddino.backbone", ""),
                 "metrics": {k[len("metric."):]: float(v) for k, v in tags.items() if k.startswith("metric.")},
             })
     return sorted(rows, key=lambda r: (r["name"], r["version"]))

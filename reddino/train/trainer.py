@@ -38,19 +38,6 @@ def _quiet_train_console() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
-def _quiet_data_progress() -> None:
-    # The training loop prints its own progress; Ray Data's bars would redraw (one new line per redraw in a log
-    # file) under it. REDDINO_VERBOSE=1 brings them back.
-    from ray.data import DataContext
-
-    from reddino.local import verbose
-
-    ctx = DataContext.get_current()
-    ctx.enable_operator_progress_bars = False
-    if not verbose():
-        ctx.enable_progress_bars = False
-
-
 def _learning_curve(run_id: str, run_dir: Path | None, run_name: str) -> Path | None:
     """learning_curve.png of the run (kNN, RankMe, losses by step) in its run dir, or a temp dir for remote
     storage; a plotting failure never fails a finished run."""
@@ -114,10 +101,10 @@ def pretrain(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from reddino.local import default_tracking_uri, init_ray
+    from reddino.local import default_tracking_uri, init_ray, quiet_data_progress
 
     init_ray()
-    _quiet_data_progress()
+    quiet_data_progress()
     _quiet_train_console()
     storage = Path(os.path.expanduser(cfg.train.storage_path)).resolve() if "://" not in cfg.train.storage_path else cfg.train.storage_path
     run_name = run_name or cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
