@@ -4,7 +4,8 @@
   backward of ``DINOv2SSL`` on a batch of the recipe (2x224 global + 1x98 local crops, iBOT masks, 131072
   prototypes, shared head), divided by the batch size. Matmul/conv/attention FLOPs only (2 per MAC), the usual
   MFU convention; the optimizer and the teacher EMA are not counted (they are timed).
-* images/s: the full training step (forward, backward, grad clip, AdamW, teacher EMA), pre-made batches,
+* images/s: the training loop's own step (`reddino.train.step.TrainStep`: forward, backward, grad clip, AdamW,
+  teacher EMA), pre-made batches,
   after warm-up. CUDA: bf16 autocast (``train.precision``), synchronised timing. CPU: fp32.
 * MFU = FLOPs/image x images/s / peak. Peak dense bf16 FLOP/s comes from a table keyed by the CUDA device
   name (A100, H100, H200, L4, ...) or ``--peak-tflops``. On CPU the achieved GFLOP/s is printed and MFU is
@@ -87,6 +88,7 @@ def main() -> None:
     from reddino.config import load_config
     from reddino.model import DINOv2SSL
     from reddino.train.schedules import build_schedules
+    from reddino.train.step import TrainStep
     from train_overhead import make_batches
 
     if args.quick:
@@ -143,23 +145,15 @@ def main() -> None:
         if on_gpu:
             torch.cuda.synchronize(device)
 
+    # The training loop's own step (reddino/train/step.py), so the time is the time of what trains.
+    train_step = TrainStep(model, optimizer, sched, cfg, forward=fwd, device=device, autocast=use_amp,
+                           amp_dtype=amp_dtype)
     times = []
     for step in range(warmup + steps):
         b = batches[step % len(batches)]
         sync()
         t0 = time.perf_counter()
-        lr, wd = sched["lr"](step), sched["wd"](step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
-            group["weight_decay"] = wd * group.get("wd_mult", 1.0)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            loss, _ = fwd(b["global_crops"], b.get("local_crops"), b["masks"], sched["teacher_temp"](step))
-        loss.backward()
-        if cfg.optim.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.student.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_teacher(sched["momentum"](step))
+        train_step(step, lambda: b)
         sync()
         times.append(time.perf_counter() - t0)
     t = median(times[warmup:])

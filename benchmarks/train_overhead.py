@@ -3,7 +3,7 @@
 Both loops run the same code (:class:`Stepper`): the same model (``DINOv2SSL.from_config`` of the
 preset), optimizer (AdamW over ``param_groups``), schedules, the same pre-made batches (seeded random crops +
 iBOT masks, made inside the loop, so no data pipeline is measured), the same ``torch.set_num_threads``, and
-the step of ``reddino/train/loop.py`` (lr/wd per group, forward, backward, grad clip, AdamW, teacher EMA,
+the training loop's own step, ``reddino.train.step.TrainStep`` (lr/wd per group, forward, backward, grad clip, AdamW, teacher EMA,
 ``float(loss)``). The Ray side also calls ``ray.train.report`` every ``--report-every`` steps inside the timed
 region, as the real loop does. Warm-up steps and start-up (Ray, worker, model build) are excluded.
 
@@ -56,7 +56,7 @@ def make_batches(cfg, batch_size: int, patch_size: int, n: int = 4, seed: int = 
 
 
 class Stepper:
-    """Model + optimizer + schedules + pre-made batches; :meth:`run` times training steps (loop.py's step)."""
+    """Model + optimizer + schedules + pre-made batches; :meth:`run` times training steps (the loop's TrainStep)."""
 
     def __init__(self, cfg_dict: dict, batch_size: int, threads: int, in_ray: bool = False) -> None:
         import torch
@@ -64,6 +64,7 @@ class Stepper:
         from reddino.config import RunConfig
         from reddino.model import DINOv2SSL
         from reddino.train.schedules import build_schedules
+        from reddino.train.step import TrainStep
 
         torch.set_num_threads(threads)
         torch.manual_seed(0)
@@ -72,6 +73,7 @@ class Stepper:
         self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.optim), lr=0.0, betas=tuple(cfg.optim.betas))
         self.sched = build_schedules(cfg, batch_size)
         self.batches = make_batches(cfg, batch_size, self.model.patch_size)
+        self.train_step = TrainStep(self.model, self.optimizer, self.sched, cfg)  # the loop's own step
         self.model.train()
         self.step = 0
         self.report = None
@@ -81,31 +83,15 @@ class Stepper:
             self.report = ray.train.report
 
     def run(self, n: int, report_every: int = 0) -> list[float]:
-        import torch
-
-        model, optimizer, sched, cfg = self.model, self.optimizer, self.sched, self.cfg
         times: list[float] = []
         for _ in range(n):
             step = self.step
             b = self.batches[step % len(self.batches)]
             t0 = time.perf_counter()
-            lr, wd = sched["lr"](step), sched["wd"](step)
-            mom, tt = sched["momentum"](step), sched["teacher_temp"](step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_mult", 1.0)
-                group["weight_decay"] = wd * group.get("wd_mult", 1.0)
-            loss, parts = model(b["global_crops"], b.get("local_crops"), b["masks"], tt)
-            loss.backward()
-            loss_value = float(loss.detach())
-            _ = {k: float(v) for k, v in parts.items()}
-            if cfg.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.student.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.update_teacher(mom)
+            res = self.train_step(step, lambda: b)
             self.step += 1
             if self.report is not None and report_every and self.step % report_every == 0:
-                self.report({"step": self.step, "loss": loss_value})
+                self.report({"step": self.step, "loss": res.loss})
             times.append(time.perf_counter() - t0)
         return times
 

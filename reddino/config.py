@@ -130,7 +130,7 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on GPU only; CPU runs fp32
     strategy: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 0
-    storage_path: str = "~/.reddino/runs"
+    storage_path: str | None = None  # None: $REDDINO_HOME/runs (reddino.paths); any pyarrow URI on a cluster
     run_name: str | None = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -192,11 +192,9 @@ class RunConfig(_Section):
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
-        return path
+        from reddino.paths import write_text_atomic
+
+        return write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from reddino.paths import write_text_atomic
+
 console = Console()
 
 
@@ -162,11 +164,7 @@ def write_summary(result: DemoResult) -> Path:
     lines += [f"- backbone: `{result.backbone_path}`",
               f"- registry: reddino-demo-backbone v{result.model_version} — {result.promoted}",
               f"- wall time: {result.seconds / 60:.1f} min", ""]
-    path = result.out / "summary.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(result.out / "summary.md", "\n".join(lines))
 
 
 def show(result: DemoResult) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_HOME = Path(os.environ.get("REDDINO_HOME", "~/.reddino")).expanduser()
 
 
 def loopback_env() -> None:
@@ -26,6 +25,8 @@ def quiet_ray_logs() -> None:
     if not verbose():
         config = Path(__file__).parent / "configs" / "ray_data_logging.yaml"
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(config))
+        # Ray's own deprecation notices (inside its Data actors) are for Ray's developers, not for our users.
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 
 def quiet_data_progress() -> None:
@@ -37,10 +38,6 @@ def quiet_data_progress() -> None:
     ctx.enable_operator_progress_bars = False
     if not verbose():
         ctx.enable_progress_bars = False
-        # ... and its notice that they are off, which says what to do to turn them on, is not news here.
-        import logging
-
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def default_tracking_uri(home: Path | None = None) -> str:
@@ -48,9 +45,11 @@ def default_tracking_uri(home: Path | None = None) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    home = Path(home or DEFAULT_HOME)
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+    from reddino import paths
+
+    db = Path(home) / "mlflow.db" if home else paths.mlflow_db()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db.resolve()}"
 
 
 def _free_port() -> int:
@@ -82,6 +81,11 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
         ray.init(address=address, **kwargs)
     else:
         loopback_env()
+        if not verbose():
+            # "Token authentication is enabled for this Ray cluster": the default, and loopback-only here.
+            import logging
+
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # Ray read that variable when it was imported (maybe before this call): set its constant too.
         from ray._private import ray_constants
 

@@ -101,12 +101,13 @@ def test_masks_are_blocky():
 
 def test_eval_preprocessing_resizes_and_normalises_like_training():
     from reddino.data.images import resize_square
-    from reddino.evaluate.features import _as_rgb_list, preprocess
+    from reddino.data.images import to_rgb_list
+    from reddino.evaluate.features import preprocess
 
     out = preprocess([np.full((50, 40, 3), 255, np.uint8)], 28)
     assert out.shape == (1, 3, 28, 28) and out.dtype == np.float32
     assert np.allclose(out[0, :, 0, 0], (1 - IMAGENET_MEAN) / IMAGENET_STD, atol=1e-5)
-    assert preprocess(_as_rgb_list([np.zeros((30, 30), np.uint8)]), 28).shape == (1, 3, 28, 28)
+    assert preprocess(to_rgb_list([np.zeros((30, 30), np.uint8)]), 28).shape == (1, 3, 28, 28)
     # one side shrinks, the other grows: area interpolation (no aliasing), as in training
     img = np.random.default_rng(0).integers(0, 256, (60, 20, 3), dtype=np.uint8)
     assert np.array_equal(resize_square(img, 28), cv2.resize(img, (28, 28), interpolation=cv2.INTER_AREA))

@@ -56,7 +56,7 @@ def evaluate_cmd(
     test_value: str = typer.Option("test", help="fixed: the --split-column value of test rows."),
     test_fraction: float = typer.Option(0.2, help="fixed without --split-column: grouped stratified holdout fraction."),
     out: Optional[Path] = typer.Option(None, help="Output dir (default ./eval/<timestamp>)."),
-    cache_dir: Path = typer.Option(Path("~/.reddino/cache/features"), help="Feature cache dir."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache dir (default $REDDINO_HOME/cache/features)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not log an MLflow evaluation run."),
     experiment: str = typer.Option("reddino-eval", help="MLflow experiment."),
@@ -101,7 +101,7 @@ def evaluate_cmd(
             precision=precision.value,
             num_cpus=num_cpus,
             use_ray=ray,
-            cache_dir=None if no_cache else cache_dir.expanduser(),
+            cache_dir=None if no_cache else (cache_dir.expanduser() if cache_dir else "default"),
             out_dir=out,
             mlflow=not no_mlflow,
             tracking_uri=tracking_uri,
@@ -113,7 +113,7 @@ def evaluate_cmd(
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(code=2) from None
     console.print(Path(res["files"]["markdown"]).read_text(), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"results: {res['files']['json']}", markup=False, highlight=False)
+    console.print(f"results: {res['files']['json']}\nreport: {res['files']['html']}", markup=False, highlight=False)
     if res.get("mlflow_run_ids"):
         console.print(f"MLflow runs: {', '.join(res['mlflow_run_ids'])}", markup=False, highlight=False)
 

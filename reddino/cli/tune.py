@@ -14,7 +14,7 @@ def sweep(
     trials: int = typer.Option(8, "--trials", help="Number of trials (search mode)."),
     concurrency: int = typer.Option(1, "--concurrency", help="Trials running at once."),
     mode: str = typer.Option("search", "--mode", help="search (Optuna TPE + ASHA) or ablation (one factor at a time)."),
-    out: str = typer.Option("~/.reddino/sweeps", "--out", help="Folder for sweep results."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for sweep results (default $REDDINO_HOME/sweeps)."),
     name: Optional[str] = typer.Option(None, "--name"),
     seed: int = typer.Option(0, "--seed"),
     cpus_per_trial: Optional[float] = typer.Option(None, help="CPUs reserved by each trial's driver."),

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from reddino.config import CropConfig, MaskConfig
-from reddino.data.images import normalize_chw, resize_square
+from reddino.data.images import normalize_chw, resize_square, to_rgb_image
 
 
 #: Bump a policy's version whenever its output distribution changes (recorded with each run).
@@ -197,22 +197,6 @@ def sample_masks(rng: np.random.Generator, n_crops: int, grid: tuple[int, int], 
 # --------------------------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------------------------
-
-
-def to_rgb_image(item: Any) -> np.ndarray:
-    """Encoded bytes (PNG/JPEG/...) or an already decoded uint8 array → HxWx3 uint8 RGB."""
-    if isinstance(item, np.ndarray) and item.ndim >= 2:  # already decoded (HxW or HxWxC)
-        img = item if item.dtype == np.uint8 else np.clip(item, 0, 255).astype(np.uint8)
-        if img.ndim == 2:
-            img = img[:, :, None]
-        if img.shape[2] == 1:
-            return np.ascontiguousarray(np.repeat(img, 3, axis=2))
-        return img if img.shape[2] == 3 else np.ascontiguousarray(img[:, :, :3])
-    from reddino.data.images import decode_image
-
-    if isinstance(item, np.ndarray):
-        item = item.tobytes()
-    return decode_image(bytes(item))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ ImageNet normalisation (numpy on CPU, torch on the training device)."""
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import cv2
 import numpy as np
@@ -120,6 +121,30 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", *, jpeg_quality: int = 95, p
 # Resizing and normalisation shared by training (augment) and evaluation (features); numpy + cv2 only, so
 # evaluation and the training loop do not import albumentations.
 # ----------------------------------------------------------------------------------------------------------
+
+def to_rgb_image(item: Any) -> np.ndarray:
+    """Encoded bytes (PNG/JPEG/...) or an already decoded uint8 array → HxWx3 uint8 RGB."""
+    if isinstance(item, np.ndarray) and item.ndim >= 2:  # already decoded (HxW or HxWxC)
+        img = item if item.dtype == np.uint8 else np.clip(item, 0, 255).astype(np.uint8)
+        if img.ndim == 2:
+            img = img[:, :, None]
+        if img.shape[2] == 1:
+            return np.ascontiguousarray(np.repeat(img, 3, axis=2))
+        return img if img.shape[2] == 3 else np.ascontiguousarray(img[:, :, :3])
+    if isinstance(item, np.ndarray):
+        item = item.tobytes()
+    return decode_image(bytes(item))
+
+
+def to_rgb_list(data: Any) -> list[np.ndarray]:
+    """A pyarrow table (its ``image`` column), encoded images, decoded arrays or one ``[N,H,W,C]`` array → a list
+    of HxWx3 uint8 RGB images (the one conversion every consumer shares)."""
+    if hasattr(data, "column") and hasattr(data, "num_rows"):
+        data = data.column("image").to_pylist()
+    if isinstance(data, np.ndarray) and data.ndim == 4:
+        return [to_rgb_image(data[i]) for i in range(len(data))]
+    return [to_rgb_image(bytes(x) if isinstance(x, (bytearray, memoryview)) else x) for x in data]
+
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -26,15 +25,21 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from reddino.data.images import normalize_chw, resize_square
+from reddino.data import load_table, manifest_hash, read_rbc_dataset
+from reddino.data.images import normalize_chw, resize_square, to_rgb_list
 
-from .dataio import decode_image, load_table, manifest_hash, read_ray_dataset
+from reddino.model.backbone import model_img_size
+
+
+def is_extractor(model: Any) -> bool:
+    """A non-network feature extractor (``extract`` method) rather than a torch module."""
+    return callable(getattr(model, "extract", None)) and not hasattr(model, "forward_features")
 
 POOLINGS = ("cls", "cls+mean", "mean")
 PRECISIONS = ("auto", "fp32", "bf16")
 CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = "default"  # resolved at call time to reddino.paths.feature_cache() ($REDDINO_HOME)
 RAY_MIN_ROWS = 5000  # use_ray=None: below this many rows, in-process extraction beats starting Ray actors
-DEFAULT_CACHE_DIR = Path(os.environ.get("REDDINO_HOME", "~/.reddino")).expanduser() / "cache" / "features"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -46,23 +51,6 @@ def preprocess(images: Sequence[np.ndarray], img_size: int) -> np.ndarray:
     """RGB uint8 crops -> ``[B, 3, S, S]`` float32, ImageNet-normalised (the training normalisation)."""
     batch = np.stack([resize_square(np.ascontiguousarray(im[..., :3]), img_size) for im in images])
     return normalize_chw(batch)
-
-
-def _as_rgb_list(data: Any) -> list[np.ndarray]:
-    """A pyarrow table (``image`` column), encoded bytes, RGB arrays or an ``[N,H,W,3]`` array -> RGB list."""
-    if isinstance(data, pa.Table):
-        data = data.column("image").to_pylist()
-    if isinstance(data, np.ndarray) and data.ndim == 4:
-        return [data[i] for i in range(len(data))]
-    out = []
-    for im in data:
-        if isinstance(im, (bytes, bytearray, memoryview)):
-            im = decode_image(bytes(im))
-        im = np.asarray(im)
-        if im.ndim == 2:
-            im = np.repeat(im[:, :, None], 3, axis=2)
-        out.append(im)
-    return out
 
 
 def _unwrap(model):
@@ -136,28 +124,18 @@ def extract_features(
 ) -> np.ndarray:
     """Frozen features ``[N, D]`` (float32) of ``model`` for a table / list of images, in input order.
 
-    ``model`` is a timm ViT (``forward_features``) or ``"handcrafted"``. ``img_size`` defaults to the
+    ``model`` is a timm ViT (``forward_features``) or an extractor (``.extract``, e.g. the handcrafted
+    baseline of :func:`~reddino.evaluate.models.resolve_model`). ``img_size`` defaults to the
     model's own input size; ``device`` to where the model's parameters live. The model's train/eval
     mode and device are restored afterwards, so a training loop can call this on its teacher.
     ``precision``: ``fp32``, ``bf16`` (autocast, as DINOv2's evaluations use reduced precision) or
     ``auto`` (:func:`resolve_precision`). ``on_batch(n)`` is called after each batch of ``n`` images.
     """
-    images = _as_rgb_list(table_or_images)
-    if isinstance(model, str):
-        if model != "handcrafted":
-            raise ValueError(f"unknown feature model {model!r}")
-        from .handcrafted import handcrafted_features  # noqa: PLC0415
-
-        out = []
-        for i in range(0, len(images), batch_size):
-            out.append(handcrafted_features(images[i : i + batch_size], img_size=img_size))
-            if on_batch:
-                on_batch(len(out[-1]))
-        return np.concatenate(out) if out else handcrafted_features([])
+    images = to_rgb_list(table_or_images)
+    if is_extractor(model):
+        return model.extract(images, img_size=img_size, batch_size=batch_size, on_batch=on_batch)
 
     import torch  # noqa: PLC0415
-
-    from .models import model_img_size  # noqa: PLC0415
 
     net = _unwrap(model)
     img_size = int(img_size or model_img_size(net))
@@ -316,16 +294,10 @@ def cache_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:
 
 
 def save_npz_atomic(path: Path, **arrays) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from reddino.paths import atomic_path  # noqa: PLC0415
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
@@ -359,7 +331,7 @@ class FeatureUDF:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.model = model
-        if not isinstance(model, str):
+        if not is_extractor(model):
             self.model = model.to(device).eval()
         self.img_size, self.pooling, self.batch_size, self.precision = img_size, pooling, batch_size, precision
         self.keep = set(keep) if keep is not None else None
@@ -431,25 +403,28 @@ def _run_extraction_ray(
     actor_cpus = max(1, usable - 1)
     resources, device = _ray_resources(actor_cpus)
     threads = usable if device == "cpu" else None
-    ds = read_ray_dataset([data_dir], columns=["image", "image_id", "sha256", "label"])
-    ds = ds.map_batches(
-        FeatureUDF,
-        fn_constructor_kwargs={
-            "model": model,
-            "img_size": img_size,
-            "pooling": pooling,
-            "batch_size": batch_size,
-            "device": device,
-            "keep": None if all_labelled else keys,
-            "num_threads": threads,
-            "precision": precision,
-        },
-        batch_size=max(batch_size, 64),
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1),
-        max_restarts=0,  # a lost actor fails the pass (rerun: the cache keeps nothing half-done); no restart warning
-        **resources,
-    )
+    ds = read_rbc_dataset([data_dir], columns=["image", "image_id", "sha256", "label"])
+    with warnings.catch_warnings():
+        # `max_restarts` has no named map_batches parameter in Ray 2.60 (only the deprecated **ray_remote_args).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ds.map_batches(
+            FeatureUDF,
+            fn_constructor_kwargs={
+                "model": model,
+                "img_size": img_size,
+                "pooling": pooling,
+                "batch_size": batch_size,
+                "device": device,
+                "keep": None if all_labelled else keys,
+                "num_threads": threads,
+                "precision": precision,
+            },
+            batch_size=max(batch_size, 64),
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            max_restarts=0,  # a lost actor fails the pass (rerun: the cache keeps nothing half-done); no restart warning
+            **resources,
+        )
     got: dict[str, np.ndarray] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k, f in zip(batch["key"].tolist(), batch["features"]):
@@ -461,7 +436,7 @@ def _run_extraction_ray(
 
 def _run_extraction_local(model, data_dir, idx, img_size, pooling, batch_size, *, device=None, on_batch=None,
                           precision="fp32"):
-    table = load_table(data_dir, columns=["image"])
+    table = load_table([data_dir], columns=["image"])
     images = table.column("image").take(pa.array(idx)).to_pylist()
     return extract_features(model, images, img_size, batch_size, device, pooling=pooling, on_batch=on_batch,
                             precision=precision)
@@ -469,7 +444,7 @@ def _run_extraction_local(model, data_dir, idx, img_size, pooling, batch_size, *
 
 def _extraction_device(model, use_ray: bool, device: Any) -> Any:
     """Where the forward passes will run, known without starting Ray (for the precision and cache key)."""
-    if isinstance(model, str):
+    if is_extractor(model):
         return "cpu"
     import sys  # noqa: PLC0415
 
@@ -518,7 +493,7 @@ def compute_features(
     data_dir = str(Path(data_dir).expanduser())
     img_size = img_size or info.get("img_size")
     base_cols = ["label", "label_name", "source", "group", "image_id", "sha256"]
-    meta = load_table(data_dir, columns=base_cols + [c for c in extra_columns if c not in base_cols])
+    meta = load_table([data_dir], columns=base_cols + [c for c in extra_columns if c not in base_cols])
     missing_cols = [c for c in extra_columns if c not in meta.column_names]
     if missing_cols:
         raise ValueError(f"{data_dir}: no column(s) {missing_cols}")
@@ -534,20 +509,24 @@ def compute_features(
     keys = _row_keys(meta, idx)
     if use_ray is None:
         use_ray = len(idx) >= RAY_MIN_ROWS
-    if isinstance(model, str):
-        precision = "fp32"  # handcrafted features: no network
+    if is_extractor(model):
+        precision = "fp32"  # no network
     else:
         precision = resolve_precision(precision, _extraction_device(model, use_ray, device))
     key = {
         "v": CACHE_VERSION,
         "model": info["hash"],
-        "data": manifest_hash(data_dir),
+        "data": str(manifest_hash(data_dir)),
         "pooling": pooling,
         "img_size": img_size or "native",
         "selection": hashlib.sha256("\n".join(keys).encode()).hexdigest() if subset else "labelled",
     }
     if precision != "fp32":  # fp32 keeps the keys (and cache files) written before precision existed
         key["precision"] = precision
+    if cache_dir == DEFAULT_CACHE_DIR:
+        from reddino import paths  # noqa: PLC0415
+
+        cache_dir = paths.feature_cache()
     path = cache_path(cache_dir, key) if cache_dir else None
     extra = {"data": data_dir, "cache_key": key, "cache_file": str(path) if path else None, "cached": False,
              "precision": precision}

@@ -20,6 +20,8 @@ from typing import Iterable
 
 import numpy as np
 
+from reddino.data.images import to_rgb_list
+
 VERSION = 1
 
 FEATURE_NAMES = (
@@ -156,10 +158,8 @@ def handcrafted_features(images: Iterable, *, img_size: int | None = None) -> np
 
     ``img_size`` resizes every crop to a square first (default: native resolution).
     """
-    from .features import _as_rgb_list  # noqa: PLC0415 - features imports this module lazily too
-
     rows = []
-    for im in _as_rgb_list(images):
+    for im in to_rgb_list(images):
         if img_size and im.shape[:2] != (img_size, img_size):
             import cv2  # noqa: PLC0415
 
@@ -168,3 +168,25 @@ def handcrafted_features(images: Iterable, *, img_size: int | None = None) -> np
     if not rows:
         return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
     return np.stack(rows).astype(np.float32)
+
+
+class HandcraftedExtractor:
+    """The morphology baseline as a feature extractor (no network): what ``resolve_model("handcrafted")`` gives.
+
+    Extractors other than timm ViTs implement ``extract`` and say whether classifiers should z-score their
+    features (``standardize``: these are in mixed units, pixels and ratios)."""
+
+    name = "handcrafted"
+    standardize = True
+    dim = len(FEATURE_NAMES)
+
+    def extract(self, images, img_size: int | None = None, batch_size: int = 64, on_batch=None) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            out.append(handcrafted_features(images[i : i + batch_size], img_size=img_size))
+            if on_batch:
+                on_batch(len(out[-1]))
+        return np.concatenate(out) if out else handcrafted_features([])
+
+    def __repr__(self) -> str:
+        return "HandcraftedExtractor()"

@@ -19,6 +19,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from reddino.model import backbone_info, load_backbone
+
+from .handcrafted import FEATURE_NAMES, VERSION, HandcraftedExtractor
+
 HANDCRAFTED = "handcrafted"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:", "dbfs:/")
@@ -93,47 +97,16 @@ def module_hash(model) -> str:
     return h.hexdigest()
 
 
-def model_img_size(model, default: int = 224) -> int:
-    """The square input size a timm ViT was built for."""
-    pe = getattr(model, "patch_embed", None)
-    size = getattr(pe, "img_size", None)
-    if size:
-        return int(size[0] if isinstance(size, (tuple, list)) else size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
-        return int(cfg["input_size"][-1])
-    return default
-
-
 def _load_backbone_file(path: Path):
-    from reddino.model import load_backbone  # noqa: PLC0415 - strict: every tensor present, nothing left over
-
-    return load_backbone(path)
+    return load_backbone(path)  # strict: every tensor present, nothing left over
 
 
 def _backbone_info(model, path: Path | None = None) -> dict[str, Any]:
-    from reddino.model import backbone_info  # noqa: PLC0415
-
-    info: dict[str, Any] = {}
-    try:
-        info.update(dict(backbone_info(model)))
-    except AttributeError:  # a foreign module (not a timm ViT): the generic fields below still apply
-        pass
+    info: dict[str, Any] = dict(backbone_info(model))
     if path is not None:
         for k, v in _sidecar_info(path).items():
             info.setdefault(k, v)
-    info.setdefault("img_size", model_img_size(model))
-    info.setdefault("embed_dim", int(getattr(model, "embed_dim", getattr(model, "num_features", 0)) or 0))
-    info.setdefault("patch_size", _patch_size(model))
     return info
-
-
-def _patch_size(model) -> int | None:
-    pe = getattr(model, "patch_embed", None)
-    ps = getattr(pe, "patch_size", None)
-    if ps is None:
-        return None
-    return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
 
 
 def _mlflow_links(ref: str) -> dict[str, Any]:
@@ -170,7 +143,6 @@ def _random_model(arch: str, img_size: int | None, seed: int):
     import timm  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    import reddino.model  # noqa: F401, PLC0415 - registers the vit_tiny_*_reddino archs
     if not timm.is_model(arch):
         raise ValueError(f"unknown model reference or timm arch: {arch!r}")
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "dynamic_img_size": True}
@@ -186,7 +158,7 @@ def _random_model(arch: str, img_size: int | None, seed: int):
 
 
 def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache_dir: str | Path | None = None):
-    """Resolve a model reference to ``(module | "handcrafted", info)``.
+    """Resolve a model reference to ``(module | extractor, info)`` (the extractor: handcrafted features).
 
     ``info`` always has ``ref``, ``kind`` (handcrafted/file/checkpoint/mlflow/random/module), ``hash``
     (content hash for the feature cache) and ``img_size``; ViTs add ``arch``, ``embed_dim``,
@@ -205,9 +177,7 @@ def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache
 
     ref = str(ref)
     if ref == HANDCRAFTED:
-        from .handcrafted import FEATURE_NAMES, VERSION  # noqa: PLC0415
-
-        return HANDCRAFTED, {
+        return HandcraftedExtractor(), {
             "ref": ref,
             "kind": "handcrafted",
             "hash": hashlib.sha256(f"handcrafted-v{VERSION}".encode()).hexdigest(),
@@ -219,7 +189,9 @@ def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache
     if ref.startswith(_MLFLOW_SCHEMES):
         import mlflow.artifacts  # noqa: PLC0415
 
-        dst = Path(cache_dir or Path("~/.reddino/cache/models").expanduser())
+        from reddino import paths  # noqa: PLC0415
+
+        dst = Path(cache_dir) if cache_dir else paths.model_cache()
         dst = dst / hashlib.sha256(ref.encode()).hexdigest()[:16]
         dst.mkdir(parents=True, exist_ok=True)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst)))

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from reddino.paths import save_figure, write_text_atomic
+
 from .metrics import SCALAR_METRICS
 
 METRIC_TITLES = {"accuracy": "acc", "balanced_accuracy": "bal. acc", "f1_weighted": "F1 (w)"}
@@ -41,11 +43,7 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def write_json(results: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(results), indent=2))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(to_jsonable(results), indent=2))
 
 
 def _pm(m: dict[str, Any] | None, pct: bool = True) -> str:
@@ -141,8 +139,7 @@ def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], titl
     ax.set_title(title, fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046, label="row-normalised")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -166,8 +163,7 @@ def plot_matrix(matrix, sources: Sequence[str], title: str, path: Path) -> Path:
     ax.set_title(title, fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046, label="balanced accuracy")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -211,8 +207,7 @@ def plot_embedding(emb: np.ndarray, colour_by: np.ndarray, title: str, path: Pat
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -321,7 +316,7 @@ def log_mlflow(results: dict[str, Any], out_dir: Path, *, tracking_uri: str | No
             metrics.update({k: v for k, v in (model.get("headline") or {}).items() if v is not None})
             if metrics:
                 mlflow.log_metrics(metrics)
-            for f in ("results.json", "report.md", "metrics.json"):
+            for f in ("results.json", "report.md", "report.html", "metrics.json"):
                 if (out_dir / f).is_file():
                     mlflow.log_artifact(str(out_dir / f))
             for p in model.get("figures", []):

@@ -10,6 +10,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from reddino.paths import write_text_atomic
+
+from .html import html_report
+
 import numpy as np
 import pyarrow as pa
 
@@ -192,10 +196,11 @@ def evaluate(
     # The first model's first evaluation, flat (`reddino models register --eval-json` reads this).
     results["headline"] = results["models"][0]["headline"] if results["models"] else {}
     files = {"json": str(out / "results.json"), "markdown": str(out / "report.md"),
-             "metrics": str(out / "metrics.json")}
+             "html": str(out / "report.html"), "metrics": str(out / "metrics.json")}
     results["out_dir"] = str(out)
     results["files"] = files
-    (out / "report.md").write_text(markdown_report(results))
+    write_text_atomic(out / "report.md", markdown_report(results))
+    html_report(results, out)
     write_json(results, out / "results.json")
     write_json(results["headline"], out / "metrics.json")
     if mlflow:
@@ -262,8 +267,12 @@ def knn_score(
     ``knn1``, and ``n_images``, ``n_classes``, ``seconds``. ``probe=True`` adds the RedDino
     logistic-regression probe (``probe_balanced_accuracy``, ...) on the same folds.
     """
-    from .dataio import load_table  # noqa: PLC0415
+    from reddino.data import load_table  # noqa: PLC0415
 
+    if isinstance(model, str):  # a reference (e.g. "handcrafted") rather than a module
+        from .models import resolve_model  # noqa: PLC0415
+
+        model, _ = resolve_model(model, img_size=img_size)
     t0 = time.perf_counter()
     if isinstance(data, pa.Table):
         meta_cols = [c for c in data.column_names if c != "image"]
@@ -271,9 +280,10 @@ def knn_score(
         idx = select_rows(meta, exclude_labels=exclude_labels, max_images=max_images, seed=seed)
         images = data.column("image").take(pa.array(idx)).to_pylist()
     else:
-        meta = load_table(data, columns=["label", "label_name", "source", "group", "image_id", "sha256"])
+        data = str(Path(data).expanduser())
+        meta = load_table([data], columns=["label", "label_name", "source", "group", "image_id", "sha256"])
         idx = select_rows(meta, exclude_labels=exclude_labels, max_images=max_images, seed=seed)
-        images = load_table(data, columns=["image"]).column("image").take(pa.array(idx)).to_pylist()
+        images = load_table([data], columns=["image"]).column("image").take(pa.array(idx)).to_pylist()
     if len(idx) < 2:
         raise ValueError("knn_score needs at least 2 labelled images")
     sub = meta.take(pa.array(idx))
@@ -288,7 +298,7 @@ def knn_score(
         image_ids=np.arange(len(idx)).astype(str),
     )
     clfs = [f"knn{k}"] + (["knn1"] if k != 1 else []) + (["probe"] if probe else [])
-    standardize = isinstance(model, str)
+    standardize = bool(getattr(model, "standardize", False))
     if isinstance(folds, float) and 0 < folds < 1:
         res = run_fixed(fs, clfs, test_fraction=folds, seed=seed, use_groups=use_groups, standardize=standardize)
     else:

@@ -9,14 +9,14 @@ also ``metrics.json`` (balanced accuracy etc. of the probe on them). A probe fit
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from reddino.paths import atomic_path, save_figure
 
 from .embed import EmbedError, embed, read_embeddings, resolve
 from .probe import Probe, backbone_link, load_probe
@@ -43,9 +43,8 @@ def check_backbone(probe: Probe, info: dict[str, Any], model_ref: str, probe_ref
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def fractions(pred: pd.DataFrame, by: str, classes: list[str]) -> pd.DataFrame:
@@ -84,7 +83,7 @@ def _plot(by_source: pd.DataFrame, by_smear: pd.DataFrame, classes: list[str], p
     axes[0].legend(ncol=min(len(classes), 5), fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.15))
     axes[1].set_xlabel("fraction of cells")
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    save_figure(fig, path)
     plt.close(fig)
 
 

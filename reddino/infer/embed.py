@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from reddino.paths import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +71,11 @@ class EmbedUDF:
                  precision="fp32"):
         import torch  # noqa: PLC0415
 
+        from reddino.evaluate.features import is_extractor  # noqa: PLC0415
+
         if num_threads:
             torch.set_num_threads(int(num_threads))
-        self.model = model if isinstance(model, str) else model.to(device).eval()
+        self.model = model if is_extractor(model) else model.to(device).eval()
         self.img_size, self.pooling, self.batch_size = img_size, pooling, batch_size
         self.device, self.precision = device, precision
 
@@ -125,12 +130,6 @@ def _model_record(info: dict[str, Any]) -> dict[str, Any]:
     return {k: info[k] for k in keys if info.get(k) not in (None, "")}
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _sha256(path: Path) -> str:
     from reddino.data.shards import file_sha256  # noqa: PLC0415
 
@@ -153,12 +152,11 @@ def _write_shard(work: Path, shard: dict, meta: pa.Table, vectors: np.ndarray, k
     name = _out_name(shard["file"])
     table = meta.filter(pa.array(keep)) if not keep.all() else meta
     table = table.append_column("embedding", _embedding_array(vectors[keep], dtype))
-    tmp = work / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, work / name)
+    with atomic_path(work / name) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     record = {"file": name, "source_shard": shard["file"], "rows": table.num_rows,
               "bytes": (work / name).stat().st_size, "sha256": _sha256(work / name), "skipped": skipped}
-    _write_json_atomic(work / f"{name}.done.json", record)
+    write_json_atomic(work / f"{name}.done.json", record)
     return record
 
 
@@ -198,7 +196,7 @@ def _prepare_work(out: Path, spec: dict, overwrite: bool) -> tuple[Path, dict | 
             shutil.rmtree(work)  # our own leftovers from an interrupted run with other settings
     work.mkdir(parents=True, exist_ok=True)
     if not job.is_file():
-        _write_json_atomic(job, spec)
+        write_json_atomic(job, spec)
     return work, None
 
 
@@ -325,7 +323,7 @@ def embed(
 ) -> EmbedResult:
     """Embed every row of the dataset at ``data`` with ``model`` (any ``reddino evaluate`` reference, or a
     ``(module, info)`` pair from ``resolve``) into ``out``. Returns at once when ``out`` already holds this job's complete output."""
-    from reddino.evaluate.features import POOLINGS, ensure_ray, resolve_precision  # noqa: PLC0415
+    from reddino.evaluate.features import POOLINGS, ensure_ray, is_extractor, resolve_precision  # noqa: PLC0415
 
     t0 = time.time()
     if pooling not in POOLINGS:
@@ -339,14 +337,12 @@ def embed(
     net, info = model if isinstance(model, tuple) else resolve(model, img_size)
     size = int(info["img_size"]) if info.get("img_size") else None  # None: handcrafted at native size
 
-    import ray  # noqa: PLC0415
-
     ensure_ray(num_cpus)
     from reddino.local import quiet_data_progress  # noqa: PLC0415
 
     quiet_data_progress()
     resources, device, threads = _placement(concurrency, num_cpus)
-    precision = "fp32" if isinstance(net, str) else resolve_precision(precision, device)
+    precision = "fp32" if is_extractor(net) else resolve_precision(precision, device)
     spec = _job_spec(info, m, pooling, size, precision, dtype)
     work, complete = _prepare_work(out, spec, overwrite)
     if complete is not None:
@@ -388,7 +384,7 @@ def embed(
         "job": spec,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json_atomic(work / "_manifest.json", manifest)
+    write_json_atomic(work / "_manifest.json", manifest)
     _publish(work, out)
     return EmbedResult(out, manifest, written=len(pending), reused=len(shards) - len(pending),
                        seconds=time.time() - t0)
@@ -408,19 +404,22 @@ def _run(net, data: Path, pending: list[dict], work: Path, size: int, pooling: s
     metas = {s["file"]: pq.read_table(data / s["file"], columns=list(META_COLUMNS)) for s in pending}
     got: dict[str, dict[str, list]] = {name: {} for name in by_name}
     seen = {name: 0 for name in by_name}
-    ds = ray.data.read_parquet(files, columns=["image", "image_id", "sha256"], include_paths=True)
-    ds = ds.map_batches(
-        EmbedUDF,
-        fn_constructor_kwargs={"model": net, "img_size": size, "pooling": pooling, "batch_size": batch_size,
-                               "device": device, "num_threads": threads, "precision": precision},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        # An actor restart would need its constructor args (the model) from the object store, which Ray warns
-        # may be gone; a lost actor fails the pass instead, and rerunning the command resumes at the shard.
-        max_restarts=0,
-        **resources,
-    )
+    ds = ray.data.read_parquet(files, include_paths=True).select_columns(["image", "image_id", "sha256", "path"])
+    with warnings.catch_warnings():
+        # `max_restarts` has no named map_batches parameter in Ray 2.60 (only the deprecated **ray_remote_args).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ds.map_batches(
+            EmbedUDF,
+            fn_constructor_kwargs={"model": net, "img_size": size, "pooling": pooling, "batch_size": batch_size,
+                                   "device": device, "num_threads": threads, "precision": precision},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            # An actor restart would need its constructor args (the model) from the object store, which Ray warns
+            # may be gone; a lost actor fails the pass instead, and rerunning the command resumes at the shard.
+            max_restarts=0,
+            **resources,
+        )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for name, key, ok, err, vec in zip(batch["shard"], batch["key"], batch["ok"], batch["error"],
                                            batch["embedding"]):

@@ -10,15 +10,15 @@ content hash travels with the probe, so ``classify`` can refuse a probe meant fo
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from reddino.paths import atomic_path
 
 from .embed import EmbedError, resolve
 
@@ -131,9 +131,8 @@ def save_probe(probe: Probe, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name, data in ((PROBE_FILE, pickle.dumps(probe.estimator)),
                        (META_FILE, (json.dumps(probe.meta, indent=2) + "\n").encode())):
-        tmp = out / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_bytes(data)
-        os.replace(tmp, out / name)
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(data)
     return out
 
 

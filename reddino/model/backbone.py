@@ -117,20 +117,31 @@ def create_backbone(
     return model
 
 
+def model_img_size(model: nn.Module, default: int = 224) -> int:
+    """The square input size a timm ViT was built for (``default`` for a model that does not say)."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size:
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        return int(cfg["input_size"][-1])
+    return default
+
+
 def backbone_info(model: nn.Module) -> dict[str, Any]:
-    """``{"arch", "img_size", "patch_size", "embed_dim"}`` of a backbone made by :func:`create_backbone`."""
+    """``{"arch", "img_size", "patch_size", "embed_dim"}`` of a backbone (a timm ViT; other modules give what
+    they have: ``patch_size`` None, ``embed_dim`` from ``num_features``)."""
     model = getattr(model, "module", model)
     arch = getattr(model, "reddino_arch", None)
     if arch is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         arch = cfg.get("architecture")
-    img_size = model.patch_embed.img_size
-    patch = model.patch_embed.patch_size
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     return {
         "arch": arch,
-        "img_size": int(img_size[0]) if img_size is not None else None,
-        "patch_size": int(patch[0]),
-        "embed_dim": int(model.embed_dim),
+        "img_size": model_img_size(model),
+        "patch_size": None if patch is None else int(patch[0] if isinstance(patch, (tuple, list)) else patch),
+        "embed_dim": int(getattr(model, "embed_dim", getattr(model, "num_features", 0)) or 0),
     }
 
 

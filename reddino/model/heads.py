@@ -17,7 +17,8 @@ class DINOHead(nn.Module):
     """MLP (GELU) → bottleneck → L2-normalise → weight-normed prototypes (no bias).
 
     The "last layer" (``last_layer.*`` parameters: the weight-norm magnitude ``original0`` and direction
-    ``original1``) is what DINO freezes during the first epochs; see :meth:`cancel_last_layer_grad`.
+    ``original1``) is what DINO freezes during the first epochs (``optim.freeze_last_layer_epochs``: its parameter
+    group gets lr 0, see :class:`reddino.train.step.TrainStep`).
     """
 
     def __init__(
@@ -67,14 +68,6 @@ class DINOHead(nn.Module):
         eps = 1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12
         x = F.normalize(x, dim=-1, p=2, eps=eps)
         return self.last_layer(x)
-
-    def last_layer_parameters(self) -> list[nn.Parameter]:
-        return list(self.last_layer.parameters())
-
-    def cancel_last_layer_grad(self) -> None:
-        """Drop the last layer's gradients (call after backward while the last layer is frozen)."""
-        for p in self.last_layer.parameters():
-            p.grad = None
 
     @staticmethod
     def is_last_layer(param_name: str) -> bool:

@@ -199,14 +199,6 @@ class DINOv2SSL(nn.Module):
         torch._foreach_mul_(t_params, m)
         torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
 
-    def last_layer_parameters(self) -> list[nn.Parameter]:
-        """The student heads' last layers (frozen for ``freeze_last_layer_epochs``)."""
-        return [p for n, p in self.student.named_parameters() if DINOHead.is_last_layer(n)]
-
-    def cancel_last_layer_grad(self) -> None:
-        for p in self.last_layer_parameters():
-            p.grad = None
-
     def param_groups(self, optim_cfg: OptimConfig | None = None) -> list[dict[str, Any]]:
         """AdamW groups of the student parameters (+ mask token), each with ``lr_mult``, ``wd_mult``,
         ``is_last_layer``; the trainer sets ``lr = lr_t · lr_mult`` and ``weight_decay = wd_t · wd_mult``.

@@ -51,10 +51,8 @@ def plot_learning_curve(histories: dict[str, list[tuple[int, float]]], out: Path
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    from reddino.paths import save_figure
+
+    save_figure(fig, out)
     plt.close(fig)
-    tmp.replace(out)
-    return out
+    return Path(out)

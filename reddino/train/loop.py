@@ -1,7 +1,7 @@
 """The per-worker DINOv2 training loop (runs inside each Ray Train worker).
 
 Read top to bottom: build model + optimizer → restore the latest checkpoint → stream batches →
-step (schedules, forward, backward, clip, AdamW, teacher EMA) → log / monitor / evaluate /
+step (`reddino.train.step.TrainStep`: schedules, forward, backward, clip, AdamW, teacher EMA) → log / monitor / evaluate /
 checkpoint → export the teacher backbone at the end.
 """
 
@@ -11,7 +11,6 @@ import math
 import os
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ import torch.distributed as dist
 
 from reddino.config import RunConfig
 from reddino.train import checkpoint as ckpt
-from reddino.train.data import BatchStream, crops_to_device, skip_list_actor
+from reddino.train.data import BatchStream, skip_list_actor
+from reddino.train.step import TrainStep, any_rank
 
 
 def _all_gather_keys(keys: np.ndarray) -> np.ndarray:
@@ -30,14 +30,6 @@ def _all_gather_keys(keys: np.ndarray) -> np.ndarray:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, keys)
     return np.concatenate(gathered)
-
-
-def _any_rank(flag: bool, device) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 def _barrier() -> None:
@@ -169,12 +161,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stream.on_pass_end = _pass_ended
     batches = iter(stream)
 
-    # --- schedules ---
-    accum = cfg.optim.grad_accum_steps
-    global_batch = cfg.train.batch_size_per_worker * world * accum
+    # --- schedules and the step ---
+    global_batch = cfg.train.batch_size_per_worker * world * cfg.optim.grad_accum_steps
     sched = build_schedules(cfg, global_batch)
     total = cfg.total_steps
-    freeze_until = int(cfg.optim.freeze_last_layer_epochs * cfg.train.iters_per_epoch)
 
     # --- eval hook data (rank 0) ---
     eval_table = None
@@ -185,11 +175,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = _MLflowLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
     config_yaml = loop_config.get("config_yaml", "")
+    progress_file = loop_config.get("progress_file") if rank == 0 else None  # a live bar on the driver's tty
     # Test-only fault injection: {"crash_at_step": N, "crash_marker": path, "nan_at_step": N}.
     faults = loop_config.get("faults") or {}
     fault_step = int(faults.get("crash_at_step", -1))
     fault_marker = faults.get("crash_marker")
     nan_step = int(faults.get("nan_at_step", -1))
+
+    def _inject_nan(step: int, loss, parts):
+        if step != nan_step:
+            return loss, parts
+        return loss * float("nan"), {**parts, "ibot": torch.tensor(float("nan"))}
+
+    train_step = TrainStep(model, optimizer, sched, cfg, forward=ddp_model, device=device, world=world, scaler=scaler,
+                           autocast=use_autocast, amp_dtype=amp_dtype,
+                           loss_hook=_inject_nan if nan_step >= 0 else None)
 
     def _report(metrics: dict[str, Any], with_checkpoint: bool, export: bool = False) -> None:
         # Identify the run in every report (Tune sees only these, not the driver's return value).
@@ -229,56 +229,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     while state.step < total:
         step = state.step
-        lr, wd, mom, teacher_temp = sched["lr"](step), sched["wd"](step), sched["momentum"](step), sched["teacher_temp"](step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
-            group["weight_decay"] = wd * group.get("wd_mult", 1.0)
-            if group.get("is_last_layer") and step < freeze_until:
-                group["lr"] = 0.0
-
-        parts_sum: dict[str, float] = {}
-        loss_value = 0.0
-        for micro in range(accum):
-            batch = next(batches)
-            g = crops_to_device(batch["global_crops"], device)
-            lc = batch.get("local_crops")
-            lc = crops_to_device(lc, device) if lc is not None else None
-            masks = batch["masks"].to(device, non_blocking=True)
-            sync = nullcontext() if (micro == accum - 1 or world == 1) else ddp_model.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_autocast):
-                    loss, parts = ddp_model(g, lc, masks, teacher_temp)
-                scaled = loss / accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            if step == nan_step:
-                parts = {**parts, "ibot": torch.tensor(float("nan"))}
-                loss = loss * float("nan")
-            loss_value += float(loss.detach()) / accum
-            for name, v in parts.items():
-                parts_sum[name] = parts_sum.get(name, 0.0) + float(v) / accum
-            state.images_seen += g.shape[0] * world
-
-        # NaN guard: every rank agrees before anything is stepped, so all stop together.
-        bad = not math.isfinite(loss_value)
-        if _any_rank(bad, device):
+        res = train_step(step, lambda: next(batches))
+        state.images_seen += res.images
+        lr, parts_sum, loss_value = res.lr, res.parts, res.loss
+        if not res.finite:
             culprits = [k for k, v in parts_sum.items() if not math.isfinite(v)] or ["total"]
             terms = ", ".join(f"{k}={v:.4g}" for k, v in parts_sum.items())
             stop_reason = (f"non-finite loss at step {step} in {', '.join(culprits)} (total={loss_value:.4g}; {terms}); "
                            "run stopped, last good checkpoint kept")
             break
-
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = None
-        if cfg.optim.clip_grad:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.student.parameters(), cfg.optim.clip_grad))
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_teacher(mom)
         state.step += 1
         step = state.step
 
@@ -294,13 +253,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             t_last, imgs_last = now, state.images_seen
             done = step - steps_at_start
             eta = (now - t_start) / max(done, 1) * (total - step)
-            metrics.update({"step": step, "loss": loss_value, "lr": lr, "wd": wd, "momentum": mom,
-                            "teacher_temp": teacher_temp, "images_per_s": ips, "data_pass": stream.data_pass,
+            metrics.update({"step": step, **res.metrics(), "images_per_s": ips, "data_pass": stream.data_pass,
                             "images_seen": state.images_seen})
-            metrics.update({f"loss_{k}": v for k, v in parts_sum.items()})
-            if grad_norm is not None:
-                metrics["grad_norm"] = grad_norm
-            if rank == 0:
+            if progress_file:
+                from reddino.train.progress import write_progress
+
+                write_progress(progress_file, {"step": step, "total": total, "loss": loss_value, "parts": parts_sum,
+                                               "lr": lr, "ips": ips, "eta_s": eta,
+                                               "knn20": last_metrics.get("eval_knn20_balanced_accuracy")})
+            elif rank == 0:
                 print(f"[reddino] step {step}/{total} loss {loss_value:.4f} "
                       + " ".join(f"{k} {v:.3f}" for k, v in parts_sum.items())
                       + f" lr {lr:.2e} {ips:.1f} img/s eta {eta/60:.1f} min", flush=True)
@@ -333,7 +294,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     if logger is not None and logger.client is not None:
                         logger.client.set_tag(logger.run_id, "reddino.collapse_warning", text)
         if cfg.train.monitor_every and (step % cfg.train.monitor_every == 0 or is_last):
-            if _any_rank(collapse_stop is not None, device):
+            if any_rank(collapse_stop is not None, device):
                 stop_reason = collapse_stop or "representation collapse on rank 0; run stopped"
 
         if cfg.eval.data and ((cfg.eval.every and step % cfg.eval.every == 0) or is_last):

@@ -98,15 +98,18 @@ def pretrain(
     Train restores the run's checkpoint manager; the loop restores model, optimizer and data position).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from reddino.local import default_tracking_uri, init_ray, quiet_data_progress
+    from reddino.local import default_tracking_uri, init_ray, quiet_data_progress, verbose
 
     init_ray()
     quiet_data_progress()
     _quiet_train_console()
-    storage = Path(os.path.expanduser(cfg.train.storage_path)).resolve() if "://" not in cfg.train.storage_path else cfg.train.storage_path
+    from reddino import paths
+
+    where = cfg.train.storage_path or str(paths.runs_dir())
+    storage = where if "://" in where else Path(where).expanduser().resolve()
     run_name = run_name or cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(storage) / run_name if not isinstance(storage, str) else None
     if resume and run_dir is not None and not run_dir.exists():
@@ -166,6 +169,11 @@ def pretrain(
         "data_hash": data_hash,
         "faults": faults,
     }
+    from reddino.train.progress import PROGRESS_FILE, LiveProgress, live_wanted
+
+    live = live_wanted() and run_dir is not None
+    if live:
+        loop_config["progress_file"] = str(run_dir / PROGRESS_FILE)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
@@ -184,10 +192,16 @@ def pretrain(
                                                checkpoint_score_attribute="step", checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
+            # Ray Train's INFO lines (resources requested, worker group started, ...) go to its log files only.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    if live:
+        with LiveProgress(run_dir / PROGRESS_FILE, cfg.total_steps, f"pretrain {run_name}"):
+            result = trainer.fit()
+    else:
+        result = trainer.fit()
     metrics = dict(result.metrics or {})
     latest = _latest_checkpoint(result)
     stopped = ray.get(run_state.stop_reason.remote())
@@ -202,7 +216,9 @@ def pretrain(
         elif run_dir is not None:
             target = run_dir / "backbone.safetensors"
         else:  # remote storage: keep a local copy of the export next to the other reddino files
-            target = Path("~/.reddino/exports").expanduser() / run_name / "backbone.safetensors"
+            from reddino import paths
+
+            target = paths.exports_dir() / run_name / "backbone.safetensors"
         with latest.as_directory() as d:
             exported = sorted(Path(d).glob(BACKBONE_FILE + "*"))
             if exported:

@@ -7,6 +7,8 @@ from typing import Any
 
 import pandas as pd
 
+from reddino.paths import save_figure
+
 from reddino.tune.space import SweepSpace, params_to_overrides
 
 _SCORES = [("kNN-1", "eval_knn1_balanced_accuracy"), ("kNN-20", "eval_knn20_balanced_accuracy"),
@@ -88,7 +90,7 @@ def sweep_plots(table: pd.DataFrame, space: SweepSpace, out_dir: Path) -> list[P
         path = out_dir / f"{name}.png"
         plt.gcf().set_size_inches(8, 5)
         plt.tight_layout()
-        plt.savefig(path, dpi=100)
+        save_figure(plt.gcf(), path, dpi=100)
         plt.close("all")
         paths.append(path)
     return paths

@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from reddino.paths import atomic_path, write_text_atomic
+
 from reddino.tune.space import SweepSpace, load_space, params_to_overrides
 
 STATE_FILE = "reddino_sweep.json"
@@ -43,7 +45,25 @@ def _scored_reports(metric: str):
     return _ScoredReports()
 
 
-def _trial(config: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a sweep shares (handed to the trainable by ``tune.with_parameters``); the trial's own
+    config holds only its sampled parameters, or its ablation ``arm``."""
+
+    base: str
+    overrides: tuple[str, ...]
+    storage: str
+    experiment: str
+    parent_run_id: str | None
+    metric: str = "eval_knn20_balanced_accuracy"
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a trial runs with: its ablation arm's, or the ones the searcher sampled."""
+    return dict(config["arm"]["params"]) if "arm" in config else dict(config)
+
+
+def _trial(config: dict[str, Any], settings: TrialSettings) -> None:
     """One trial: pretrain with this trial's overrides; its reports (kNN every `eval.every`) go to Tune."""
     import ray.tune
 
@@ -51,18 +71,15 @@ def _trial(config: dict[str, Any]) -> None:
     from reddino.train import pretrain
 
     ctx = ray.tune.get_context()
-    params = {k: v for k, v in config.items() if not k.startswith("_")}
-    if "_variant" in config:
-        params = dict(config["_variant"]["params"])
-    overrides = list(config["_overrides"]) + params_to_overrides(params) + [
-        f"train.storage_path={config['_storage']}",
-        f"mlflow.experiment={config['_experiment']}",
+    overrides = list(settings.overrides) + params_to_overrides(trial_params(config)) + [
+        f"train.storage_path={settings.storage}",
+        f"mlflow.experiment={settings.experiment}",
     ]
-    cfg = load_config(config["_base"], overrides)
+    cfg = load_config(settings.base, overrides)
     trial_name = f"trial-{ctx.get_trial_id()}"
     pretrain(
-        cfg, run_name=trial_name, callbacks=[_scored_reports(config.get("_metric", "eval_knn20_balanced_accuracy"))],
-        mlflow_tags={"mlflow.parentRunId": config["_parent_run_id"]} if config.get("_parent_run_id") else None,
+        cfg, run_name=trial_name, callbacks=[_scored_reports(settings.metric)],
+        mlflow_tags={"mlflow.parentRunId": settings.parent_run_id} if settings.parent_run_id else None,
     )
     # The final kNN-1/kNN-20/probe scores reach Tune with the last training report.
 
@@ -114,7 +131,7 @@ def sweep(
     trials: int = 8,
     concurrency: int = 1,
     mode: str = "search",
-    out: str | Path = "~/.reddino/sweeps",
+    out: str | Path | None = None,
     name: str | None = None,
     seed: int = 0,
     overrides: list[str] | None = None,
@@ -155,7 +172,9 @@ def sweep(
 
     if resume is None:
         name = name or f"sweep-{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        sweep_dir = Path(out).expanduser().resolve() / name
+        from reddino import paths
+
+        sweep_dir = (Path(out).expanduser() if out else paths.sweeps_dir()).resolve() / name
         sweep_dir.mkdir(parents=True, exist_ok=True)
         parent_run_id = None
     storage = sweep_dir / "trials"
@@ -179,22 +198,22 @@ def sweep(
              "concurrency": concurrency, "mode": mode, "seed": seed, "overrides": overrides,
              "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
              "parent_run_id": parent_run_id, "optuna_storage": optuna_storage}
-    (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
+    write_text_atomic(sweep_dir / STATE_FILE, json.dumps(state, indent=2, default=str))
 
     # Trials run in other processes (maybe other nodes): hand them the resolved tracking URI.
     extra = extra + [f"mlflow.tracking_uri={tracking_uri}"]
-    fixed = {"_base": space.base, "_overrides": space.overrides + extra, "_storage": str(storage),
-             "_experiment": experiment, "_parent_run_id": parent_run_id, "_metric": space.metric}
+    settings = TrialSettings(base=str(space.base), overrides=tuple(space.overrides + extra), storage=str(storage),
+                             experiment=experiment, parent_run_id=parent_run_id, metric=space.metric)
     if mode == "ablation":
         variants = space.ablation_variants()
-        param_space = {**fixed, "_variant": tune.grid_search(variants)}
+        param_space = {"arm": tune.grid_search(variants)}
         search_alg, scheduler, num_samples = None, None, 1  # equal budget: nobody is stopped early
     elif mode == "search":
         import optuna
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
-        param_space = dict(fixed)
+        param_space = {}
         search_alg = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode,
                                   sampler=TPESampler(seed=seed), study_name=sweep_dir.name,
                                   storage=optuna.storages.RDBStorage(optuna_storage))
@@ -205,7 +224,8 @@ def sweep(
 
     # Each trial's driver is light; its Train workers and Ray Data tasks ask for their own CPUs.
     trial_cpus = cpus_per_trial if cpus_per_trial is not None else 0.01  # Tune needs a non-empty request
-    trainable = tune.with_resources(_trial, {"cpu": trial_cpus, "gpu": gpus_per_trial})
+    trainable = tune.with_resources(tune.with_parameters(_trial, settings=settings),
+                                    {"cpu": trial_cpus, "gpu": gpus_per_trial})
     interrupt = _interrupt_after_trials(stop_after_trials) if stop_after_trials else None
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),
@@ -231,9 +251,9 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
     rows = []
     for res in grid:
         cfg = res.config or {}
-        params = dict(cfg["_variant"]["params"]) if "_variant" in cfg else {k: v for k, v in cfg.items() if not k.startswith("_")}
+        params = trial_params(cfg)
         metrics = res.metrics or {}
-        row = {"trial": Path(res.path).name if res.path else "", "variant": cfg.get("_variant", {}).get("name", ""),
+        row = {"trial": Path(res.path).name if res.path else "", "variant": cfg.get("arm", {}).get("name", ""),
                **{f"param.{k}": v for k, v in params.items()},
                "steps": metrics.get("step"), space.metric: metrics.get(space.metric),
                "error": str(res.error) if res.error else ""}
@@ -246,8 +266,10 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
         row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
         rows.append(row)
     table = pd.DataFrame(rows)
-    table.to_csv(sweep_dir / "trials.csv", index=False)
-    table.to_parquet(sweep_dir / "trials.parquet", index=False)
+    with atomic_path(sweep_dir / "trials.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(sweep_dir / "trials.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
 
     scored = table.dropna(subset=[space.metric]) if space.metric in table else table.iloc[0:0]
     best_params: dict[str, Any] = {}
@@ -258,7 +280,7 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
         best_path = write_best_config(space, best_params, sweep_dir / "best_config.yaml")
     markdown = ablation_table(table, space) if mode == "ablation" else None
     if markdown:
-        (sweep_dir / "ablation.md").write_text(markdown)
+        write_text_atomic(sweep_dir / "ablation.md", markdown)
     pngs = sweep_plots(table, space, sweep_dir) if len(scored) else []
 
     if parent_run_id:

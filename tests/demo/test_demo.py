@@ -13,11 +13,20 @@ def fresh_ray():
     ray.shutdown()
 
 
-def test_demo_quick_runs_the_whole_flow(fresh_ray, tmp_path, monkeypatch):
+def test_demo_quick_runs_the_whole_flow(fresh_ray, tmp_path, monkeypatch, capfd):
     from reddino.demo import run_demo
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = run_demo(tmp_path / "demo", quick=True)
+    # What the user saw (stdout not a terminal, Ray's forwarded worker output included): short, each line once.
+    seen = capfd.readouterr()
+    console = seen.out + seen.err
+    for noise in ("TrainingReport(", "Execution plan", "Starting execution", "Requesting resources",
+                  "Progress bars disabled", "DeprecationWarning"):
+        assert noise not in console, (noise, console[-3000:])
+    prose = [line for line in console.splitlines() if line.strip() and not line.lstrip().startswith(("|", "#", "─"))]
+    assert len(prose) == len(set(prose)), console
+    assert len(prose) < 80, console
     assert result.backbone_path is not None and result.backbone_path.exists()
     labels = [row["model"] for row in result.table]
     assert labels == ["pretrained", "random init", "handcrafted"]

@@ -88,7 +88,7 @@ def test_resolve_model_refs(tmp_path, synth_table, eval_mlflow_uri):
     from reddino.model import create_backbone, export_backbone
 
     hc, hinfo = resolve_model("handcrafted")
-    assert hc == "handcrafted" and hinfo["standardize"]
+    assert hc.name == "handcrafted" and hc.standardize and hinfo["standardize"]
 
     net = create_backbone("vit_tiny_patch14_reddino", img_size=28)
     path = export_backbone(net, tmp_path / "ckpt" / "teacher_backbone.safetensors")

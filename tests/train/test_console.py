@@ -10,22 +10,94 @@ from reddino.data import generate_synthetic
 ROOT = Path(__file__).parents[2]
 
 
-def test_pretrain_console_has_no_ray_chatter_and_no_repeats(tmp_path):
+def _quiet_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDDINO_VERBOSE", "RAY_DATA_LOGGING_CONFIG")}
+    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    return env
+
+
+def _pretrain_cmd(tmp_path) -> list[str]:
     generate_synthetic(tmp_path / "data", n_per_class=2, sources=2, unit="patch", seed=0, n_patches=24)
-    cmd = [str(Path(sys.executable).parent / "reddino"), "pretrain", "--config", str(ROOT / "tests" / "tiny.yaml"),
+    return [str(Path(sys.executable).parent / "reddino"), "pretrain", "--config", str(ROOT / "tests" / "tiny.yaml"),
            "--data", str(tmp_path / "data"), "--run-name", "console",
            "data.resize=56", "crops.global_crops_size=56", "crops.local_crops_size=28", "model.img_size=56",
            "model.head_prototypes=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
            "train.epochs=1", "train.iters_per_epoch=6", "train.batch_size_per_worker=8", "train.log_every=2",
            "train.checkpoint_every=6", f"train.storage_path={tmp_path / 'runs'}",
            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("REDDINO_VERBOSE", "RAY_DATA_LOGGING_CONFIG")}
-    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_pretrain_console_has_no_ray_chatter_and_no_repeats(tmp_path):
+    cmd = _pretrain_cmd(tmp_path)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_quiet_env(), capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "TrainingReport(" not in out and "Reporting training result" not in out
     assert "Execution plan" not in out and "Starting execution of Dataset" not in out
+    assert "Requesting resources" not in out and "Started training worker group" not in out  # Ray Train INFO
+    assert "Progress bars disabled" not in out and "DeprecationWarning" not in out
+    assert "Token authentication is enabled" not in out
     steps = [line for line in out.splitlines() if "[reddino] step " in line]
     assert len(steps) == 3 and len(set(steps)) == 3, steps  # steps 2, 4, 6, each once
     assert len(out.splitlines()) < 60, out
+
+
+def test_embed_and_evaluate_consoles_are_their_own_lines_only(tmp_path):
+    """Ray Data batch inference (forced for evaluate) prints no Ray internals: only the command's own result."""
+    import torch
+
+    from reddino.model import create_backbone, export_backbone
+
+    generate_synthetic(tmp_path / "cells", n_per_class=2, sources=2, unit="cell", seed=0)
+    torch.manual_seed(0)
+    export_backbone(create_backbone("vit_tiny_patch14_reddino", img_size=56), tmp_path / "bb" / "backbone.safetensors")
+    exe = str(Path(sys.executable).parent / "reddino")
+    env = {**_quiet_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "REDDINO_HOME": str(tmp_path / "home")}
+    runs = {
+        "embed": [exe, "embed", "-m", str(tmp_path / "bb"), "-d", str(tmp_path / "cells"), "--out",
+                  str(tmp_path / "emb"), "--num-cpus", "2"],
+        "evaluate": [exe, "evaluate", "-m", str(tmp_path / "bb"), "-d", str(tmp_path / "cells"), "--ray",
+                     "--num-cpus", "2", "--folds", "3", "--embedding", "none", "--out", str(tmp_path / "ev"),
+                     "--no-mlflow"],
+    }
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, (name, out[-3000:])
+        for noise in ("Execution plan", "Starting execution", "Progress bars disabled", "core_worker.cc",
+                      "Started a local Ray instance", "Token authentication", "DeprecationWarning", "INFO"):
+            assert noise not in out, (name, noise, out)
+        lines = [line for line in out.splitlines() if line.strip()]
+        prose = [line for line in lines if not line.lstrip().startswith(("|", "#"))]  # tables repeat rulers
+        assert len(prose) == len(set(prose)), (name, out)
+        if name == "embed":
+            assert "36 embeddings (192-d float32" in out and len(lines) <= 3, out
+
+
+def test_pretrain_on_a_terminal_draws_one_live_bar_instead_of_step_lines(tmp_path):
+    """Under a pseudo-terminal: a rich bar fed by the worker's progress.json, no per-step lines."""
+    import pty
+    import time
+
+    cmd = _pretrain_cmd(tmp_path)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**_quiet_env(), "COLUMNS": "160", "TERM": "xterm"}, stdin=follower,
+                            stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    chunks, deadline = [], time.time() + 600
+    while time.time() < deadline:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(leader)
+    out = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    assert "[reddino] step " not in out
+    assert "pretrain console" in out and "6/6" in out and "img/s" in out, out[-3000:]
+    assert (tmp_path / "runs" / "console" / "progress.json").is_file()
