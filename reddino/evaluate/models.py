@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +188,17 @@ def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache
         }
 
     if ref.startswith(_MLFLOW_SCHEMES):
+        import mlflow  # noqa: PLC0415
         import mlflow.artifacts  # noqa: PLC0415
 
         from reddino import paths  # noqa: PLC0415
+        from reddino.local import default_tracking_uri  # noqa: PLC0415
+
+        # The same store `reddino models register` wrote to ($MLFLOW_TRACKING_URI, else $REDDINO_HOME/mlflow.db).
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one model file: no bar
+        uri = default_tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
 
         dst = Path(cache_dir) if cache_dir else paths.model_cache()
         dst = dst / hashlib.sha256(ref.encode()).hexdigest()[:16]

@@ -38,6 +38,7 @@ EMBED_VERSION = 1
 DTYPES = ("float32", "float16")
 META_COLUMNS = ("image_id", "sha256", "source", "group", "label", "label_name")
 MAX_SKIP_EXAMPLES = 50
+LINE_EVERY_S = 30.0  # without a terminal: a progress line this often (besides one per finished shard)
 
 
 class EmbedError(ValueError):
@@ -225,6 +226,7 @@ class _Progress:
         self.enabled, self.total, self.t0 = enabled, total_rows, time.time()
         self.rows = done_rows
         self.start_rows = done_rows
+        self.last_line = time.time()
         self.bar = None
         if enabled and sys.stderr.isatty():
             from rich.console import Console  # noqa: PLC0415
@@ -249,6 +251,9 @@ class _Progress:
         self.rows += n
         if self.bar is not None:
             self.bar.update(self.task, advance=n, speed=f"{self.rate():.0f} img/s")
+        elif self.enabled and time.time() - self.last_line >= LINE_EVERY_S:
+            self.last_line = time.time()
+            print(f"embedding: {self.rows:,}/{self.total:,} rows, {self.rate():.1f} img/s", file=sys.stderr, flush=True)
 
     def shard_done(self, name: str, index: int, count: int) -> None:
         if self.enabled and self.bar is None:
@@ -397,13 +402,31 @@ def _dim(path: Path) -> int:
 def _run(net, data: Path, pending: list[dict], work: Path, size: int, pooling: str, batch_size: int,
          concurrency: int, resources: dict, device: str, threads, precision: str, dtype: str,
          records: dict[str, dict], bar: _Progress, on_shard, n_shards: int) -> None:
-    import ray  # noqa: PLC0415
-
     files = [str(data / s["file"]) for s in pending]
     by_name = {s["file"]: s for s in pending}
     metas = {s["file"]: pq.read_table(data / s["file"], columns=list(META_COLUMNS)) for s in pending}
     got: dict[str, dict[str, list]] = {name: {} for name in by_name}
     seen = {name: 0 for name in by_name}
+    # Rows in input-file order, so shards finish (are written, and skipped by a rerun) one after another instead
+    # of all at the very end; restored when this pass ends.
+    from ray.data import DataContext  # noqa: PLC0415
+
+    opts = DataContext.get_current().execution_options
+    keep_order, opts.preserve_order = opts.preserve_order, True
+    try:
+        _stream(net, files, size, pooling, batch_size, concurrency, resources, device, threads, precision, dtype,
+                work, by_name, metas, got, seen, records, bar, on_shard, n_shards)
+    finally:
+        opts.preserve_order = keep_order
+    if got:
+        missing = ", ".join(f"{n} ({seen[n]}/{by_name[n]['rows']} rows)" for n in got)
+        raise RuntimeError(f"Ray Data returned incomplete shards: {missing}")
+
+
+def _stream(net, files, size, pooling, batch_size, concurrency, resources, device, threads, precision, dtype, work,
+            by_name, metas, got, seen, records, bar, on_shard, n_shards) -> None:
+    import ray  # noqa: PLC0415
+
     ds = ray.data.read_parquet(files, include_paths=True).select_columns(["image", "image_id", "sha256", "path"])
     with warnings.catch_warnings():
         # `max_restarts` has no named map_batches parameter in Ray 2.60 (only the deprecated **ray_remote_args).
@@ -431,9 +454,6 @@ def _run(net, data: Path, pending: list[dict], work: Path, size: int, pooling: s
             bar.shard_done(name, len(records), n_shards)
             if on_shard is not None:
                 on_shard(name)
-    if got:
-        missing = ", ".join(f"{n} ({seen[n]}/{by_name[n]['rows']} rows)" for n in got)
-        raise RuntimeError(f"Ray Data returned incomplete shards: {missing}")
 
 
 def _assemble(work: Path, shard: dict, meta: pa.Table, rows: dict[str, list], dtype: str) -> dict:

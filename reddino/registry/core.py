@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,26 +29,31 @@ def _client() -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-class BackboneEmbedder(PythonModel):
-    """pyfunc: a DataFrame with an `image` column of encoded PNG/JPEG bytes → CLS embeddings (n, D)."""
+# MLflow suggests type hints on `predict` for input validation; the input is a DataFrame of encoded images
+# (or a list of bytes), validated by decode_image, so the suggestion is not printed to every importer.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
 
-    def load_context(self, context) -> None:
-        from reddino.model import load_backbone as load_export
+    class BackboneEmbedder(PythonModel):
+        """pyfunc: a DataFrame with an `image` column of encoded PNG/JPEG bytes → CLS embeddings (n, D)."""
 
-        self.model = load_export(context.artifacts["backbone"])
-        self.img_size = int(self.model.reddino_meta["img_size"])
+        def load_context(self, context) -> None:
+            from reddino.model import load_backbone as load_export
 
-    def predict(self, context, model_input, params=None):
-        import torch
+            self.model = load_export(context.artifacts["backbone"])
+            self.img_size = int(self.model.reddino_meta["img_size"])
 
-        from reddino.data import decode_image
-        from reddino.evaluate import extract_features
+        def predict(self, context, model_input, params=None):
+            import torch
 
-        column = model_input["image"] if hasattr(model_input, "columns") else model_input
-        images = [decode_image(bytes(b)) for b in list(column)]
-        with torch.no_grad():
-            feats = extract_features(self.model, images, img_size=self.img_size, batch_size=64, device="cpu")
-        return np.asarray(feats, dtype=np.float32)
+            from reddino.data import decode_image
+            from reddino.evaluate import extract_features
+
+            column = model_input["image"] if hasattr(model_input, "columns") else model_input
+            images = [decode_image(bytes(b)) for b in list(column)]
+            with torch.no_grad():
+                feats = extract_features(self.model, images, img_size=self.img_size, batch_size=64, device="cpu")
+            return np.asarray(feats, dtype=np.float32)
 
 
 def _find_export(path: Path) -> Path:
