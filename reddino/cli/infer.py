@@ -8,26 +8,17 @@ from typing import List, Optional
 
 import typer
 
+from reddino.cli.evaluate import Pooling, Precision  # the same choices as `reddino evaluate`
+
 probe_app = typer.Typer(help="Probes on frozen features: fit (k-fold scored), save, register.", no_args_is_help=True)
 
 MODEL_HELP = ("Backbone: models:/name@alias, a run dir, an export file, random:<timm arch> or 'handcrafted' "
               "(anything `reddino evaluate` takes).")
 
 
-class Pooling(str, Enum):
-    cls = "cls"
-    cls_mean = "cls+mean"
-
-
 class Dtype(str, Enum):
     float32 = "float32"
     float16 = "float16"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
 
 
 def _fail(exc: Exception) -> None:

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from reddino.data.shards import file_sha256
 from reddino.model import backbone_info, load_backbone
 
 from .handcrafted import FEATURE_NAMES, VERSION, HandcraftedExtractor
@@ -75,12 +76,7 @@ def find_backbone_file(directory: str | Path) -> Path:
     return sorted(cands, key=rank)[0]
 
 
-def file_hash(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+file_hash = file_sha256  # a weights file's content hash (the feature cache key): the data layer's file hash
 
 
 def module_hash(model) -> str:

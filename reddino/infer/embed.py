@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reddino.data.shards import file_sha256
 from reddino.paths import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -131,12 +132,6 @@ def _model_record(info: dict[str, Any]) -> dict[str, Any]:
     return {k: info[k] for k in keys if info.get(k) not in (None, "")}
 
 
-def _sha256(path: Path) -> str:
-    from reddino.data.shards import file_sha256  # noqa: PLC0415
-
-    return file_sha256(path)
-
-
 def _out_name(shard_file: str) -> str:
     stem = Path(shard_file).stem
     return f"emb-{stem.split('-')[-1]}.parquet" if stem.startswith("shard-") else f"emb-{stem}.parquet"
@@ -156,7 +151,7 @@ def _write_shard(work: Path, shard: dict, meta: pa.Table, vectors: np.ndarray, k
     with atomic_path(work / name) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     record = {"file": name, "source_shard": shard["file"], "rows": table.num_rows,
-              "bytes": (work / name).stat().st_size, "sha256": _sha256(work / name), "skipped": skipped}
+              "bytes": (work / name).stat().st_size, "sha256": file_sha256(work / name), "skipped": skipped}
     write_json_atomic(work / f"{name}.done.json", record)
     return record
 
