@@ -128,7 +128,6 @@ class TrainConfig(_Section):
     # the data tasks leave cores idle (tiny_cpu: 1 CPU reserved, 2 threads, measured 1.5x img/s on 2 cores).
     torch_threads: int | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on GPU only; CPU runs fp32
-    strategy: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 0
     storage_path: str | None = None  # None: $REDDINO_HOME/runs (reddino.paths); any pyarrow URI on a cluster
     run_name: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,3 +76,35 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def swap_dir_into_place(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Rename a finished temp dir to ``out``; previous content of ``out`` is moved aside first and removed only
+    after the rename, so ``out`` is always either the old or the new version, never half of one."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            fsync_dir(out.parent)
+            shutil.rmtree(old, ignore_errors=True)
+            return out
+    os.rename(tmp, out)
+    fsync_dir(out.parent)
+    return out

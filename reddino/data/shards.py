@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reddino.paths import fsync_dir, swap_dir_into_place
 from reddino.data.schema import RBC_SCHEMA, SCHEMA_VERSION, UNITS, SchemaError, rows_to_table, sha256_hex, validate_table
 
 # A leading "_" makes Parquet readers (pandas, pyarrow.dataset, polars, duckdb, Spark) skip the manifest, so a
@@ -91,19 +92,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def content_hash_of(row_hashes: Iterable[str]) -> str:
     """The dataset content hash: sha256 over the sorted row sha256s joined by newlines."""
     return hashlib.sha256("\n".join(sorted(row_hashes)).encode()).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -321,7 +309,7 @@ def write_dataset(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         _write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
 
         if manifest_path(out).exists():
             try:
@@ -341,7 +329,7 @@ def write_dataset(
                 raise DatasetExistsError(
                     f"output dir {out} already holds a different dataset ({why}); choose another --out or pass --overwrite"
                 )
-        _swap_into_place(tmp, out)
+        swap_dir_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -364,22 +352,6 @@ def _shards_intact(out: Path, old: Mapping[str, Any]) -> bool:
         if not p.exists() or p.stat().st_size != s.get("bytes", p.stat().st_size):
             return False
     return True
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir to ``out`` (moving any previous content aside first)."""
-    if out.exists():
-        if _is_empty_dir(out):
-            out.rmdir()
-        else:
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            _fsync_dir(out.parent)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-    os.rename(tmp, out)
-    _fsync_dir(out.parent)
 
 
 def read_manifest(path: str | os.PathLike, *, verify: bool = False) -> Manifest:

@@ -107,33 +107,19 @@ def _backbone_info(model, path: Path | None = None) -> dict[str, Any]:
 
 
 def _mlflow_links(ref: str) -> dict[str, Any]:
-    """``reddino.model_run_id`` / ``reddino.model_version`` for an MLflow ref, when knowable."""
-    out: dict[str, Any] = {}
-    try:
-        if ref.startswith("runs:/"):
-            out["model_run_id"] = ref[len("runs:/") :].split("/", 1)[0]
-        elif ref.startswith("models:/"):
-            from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    """``model_name`` / ``model_version`` / ``model_run_id`` of an MLflow ref, when knowable (best effort: the
+    weights are already loaded, this only links the evaluation to the registry)."""
+    if ref.startswith("runs:/"):
+        return {"model_run_id": ref[len("runs:/") :].split("/", 1)[0]}
+    if not ref.startswith("models:/"):
+        return {}
+    from reddino.registry.core import model_version  # noqa: PLC0415 - mlflow only for registry refs
 
-            body = ref[len("models:/") :]
-            client = MlflowClient()
-            if "@" in body:
-                name, alias = body.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias.split("/")[0])
-            else:
-                parts = body.split("/")
-                name, version = parts[0], parts[1] if len(parts) > 1 else None
-                if version is None or not version.isdigit():
-                    mv = client.get_latest_versions(name)[0]
-                else:
-                    mv = client.get_model_version(name, version)
-            out["model_name"] = mv.name
-            out["model_version"] = str(mv.version)
-            if mv.run_id:
-                out["model_run_id"] = mv.run_id
-    except Exception:  # linking is best effort
-        pass
-    return out
+    try:
+        mv = model_version(ref)
+    except Exception:  # noqa: BLE001
+        return {}
+    return {"model_name": mv.name, "model_version": str(mv.version), **({"model_run_id": mv.run_id} if mv.run_id else {})}
 
 
 def _random_model(arch: str, img_size: int | None, seed: int):

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reddino.data.shards import file_sha256
-from reddino.paths import atomic_path, write_json_atomic
+from reddino.paths import atomic_path, swap_dir_into_place, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +198,7 @@ def _publish(work: Path, out: Path) -> None:
     for f in work.glob("*.done.json"):
         f.unlink()
     (work / "_job.json").unlink(missing_ok=True)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(work, out)
+    swap_dir_into_place(work, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -197,22 +197,28 @@ def register_probe(probe, *, backbone: str, name: str | None = None, metrics: di
     return client.get_model_version(name, version)
 
 
-def _model_version(ref: str):
-    """The registry entry a `models:/`, `name@alias` or `name/version` reference points at."""
+def model_version(ref: str):
+    """The registry entry a `models:/`, `name@alias`, `name/version` or `name/latest` reference points at."""
     client = _client()
     body = _parse_ref(ref)[len("models:/"):]
     if "@" in body:
         name, alias = body.split("@", 1)
-        return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version_by_alias(name, alias.split("/")[0])
     name, _, version = body.partition("/")
-    return client.get_model_version(name, version)
+    version = version.split("/")[0]
+    if version.isdigit():
+        return client.get_model_version(name, version)
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        raise ValueError(f"{ref}: no registered model named {name!r}")
+    return max(versions, key=lambda mv: int(mv.version))
 
 
 def load_probe_version(ref: str) -> tuple[Any, dict[str, Any]]:
     """(sklearn estimator, probe.json metadata) of a registered probe."""
     import mlflow.sklearn
 
-    mv = _model_version(ref)
+    mv = model_version(ref)
     if (mv.tags or {}).get("reddino.kind") != "probe":
         raise ValueError(f"{ref} (v{mv.version}) is not a reddino probe (tag reddino.kind={mv.tags.get('reddino.kind')!r})")
     estimator = mlflow.sklearn.load_model(f"models:/{mv.name}/{mv.version}")

@@ -126,10 +126,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[reddino] resumed at step {state.step} (data pass {state.data_pass}, "
                   f"{state.consumed.size} rows of this pass already consumed)", flush=True)
 
-    if world > 1:
+    if world > 1:  # DDP only: RedDino's ViT-S/B/L with a teacher fit one GPU; FSDP would need sharded
+        # checkpoints, evaluation and export (a rank-0-only full state dict hangs the other ranks)
         ddp_model = ray.train.torch.prepare_model(
-            model, move_to_device=False, parallel_strategy=cfg.train.strategy,
-            parallel_strategy_kwargs={"broadcast_buffers": False} if cfg.train.strategy == "ddp" else None,
+            model, move_to_device=False, parallel_strategy="ddp",
+            parallel_strategy_kwargs={"broadcast_buffers": False},
         )
     else:
         ddp_model = model
