@@ -196,6 +196,93 @@ class RunConfig(_Section):
         return write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+class EvalConfig(_Section):
+    """A frozen-feature evaluation (`reddino evaluate`; the CLI options are these fields)."""
+
+    protocol: Literal["kfold", "fixed", "cross-source"] = Field(
+        "kfold", description="kfold (RedDino), fixed split, or cross-source (leave-one-source-out + source x source matrix).")
+    folds: int = Field(5, ge=2, description="CV folds (kfold, and the cross-source matrix diagonal).")
+    ks: list[int] = Field(default_factory=lambda: [1, 20], description="kNN k (repeatable).")
+    cosine_knn: bool = Field(True, description="Also the DINOv2 cosine kNN (T=0.07).")
+    probe: bool = Field(True, description="Logistic-regression probe (RedDino lambda).")
+    probe_sweep: bool = Field(False, description="Pick the probe's C on an inner split.")
+    pooling: Literal["cls", "cls+mean"] = Field(
+        "cls", description="cls (RedDino) or cls+mean (CLS concatenated with the mean patch token).")
+    img_size: int | None = Field(None, description="Input size (default: the model's own).")
+    exclude_classes: list[int] | None = Field(None, description="Drop these labels (repeatable).")
+    report_both_excluded: list[int] | None = Field(
+        None, description="Also report every dataset without these labels (e.g. Chula class 12).")
+    max_images: int | None = Field(None, description="Deterministic subset of at most this many labelled cells per dataset.")
+    use_groups: bool = Field(True, description="Keep each smear/slide (`group`) on one side of a split.")
+    split_column: str | None = Field(None, description="fixed: column whose value --test-value marks test rows.")
+    test_value: str = Field("test", description="fixed: the --split-column value of test rows.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="fixed without --split-column: grouped stratified holdout fraction.")
+    seed: int = Field(0, description="Seed of folds, subsets, random init and UMAP.")
+    batch_size: int = Field(64, ge=1, description="Images per forward pass.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Feature extraction: auto = bf16 autocast where the device computes bf16 natively, else fp32.")
+    num_cpus: int | None = Field(None, description="CPUs for the local Ray (default: all).")
+    use_ray: bool | None = Field(
+        None, description="Ray Data batch inference (true) or in-process extraction (false); default: Ray from 5,000 cells up.")
+    cache_dir: str | None = Field(
+        "default", description="Feature cache dir ('default': $REDDINO_HOME/cache/features; null: no cache).")
+    out_dir: str | None = Field(None, description="Output dir (default ./eval/<timestamp>).")
+    mlflow: bool = Field(True, description="Log an MLflow evaluation run.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite).")
+    experiment: str = Field("reddino-eval", description="MLflow experiment.")
+    embedding: Literal["umap", "pca", "none"] = Field("umap", description="2-D feature map for the figures.")
+    embedding_max: int = Field(3000, description="At most this many points in the 2-D map.")
+    figures: bool = Field(True, description="Write confusion matrices and feature maps.")
+    progress: bool = Field(True, description="Progress bars on stderr.")
+
+
+class SweepConfig(_Section):
+    """A sweep (`reddino sweep`; saved as sweep.yaml in the sweep dir, which `--resume` reads back)."""
+
+    space: str = Field("ablation", description="Sweep-space YAML or shipped name (reddino/configs/sweeps).")
+    data: list[str] | None = Field(None, description="Training Parquet dirs (patches and/or cells).")
+    eval_data: str | None = Field(None, description="Labelled cell Parquet dir for kNN scoring.")
+    trials: int = Field(8, ge=1, description="Number of trials (search mode).")
+    concurrency: int = Field(1, ge=1, description="Trials running at once.")
+    mode: Literal["search", "ablation"] = Field(
+        "search", description="search (Optuna TPE + ASHA) or ablation (one factor at a time).")
+    seed: int = Field(0, description="Seed of the sampler and of every trial's training.")
+    cpus_per_trial: float | None = Field(None, description="CPUs reserved by each trial's driver.")
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs (or a fraction) reserved per trial.")
+    optuna_storage: str | None = Field(
+        None, description="SQLAlchemy URL of the Optuna study (default: sqlite:///<sweep dir>/optuna.db).")
+    overrides: list[str] = Field(default_factory=list, description="key=value run-config overrides for every trial.")
+
+    def to_yaml(self, path: str | Path) -> Path:
+        from reddino.paths import write_text_atomic
+
+        return write_text_atomic(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def load_section(cls: type[_Section], path: str | Path | None = None, updates: dict[str, Any] | None = None):
+    """A config of type ``cls`` from a YAML file (optional) updated by ``updates``; errors name the file and field."""
+    raw: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        p = Path(path).expanduser()
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{where}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: top level must be a mapping")
+    try:
+        return cls.model_validate({**raw, **(updates or {})})
+    except ValidationError as exc:
+        lines = [f"{where}: invalid {cls.__name__}"]
+        for err in exc.errors():
+            lines.append(f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in d.items():

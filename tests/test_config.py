@@ -36,3 +36,40 @@ def test_bad_config_names_file_and_field(tmp_path):
         load_config("no_such_preset")
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config("tiny_cpu", ["train.epochs"])
+
+
+def test_eval_and_sweep_configs_name_the_file_and_field(tmp_path):
+    from reddino.config import EvalConfig, SweepConfig, load_section
+
+    bad = tmp_path / "eval.yaml"
+    bad.write_text("protocl: kfold\nfolds: 1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_section(EvalConfig, bad)
+    assert str(bad) in str(exc.value) and "protocl" in str(exc.value) and "folds" in str(exc.value)
+    good = tmp_path / "good.yaml"
+    good.write_text("folds: 3\nks: [5]\n")
+    cfg = load_section(EvalConfig, good, {"folds": 4})  # explicit updates beat the file
+    assert (cfg.folds, cfg.ks, cfg.protocol) == (4, [5], "kfold")
+    path = SweepConfig(space="hparams", trials=3).to_yaml(tmp_path / "sweep.yaml")
+    assert load_section(SweepConfig, path) == SweepConfig(space="hparams", trials=3)
+
+
+def test_evaluate_cli_options_come_from_eval_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from reddino.cli import app
+    from reddino.config import EvalConfig
+
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["evaluate", "--help"], env={"COLUMNS": "200"}).output
+    for field in EvalConfig.model_fields:
+        if field not in ("figures", "progress", "ks", "use_groups", "use_ray", "out_dir"):
+            assert "--" + field.replace("_", "-") in help_text, field
+    bad = tmp_path / "eval.yaml"
+    bad.write_text("pooling: avg\n")
+    res = runner.invoke(app, ["evaluate", "-m", "handcrafted", "-d", str(tmp_path), "--config", str(bad)])
+    assert res.exit_code == 2 and "pooling" in res.output and "eval.yaml" in res.output
+    # an option given on the command line overrides the file (and is validated the same way)
+    res = runner.invoke(app, ["evaluate", "-m", "handcrafted", "-d", str(tmp_path), "--config", str(bad),
+                              "--pooling", "cls", "--folds", "1"])
+    assert res.exit_code == 2 and "folds" in res.output and "pooling" not in res.output

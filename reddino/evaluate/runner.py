@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from reddino.config import EvalConfig, load_section
 from reddino.paths import write_text_atomic
 
 from .html import html_report
@@ -18,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .classifiers import classifier_names
-from .features import DEFAULT_CACHE_DIR, FeatureSet, compute_features, extract_features, select_rows
+from .features import FeatureSet, compute_features, extract_features, select_rows
 from .protocols import run_fixed, run_kfold, run_protocol
 
 log = logging.getLogger(__name__)
@@ -59,38 +60,13 @@ def _variant_key(base: str, excluded: Sequence[int]) -> str:
 def evaluate(
     models: Any,
     data: str | Sequence[str],
-    *,
-    protocol: str = "kfold",
-    folds: int = 5,
-    ks: Sequence[int] = (1, 20),
-    cosine_knn: bool = True,
-    probe: bool = True,
-    probe_sweep: bool = False,
-    pooling: str = "cls",
-    img_size: int | None = None,
-    exclude_classes: Iterable[int] | None = None,
-    report_both_excluded: Iterable[int] | None = None,
-    max_images: int | None = None,
-    use_groups: bool = True,
-    split_column: str | None = None,
-    test_value: str = "test",
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    batch_size: int = 64,
-    precision: str = "auto",
-    num_cpus: int | None = None,
-    use_ray: bool | None = None,
-    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-    out_dir: str | Path | None = None,
-    mlflow: bool = True,
-    tracking_uri: str | None = None,
-    experiment: str = "reddino-eval",
-    embedding: str = "umap",
-    embedding_max: int = 3000,
-    figures: bool = True,
-    progress: bool = True,
+    config: EvalConfig | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Evaluate frozen features of one or more models on labelled RBC data; write and log a report.
+
+    ``config`` (:class:`reddino.config.EvalConfig`, defaults if None) holds every setting; keyword ``settings``
+    override its fields (``evaluate(refs, data, folds=3)``), an unknown name is a :class:`ConfigError`.
 
     ``models``: one reference or a list (see :func:`reddino.evaluate.resolve_model`; ``nn.Module``
     objects work too). ``data``: Parquet dataset dir(s). ``protocol``: ``kfold`` (every dir on its
@@ -101,6 +77,8 @@ def evaluate(
     (bf16 where the device has native bf16, else fp32), ``fp32`` or ``bf16``. Returns the results dict (also ``results.json``)
     with ``out_dir``, ``files`` and ``mlflow_run_ids``.
     """
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
+    c = load_section(EvalConfig, None, {**(config or EvalConfig()).model_dump(), **settings})
     from .models import resolve_model  # noqa: PLC0415
     from .report import figures_for, log_mlflow, markdown_report, slug, write_json  # noqa: PLC0415
 
@@ -109,32 +87,30 @@ def evaluate(
         models = [models]
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     paths = [str(Path(p).expanduser()) for p in paths]
-    if protocol not in ("kfold", "fixed", "cross-source"):
-        raise ValueError(f"protocol must be kfold, fixed or cross-source, got {protocol!r}")
-    excl = sorted({int(c) for c in (exclude_classes or [])})
+    excl = sorted({int(x) for x in (c.exclude_classes or [])})
     variants = [excl]
-    both = sorted({int(c) for c in (report_both_excluded or [])} - set(excl))
+    both = sorted({int(x) for x in (c.report_both_excluded or [])} - set(excl))
     if both:
         variants.append(sorted(set(excl) | set(both)))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(out_dir) if out_dir else Path("eval") / stamp
+    out = Path(c.out_dir) if c.out_dir else Path("eval") / stamp
     out.mkdir(parents=True, exist_ok=True)
-    clfs = classifier_names(ks, cosine=cosine_knn, probe=probe)
+    clfs = classifier_names(c.ks, cosine=c.cosine_knn, probe=c.probe)
     names = _data_names(paths)
     settings = {
-        "protocol": protocol,
-        "folds": folds,
+        "protocol": c.protocol,
+        "folds": c.folds,
         "classifiers": clfs,
-        "pooling": pooling,
-        "img_size": img_size,
-        "precision": precision,
+        "pooling": c.pooling,
+        "img_size": c.img_size,
+        "precision": c.precision,
         "exclude_classes": excl,
         "report_both_excluded": both,
-        "max_images": max_images,
-        "grouped": use_groups,
-        "split_column": split_column,
-        "test_fraction": test_fraction,
-        "seed": seed,
+        "max_images": c.max_images,
+        "grouped": c.use_groups,
+        "split_column": c.split_column,
+        "test_fraction": c.test_fraction,
+        "seed": c.seed,
         "data": paths,
         "models": [str(m) if isinstance(m, (str, Path)) else type(m).__name__ for m in models],
     }
@@ -145,26 +121,26 @@ def evaluate(
         "models": [],
     }
     ray_was_up = _ray_up()
-    proto_kw = dict(seed=seed, use_groups=use_groups, probe_sweep=probe_sweep, folds=folds,
-                    test_value=test_value, test_fraction=test_fraction)
+    proto_kw = dict(seed=c.seed, use_groups=c.use_groups, probe_sweep=c.probe_sweep, folds=c.folds,
+                    test_value=c.test_value, test_fraction=c.test_fraction)
     try:
-        with _progress(progress) as prog:
+        with _progress(c.progress) as prog:
             for ref in models:
-                model, info = resolve_model(ref, img_size=img_size, seed=seed)
+                model, info = resolve_model(ref, img_size=c.img_size, seed=c.seed)
                 entry: dict[str, Any] = {"ref": info["ref"], "info": info, "evals": [], "figures": []}
                 stem_model = slug(Path(str(info["ref"])).name or str(info["ref"]), 40)
                 for variant in variants:
                     sets = []
                     for path, dname in zip(paths, names):
                         fs = compute_features(
-                            model, info, path, pooling=pooling, img_size=img_size or info.get("img_size"),
-                            batch_size=batch_size, exclude_labels=variant, max_images=max_images, seed=seed,
-                            cache_dir=cache_dir, use_ray=use_ray, num_cpus=num_cpus, progress=prog, precision=precision,
-                            extra_columns=[split_column] if split_column else (),
+                            model, info, path, pooling=c.pooling, img_size=c.img_size or info.get("img_size"),
+                            batch_size=c.batch_size, exclude_labels=variant, max_images=c.max_images, seed=c.seed,
+                            cache_dir=c.cache_dir, use_ray=c.use_ray, num_cpus=c.num_cpus, progress=prog, precision=c.precision,
+                            extra_columns=[c.split_column] if c.split_column else (),
                         )
                         fs.meta["name"] = _variant_name(dname, variant)
                         sets.append(fs)
-                    if protocol == "cross-source":
+                    if c.protocol == "cross-source":
                         _check_label_names(sets)
                         joined = "+".join(names)
                         groups = [(_variant_name(joined, variant), _variant_key(joined, variant),
@@ -173,16 +149,16 @@ def evaluate(
                     else:
                         groups = [(fs.meta["name"], _variant_key(n, variant), fs) for n, fs in zip(names, sets)]
                     for gname, gkey, fs in groups:
-                        split = fs.extras.get(split_column) if split_column else None
-                        res = run_protocol(protocol, fs, clfs, standardize=bool(info.get("standardize")),
+                        split = fs.extras.get(c.split_column) if c.split_column else None
+                        res = run_protocol(c.protocol, fs, clfs, standardize=bool(info.get("standardize")),
                                            progress=prog, split=split, **proto_kw)
                         res["cached_features"] = bool(fs.meta.get("cached")) if "cached" in fs.meta else None
                         entry["evals"].append({"name": gname, "key": gkey, "exclude_classes": variant, "result": res})
-                        if figures:
+                        if c.figures:
                             stem = f"{stem_model}__{slug(gname, 50)}"
                             entry["figures"] += [str(p) for p in figures_for(
-                                fs, res, out / "figures", stem, embedding=embedding,
-                                embedding_max=embedding_max, seed=seed,
+                                fs, res, out / "figures", stem, embedding=c.embedding,
+                                embedding_max=c.embedding_max, seed=c.seed,
                                 standardize=bool(info.get("standardize")))]
                 results["models"].append(entry)
     finally:
@@ -203,8 +179,8 @@ def evaluate(
     html_report(results, out)
     write_json(results, out / "results.json")
     write_json(results["headline"], out / "metrics.json")
-    if mlflow:
-        results["mlflow_run_ids"] = log_mlflow(results, out, tracking_uri=tracking_uri, experiment=experiment)
+    if c.mlflow:
+        results["mlflow_run_ids"] = log_mlflow(results, out, tracking_uri=c.tracking_uri, experiment=c.experiment)
         write_json(results, out / "results.json")
     return results
 
