@@ -24,7 +24,8 @@ console = Console()
 @dataclass
 class DemoSize:
     n_per_class: int = 40  # labelled cells per class per source (9 classes × 3 sources)
-    n_patches: int = 300  # unlabelled smear patches per source (the pretraining set)
+    n_patches: int = 300  # unlabelled smear patches per source (the sweep's patch arm)
+    n_pool: int = 120  # cells per class per source of the pretraining pool (labels never read)
     steps: int = 150  # optimizer steps of the tiny preset (~4 min on 2 cores)
     batch: int = 32
     eval_every: int = 50
@@ -32,7 +33,7 @@ class DemoSize:
     sweep_steps: int = 40
 
 
-QUICK = DemoSize(n_per_class=6, n_patches=24, steps=6, batch=8, eval_every=3, sweep_trials=2, sweep_steps=4)
+QUICK = DemoSize(n_per_class=6, n_patches=24, n_pool=6, steps=6, batch=8, eval_every=3, sweep_trials=2, sweep_steps=4)
 
 
 @dataclass
@@ -71,18 +72,20 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
     from reddino.data import generate_synthetic
 
     cells, patches = out / "data" / "cells", out / "data" / "patches"
+    pool = out / "data" / "pool"  # the pretraining set: other cells of the same sources, their labels unused
     generate_synthetic(cells, n_per_class=size.n_per_class, sources=3, unit="cell", seed=0, overwrite=True)
+    generate_synthetic(pool, n_per_class=size.n_pool, sources=3, unit="cell", seed=2, overwrite=True)
     generate_synthetic(patches, n_per_class=size.n_per_class, sources=3, unit="patch", seed=1,
                        n_patches=size.n_patches, overwrite=True)
 
-    _step(2, n, "local Ray (loopback only) + DINOv2 pretraining of the tiny ViT/14 on smear patches")
+    _step(2, n, "local Ray (loopback only) + DINOv2 pretraining of the tiny ViT on unlabelled cells")
     from reddino.config import load_config
     from reddino.local import cpus_with_driver_headroom, init_ray
     from reddino.train import pretrain
 
     init_ray(num_cpus=num_cpus or cpus_with_driver_headroom(), log_to_driver=True)
     cfg = load_config("tiny_cpu", [
-        f"data.paths=[{patches}]", f"eval.data={cells}", f"eval.every={size.eval_every}",
+        f"data.paths=[{pool}]", f"eval.data={cells}", f"eval.every={size.eval_every}",
         "train.epochs=1", f"train.iters_per_epoch={size.steps}", f"train.batch_size_per_worker={size.batch}",
         f"train.checkpoint_every={size.eval_every}", f"train.storage_path={out / 'runs'}",
         f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=reddino-demo",
@@ -125,7 +128,7 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
         _step(5, n, "Optuna + ASHA sweep over the RedDino ablation axes (in-training kNN)")
         from reddino.tune import sweep
 
-        sw = sweep("ablation", data=[patches, cells], eval_data=str(cells), trials=size.sweep_trials,
+        sw = sweep("ablation", data=[patches, pool], eval_data=str(cells), trials=size.sweep_trials,
                    out=out / "sweeps", name="demo", overrides=[
                        f"train.iters_per_epoch={size.sweep_steps}", "train.epochs=1",
                        f"train.batch_size_per_worker={size.batch}", f"eval.every={max(size.sweep_steps // 4, 1)}",

@@ -15,11 +15,13 @@ from typing import Any
 
 import pandas as pd
 
+from reddino.config import SweepConfig, load_section
 from reddino.paths import atomic_path, write_text_atomic
 
 from reddino.tune.space import SweepSpace, load_space, params_to_overrides
 
-STATE_FILE = "reddino_sweep.json"
+CONFIG_FILE = "sweep.yaml"  # the SweepConfig; --resume reads it back
+STATE_FILE = "reddino_sweep.json"  # what the sweep created: the MLflow parent run
 
 
 @dataclass
@@ -124,43 +126,45 @@ def _scheduler(space: SweepSpace, cfg) -> Any:
 
 
 def sweep(
-    space_name: str | Path,
+    space: str | Path | None = None,
     *,
-    data: list[str] | None = None,
-    eval_data: str | None = None,
-    trials: int = 8,
-    concurrency: int = 1,
-    mode: str = "search",
+    config: SweepConfig | None = None,
     out: str | Path | None = None,
     name: str | None = None,
-    seed: int = 0,
-    overrides: list[str] | None = None,
-    cpus_per_trial: float | None = None,
-    gpus_per_trial: float = 0.0,
     resume: str | Path | None = None,
     stop_after_trials: int | None = None,
-    optuna_storage: str | None = None,
+    **settings: Any,
 ) -> SweepResult:
-    """Run (or resume) a sweep. `mode="search"`: Optuna TPE + ASHA; `mode="ablation"`: one factor at a time."""
+    """Run (or resume) a sweep. ``config`` (:class:`reddino.config.SweepConfig`) holds the settings, keyword
+    ``settings`` override its fields (``sweep("ablation", data=[...], trials=4)``). ``mode="search"``: Optuna TPE +
+    ASHA; ``mode="ablation"``: one factor at a time. ``resume``: a sweep dir; its ``sweep.yaml`` is the config."""
     from ray import tune
 
     from reddino.local import cpus_with_driver_headroom, dashboard_url, default_tracking_uri, init_ray
 
+    if resume is not None:
+        sweep_dir = Path(resume).expanduser().resolve()
+        if not (sweep_dir / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{sweep_dir} is not a reddino sweep dir ({CONFIG_FILE} is missing)")
+        cfg = load_section(SweepConfig, sweep_dir / CONFIG_FILE)
+        runtime = json.loads((sweep_dir / STATE_FILE).read_text()) if (sweep_dir / STATE_FILE).is_file() else {}
+        parent_run_id = runtime.get("parent_run_id")
+    else:
+        updates = {k: ([str(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v)
+                   for k, v in settings.items()}
+        if space is not None:
+            updates["space"] = str(space)
+        cfg = load_section(SweepConfig, None, {**(config or SweepConfig()).model_dump(), **updates})
+        # absolute paths in sweep.yaml: a resume may start from another directory
+        cfg.data = [str(Path(p).expanduser().resolve()) for p in cfg.data] if cfg.data else cfg.data
+        cfg.eval_data = str(Path(cfg.eval_data).expanduser().resolve()) if cfg.eval_data else None
     init_ray(num_cpus=cpus_with_driver_headroom())  # a local Ray; ignored when connecting to a cluster
     dashboard = dashboard_url()
     if dashboard:
         print(f"[reddino] Ray dashboard (trials, Train and Data views): {dashboard}", flush=True)
-    if resume is not None:
-        sweep_dir = Path(resume).expanduser().resolve()
-        state = json.loads((sweep_dir / STATE_FILE).read_text())
-        space_name, data, eval_data, trials, concurrency, mode, seed, overrides = (
-            state["space"], state["data"], state["eval_data"], state["trials"], state["concurrency"],
-            state["mode"], state["seed"], state["overrides"])
-        cpus_per_trial, gpus_per_trial = state["cpus_per_trial"], state["gpus_per_trial"]
-        parent_run_id = state.get("parent_run_id")
-        optuna_storage = state.get("optuna_storage")
-    space = load_space(space_name)
-    extra = list(overrides or [])
+    data, eval_data, mode, seed = cfg.data, cfg.eval_data, cfg.mode, cfg.seed
+    space = load_space(cfg.space)
+    extra = list(cfg.overrides)
     if data:
         extra.append("data.paths=[" + ",".join(str(Path(p).resolve()) for p in data) + "]")
     if eval_data:
@@ -189,16 +193,16 @@ def sweep(
     if parent_run_id is None and base_cfg.mlflow.enabled:
         with mlflow.start_run(run_name=sweep_dir.name) as parent:
             parent_run_id = parent.info.run_id
-            mlflow.log_params({"space": space.path, "mode": mode, "trials": trials, "seed": seed,
-                               "concurrency": concurrency, "metric": space.metric})
+            mlflow.log_params({"space": space.path, "mode": mode, "trials": cfg.trials, "seed": seed,
+                               "concurrency": cfg.concurrency, "metric": space.metric})
     # The Optuna study lives in an RDB (sqlite in the sweep dir by default): `optuna-dashboard <url>` watches it
     # live, `optuna.load_study(study_name=<sweep name>, storage=<url>)` reads it, and a resume continues it.
-    optuna_storage = optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
-    state = {"space": space.path, "data": data, "eval_data": eval_data, "trials": trials,
-             "concurrency": concurrency, "mode": mode, "seed": seed, "overrides": overrides,
-             "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
-             "parent_run_id": parent_run_id, "optuna_storage": optuna_storage}
-    write_text_atomic(sweep_dir / STATE_FILE, json.dumps(state, indent=2, default=str))
+    optuna_storage = cfg.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+    if resume is None:
+        cfg.optuna_storage = optuna_storage
+        cfg.space = str(space.path)
+        cfg.to_yaml(sweep_dir / CONFIG_FILE)
+        write_text_atomic(sweep_dir / STATE_FILE, json.dumps({"parent_run_id": parent_run_id}, indent=2))
 
     # Trials run in other processes (maybe other nodes): hand them the resolved tracking URI.
     extra = extra + [f"mlflow.tracking_uri={tracking_uri}"]
@@ -218,14 +222,14 @@ def sweep(
                                   sampler=TPESampler(seed=seed), study_name=sweep_dir.name,
                                   storage=optuna.storages.RDBStorage(optuna_storage))
         print(f"[reddino] Optuna study '{sweep_dir.name}': optuna-dashboard {optuna_storage}", flush=True)
-        scheduler, num_samples = _scheduler(space, base_cfg), trials
+        scheduler, num_samples = _scheduler(space, base_cfg), cfg.trials
     else:
         raise ValueError(f"unknown sweep mode {mode!r}; valid: search, ablation")
 
     # Each trial's driver is light; its Train workers and Ray Data tasks ask for their own CPUs.
-    trial_cpus = cpus_per_trial if cpus_per_trial is not None else 0.01  # Tune needs a non-empty request
+    trial_cpus = cfg.cpus_per_trial if cfg.cpus_per_trial is not None else 0.01  # Tune needs a non-empty request
     trainable = tune.with_resources(tune.with_parameters(_trial, settings=settings),
-                                    {"cpu": trial_cpus, "gpu": gpus_per_trial})
+                                    {"cpu": trial_cpus, "gpu": cfg.gpus_per_trial})
     interrupt = _interrupt_after_trials(stop_after_trials) if stop_after_trials else None
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),
@@ -238,7 +242,7 @@ def sweep(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg,
                                         scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=concurrency),
+                                        max_concurrent_trials=cfg.concurrency),
             run_config=run_config,
         )
     grid = tuner.fit()
