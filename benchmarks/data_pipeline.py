@@ -136,7 +136,9 @@ def main() -> None:
     data = args.data or synthetic_patches(args.images, 224 if not args.quick else 112)
     W = args.workers
     overrides = [f"data.paths=[{str(data)!r}]", f"data.map_concurrency={W}", "data.cpus_per_map_task=1",
-                 f"train.batch_size_per_worker={args.batch_size}", *args.override]
+                 f"train.batch_size_per_worker={args.batch_size}",
+                 *(["data.unit=patch"] if args.data is None else []),  # the synthetic set is smear patches
+                 *args.override]
     if args.map_batch_size:
         overrides.append(f"data.map_batch_size={args.map_batch_size}")
     cfg0 = load_config(args.preset, overrides)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -62,3 +64,36 @@ def aggregate(fold_metrics: Sequence[dict[str, Any]], keys: Sequence[str] = SCAL
             "folds": vals,
         }
     return out
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Mean ± std of each scalar metric per classifier of one protocol result: the one place results are
+    flattened (the headline, the in-training kNN and the MLflow metrics all use :meth:`flat`)."""
+
+    values: dict[str, dict[str, tuple[float, float]]]  # classifier -> metric -> (mean, std)
+
+    @classmethod
+    def of(cls, result: dict[str, Any]) -> "Scores":
+        """From a protocol result (``{"classifiers": {name: {metric: {"mean", "std", ...}}}}``); metrics without a
+        finite mean (e.g. a fold with one class) are left out."""
+        values: dict[str, dict[str, tuple[float, float]]] = {}
+        for clf, cr in result.get("classifiers", {}).items():
+            for m in SCALAR_METRICS:
+                v = cr.get(m) or {}
+                if v.get("mean") is not None and not math.isnan(v["mean"]):
+                    values.setdefault(clf, {})[m] = (float(v["mean"]), float(v["std"]))
+        return cls(values)
+
+    def mean(self, classifier: str, metric: str = "balanced_accuracy") -> float | None:
+        got = self.values.get(classifier, {}).get(metric)
+        return None if got is None else got[0]
+
+    def flat(self, prefix: str = "", sep: str = "_") -> dict[str, float]:
+        """``{prefix + classifier + sep + metric: mean, ... + "_std": std}``, e.g. ``knn20_balanced_accuracy``."""
+        out: dict[str, float] = {}
+        for clf, metrics in self.values.items():
+            for m, (mean, std) in metrics.items():
+                out[f"{prefix}{clf}{sep}{m}"] = mean
+                out[f"{prefix}{clf}{sep}{m}_std"] = std
+        return out

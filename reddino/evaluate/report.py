@@ -12,7 +12,7 @@ import numpy as np
 
 from reddino.paths import save_figure, write_text_atomic
 
-from .metrics import SCALAR_METRICS
+from .metrics import SCALAR_METRICS, Scores
 
 METRIC_TITLES = {"accuracy": "acc", "balanced_accuracy": "bal. acc", "f1_weighted": "F1 (w)"}
 
@@ -256,14 +256,8 @@ def model_metrics(model_entry: dict[str, Any]) -> dict[str, float]:
     """Flat ``{data/variant/classifier/metric: value}`` (mean, plus ``_std``) for one model."""
     out: dict[str, float] = {}
     for ev in model_entry.get("evals", []):
-        r = ev["result"]
-        for clf, cr in r["classifiers"].items():
-            for m in SCALAR_METRICS:
-                v = cr.get(m) or {}
-                if v.get("mean") is not None and not math.isnan(v["mean"]):
-                    key = ev.get("key") or ev["name"]
-                    out[_metric_key(key, clf, m)] = float(v["mean"])
-                    out[_metric_key(key, clf, m + "_std")] = float(v["std"])
+        flat = Scores.of(ev["result"]).flat(prefix=_metric_key(ev.get("key") or ev["name"]) + "/", sep="/")
+        out.update({k[:250]: v for k, v in flat.items()})
     return out
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .classifiers import classifier_names
+from .metrics import Scores
 from .features import FeatureSet, compute_features, extract_features, select_rows
 from .protocols import run_fixed, run_kfold, run_protocol
 
@@ -187,16 +188,7 @@ def evaluate(
 
 def _headline(entry: dict[str, Any]) -> dict[str, float]:
     """``{<classifier>_<metric>: mean}`` (+ ``_std``) of a model's first evaluation."""
-    if not entry.get("evals"):
-        return {}
-    out: dict[str, float] = {}
-    for clf, cr in entry["evals"][0]["result"]["classifiers"].items():
-        for m in ("balanced_accuracy", "accuracy", "f1_weighted"):
-            v = cr.get(m) or {}
-            if v.get("mean") is not None:
-                out[f"{clf}_{m}"] = float(v["mean"])
-                out[f"{clf}_{m}_std"] = float(v["std"])
-    return out
+    return Scores.of(entry["evals"][0]["result"]).flat() if entry.get("evals") else {}
 
 
 def _ray_up() -> bool:
@@ -282,10 +274,6 @@ def knn_score(
         n_f = int(max(2, min(int(folds), int(counts.max()), len(fs))))
         res = run_kfold(fs, clfs, folds=n_f, seed=seed, use_groups=use_groups, standardize=standardize,
                         keep_predictions=False)
-    out: dict[str, float] = {}
-    for name, cr in res["classifiers"].items():
-        for m in ("balanced_accuracy", "accuracy", "f1_weighted"):
-            out[f"{name}_{m}"] = float(cr[m]["mean"])
-            out[f"{name}_{m}_std"] = float(cr[m]["std"])
+    out = Scores.of(res).flat()
     out.update(n_images=float(len(fs)), n_classes=float(res["n_classes"]), seconds=time.perf_counter() - t0)
     return out

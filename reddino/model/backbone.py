@@ -60,7 +60,9 @@ def _tiny_vit(name: str, pretrained: bool, defaults: dict[str, Any], kwargs: dic
     args = dict(embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, init_values=0.1, dynamic_img_size=True)
     args.update(defaults)
     args.update(kwargs)
-    return VisionTransformer(**args)
+    model = VisionTransformer(**args)
+    model.pretrained_cfg = {"architecture": name, "input_size": (3, args["img_size"], args["img_size"])}
+    return model
 
 
 @register_model
@@ -99,12 +101,11 @@ def create_backbone(
     img_size: int,
     patch_size: int | None = None,
     drop_path_rate: float = 0.0,
-    pretrained: str | None = None,
 ) -> VisionTransformer:
-    """A headless timm ViT (``num_classes=0``, ``dynamic_img_size=True``), optionally warm-started.
+    """A headless timm ViT (``num_classes=0``, ``dynamic_img_size=True``). Warm start: :func:`load_pretrained`.
 
-    ``pretrained`` is a local file (see :func:`load_pretrained`); the mask token found in a DINOv2
-    checkpoint, if any, is kept on ``model.reddino_mask_token`` (a plain tensor) for the SSL wrapper.
+    What an export records about it (:func:`backbone_info`) is read back from the module itself: the timm
+    architecture name from ``pretrained_cfg``, the input and patch size from its patch embedding.
     """
     timm_kwargs: dict[str, Any] = {}
     if patch_size is not None:
@@ -118,11 +119,6 @@ def create_backbone(
         raise ValueError(f"cannot create backbone {arch!r}: {exc}") from None
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{arch!r} is a {type(model).__name__}; reddino needs a timm VisionTransformer")
-    model.reddino_arch = arch
-    model.reddino_timm_kwargs = timm_kwargs
-    model.reddino_mask_token = None
-    if pretrained:
-        model.reddino_mask_token = load_pretrained(model, pretrained)
     return model
 
 
@@ -141,10 +137,7 @@ def backbone_info(model: nn.Module) -> dict[str, Any]:
     """``{"arch", "img_size", "patch_size", "embed_dim"}`` of a backbone (a timm ViT; other modules give what
     they have: ``patch_size`` None, ``embed_dim`` from ``num_features``)."""
     model = getattr(model, "module", model)
-    arch = getattr(model, "reddino_arch", None)
-    if arch is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        arch = cfg.get("architecture")
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     return {
         "arch": arch,
@@ -298,7 +291,7 @@ def load_pretrained(model: VisionTransformer, path: str | Path) -> torch.Tensor 
     unexpected = sorted(set(sd) - set(own))
     wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
     if missing or unexpected or wrong:
-        lines = [f"{path}: checkpoint does not match {getattr(model, 'reddino_arch', type(model).__name__)}"]
+        lines = [f"{path}: checkpoint does not match {backbone_info(model)['arch'] or type(model).__name__}"]
         for label, keys in (("missing", missing), ("unexpected", unexpected)):
             if keys:
                 more = " ..." if len(keys) > 20 else ""
@@ -374,7 +367,7 @@ def export_backbone(backbone: nn.Module, path: str | Path, meta: dict[str, Any] 
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         **info,
-        "timm_kwargs": dict(getattr(backbone, "reddino_timm_kwargs", {}) or {}),
+        "timm_kwargs": {"patch_size": info["patch_size"]},  # the module's own (it may differ from the arch's)
         **(meta or {}),
     }
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}
@@ -426,8 +419,4 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> Visio
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not match {meta['arch']}: {exc}") from None
-    model.reddino_arch = meta["arch"]
-    model.reddino_timm_kwargs = dict(meta.get("timm_kwargs") or {})
-    model.reddino_mask_token = None
-    model.reddino_meta = meta
     return model.to(device).eval()

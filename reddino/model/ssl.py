@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from reddino.config import LossConfig, ModelConfig, OptimConfig
-from reddino.model.backbone import backbone_tokens, create_backbone
+from reddino.model.backbone import backbone_tokens, create_backbone, load_pretrained
 from reddino.model.heads import DINOHead
 from reddino.model.losses import DINOLoss, DINOv2Loss, IBOTPatchLoss
 
@@ -90,11 +90,8 @@ class DINOv2SSL(nn.Module):
         A separate iBOT head is built only if ``ibot_separate_head`` and the iBOT weight is > 0.
         """
         loss_cfg = loss_cfg or LossConfig()
-        backbone = create_backbone(
-            model_cfg.arch, model_cfg.img_size, model_cfg.patch_size, model_cfg.drop_path_rate, model_cfg.pretrained
-        )
-        mask_token = getattr(backbone, "reddino_mask_token", None)
-        backbone.reddino_mask_token = None
+        backbone = create_backbone(model_cfg.arch, model_cfg.img_size, model_cfg.patch_size, model_cfg.drop_path_rate)
+        mask_token = load_pretrained(backbone, model_cfg.pretrained) if model_cfg.pretrained else None
         dim = int(backbone.embed_dim)
         head_kw = dict(
             hidden_dim=model_cfg.head_hidden_dim,

@@ -39,9 +39,10 @@ with warnings.catch_warnings():
 
         def load_context(self, context) -> None:
             from reddino.model import load_backbone as load_export
+            from reddino.model import model_img_size
 
             self.model = load_export(context.artifacts["backbone"])
-            self.img_size = int(self.model.reddino_meta["img_size"])
+            self.img_size = model_img_size(self.model)
 
         def predict(self, context, model_input, params=None):
             import torch

@@ -23,6 +23,12 @@ def _dinov2_layout(model, prefix="", chunked=False):
     return sd
 
 
+
+def _warm(arch, img_size, path):
+    """(backbone, mask token) warm-started from a local file, as DINOv2SSL.from_config does."""
+    model = create_backbone(arch, img_size=img_size)
+    return model, load_pretrained(model, path)
+
 def test_registered_arch_and_info():
     m = timm.create_model(ARCH)
     assert m.patch_embed.patch_size == (14, 14) and m.embed_dim == 192
@@ -65,10 +71,11 @@ def test_warm_start_dinov2_layout_same_size(tmp_path, prefix, chunked):
         sd = {"model": sd, "iteration": 7}
     path = tmp_path / "ckpt.pth"
     torch.save(sd, path)
-    dst = create_backbone(ARCH, img_size=42, pretrained=str(path)).eval()
+    dst, token = _warm(ARCH, 42, str(path))
+    dst.eval()
     x = torch.randn(2, 3, 42, 42)
     assert torch.allclose(backbone_tokens(dst, x)["cls"], backbone_tokens(src, x)["cls"], atol=1e-6)
-    assert torch.allclose(dst.reddino_mask_token, torch.full((1, 192), 0.5))
+    assert torch.allclose(token, torch.full((1, 192), 0.5))
 
 
 def _official_interpolate(pos_embed, grid, offset, antialias):
@@ -84,7 +91,7 @@ def _official_interpolate(pos_embed, grid, offset, antialias):
 def test_warm_start_resizes_pos_embed(tmp_path):
     src = create_backbone(ARCH, img_size=42)  # 3×3 grid
     torch.save(_dinov2_layout(src), tmp_path / "d.pth")
-    dst = create_backbone(ARCH, img_size=28, pretrained=str(tmp_path / "d.pth")).eval()  # 2×2 grid
+    dst = _warm(ARCH, 28, str(tmp_path / "d.pth"))[0].eval()  # 2×2 grid
     assert dst.pos_embed.shape == (1, 5, 192)
     # an original DINOv2 file (mask_token, no registers): DINOv2's own scale-factor interpolation
     expected = _official_interpolate(src.pos_embed.detach(), 2, offset=0.1, antialias=False)
@@ -95,9 +102,9 @@ def test_warm_start_resizes_pos_embed(tmp_path):
     # a timm state dict (no mask_token): timm's resampling, and a warning that the mask token starts at zero
     torch.save(src.state_dict(), tmp_path / "timm.pth")
     with pytest.warns(UserWarning, match="no 'mask_token'"):
-        dst = create_backbone(ARCH, img_size=28, pretrained=str(tmp_path / "timm.pth"))
+        dst, token = _warm(ARCH, 28, str(tmp_path / "timm.pth"))
     expected = resample_abs_pos_embed(src.pos_embed.detach(), new_size=[2, 2], old_size=[3, 3], num_prefix_tokens=1)
-    assert torch.allclose(dst.pos_embed, expected, atol=1e-6) and dst.reddino_mask_token is None
+    assert torch.allclose(dst.pos_embed, expected, atol=1e-6) and token is None
 
 
 def _vits14_official_layout(seed: int, registers: bool = False) -> dict[str, torch.Tensor]:
@@ -139,7 +146,8 @@ def test_warm_start_gives_the_official_tokens_at_224(tmp_path, registers):
     sd = _vits14_official_layout(seed=3, registers=registers)
     torch.save(sd, tmp_path / "dinov2.pth")
     arch = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
-    ours = create_backbone(arch, img_size=224, pretrained=str(tmp_path / "dinov2.pth")).eval()
+    ours, token = _warm(arch, 224, str(tmp_path / "dinov2.pth"))
+    ours.eval()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = backbone_tokens(ours, x)
@@ -149,22 +157,22 @@ def test_warm_start_gives_the_official_tokens_at_224(tmp_path, registers):
         return float((a - b).abs().max() / b.abs().max())
 
     assert rel(got["cls"], cls) <= 1e-5 and rel(got["patch"], patch) <= 1e-5
-    assert torch.equal(ours.reddino_mask_token, sd["mask_token"])
+    assert torch.equal(token, sd["mask_token"])
 
 
 def test_warm_start_refuses_mismatched_patch_and_registers(tmp_path):
     sd = _vits14_official_layout(seed=0)
     torch.save(sd, tmp_path / "plain.pth")
     with pytest.raises(ValueError, match="registers"):
-        create_backbone("vit_small_patch14_reg4_dinov2", img_size=224, pretrained=str(tmp_path / "plain.pth"))
+        _warm("vit_small_patch14_reg4_dinov2", 224, str(tmp_path / "plain.pth"))
     torch.save(_vits14_official_layout(seed=0, registers=True), tmp_path / "reg.pth")
     with pytest.raises(ValueError, match="registers"):
-        create_backbone("vit_small_patch14_dinov2", img_size=224, pretrained=str(tmp_path / "reg.pth"))
+        _warm("vit_small_patch14_dinov2", 224, str(tmp_path / "reg.pth"))
     p16 = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).state_dict()
     sd16 = {**sd, "patch_embed.proj.weight": p16["patch_embed.proj.weight"]}
     torch.save(sd16, tmp_path / "p16.pth")
     with pytest.raises(ValueError, match="16x16 but the model's patch is 14x14"):
-        create_backbone("vit_small_patch14_dinov2", img_size=224, pretrained=str(tmp_path / "p16.pth"))
+        _warm("vit_small_patch14_dinov2", 224, str(tmp_path / "p16.pth"))
 
 
 def test_warm_start_errors(tmp_path):
@@ -174,13 +182,13 @@ def test_warm_start_errors(tmp_path):
     sd["blocks.0.extra"] = torch.zeros(1)
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"missing keys \(1\): blocks.0.norm1.weight") as err:
-        create_backbone(ARCH, img_size=28, pretrained=str(tmp_path / "bad.pth"))
+        _warm(ARCH, 28, str(tmp_path / "bad.pth"))
     assert "unexpected keys (1): blocks.0.extra" in str(err.value)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth"):
-        create_backbone(ARCH, img_size=28, pretrained=str(tmp_path / "junk.pth"))
+        _warm(ARCH, 28, str(tmp_path / "junk.pth"))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        create_backbone(ARCH, img_size=28, pretrained=str(tmp_path / "nope.pth"))
+        _warm(ARCH, 28, str(tmp_path / "nope.pth"))
     with pytest.raises(ValueError, match="shape mismatch"):
         load_pretrained(create_backbone("vit_small_patch14_dinov2", img_size=28), tmp_path / "bad.pth")
 
@@ -198,5 +206,11 @@ def test_export_load_round_trip(tmp_path):
     x = torch.randn(2, 3, 56, 56)
     assert torch.equal(backbone_tokens(loaded, x)["cls"], backbone_tokens(b.eval(), x)["cls"])
     # an export also warm-starts a new backbone
-    again = create_backbone(ARCH, img_size=56, pretrained=str(path)).eval()
+    again = _warm(ARCH, 56, str(path))[0].eval()
     assert torch.equal(again.pos_embed, b.pos_embed)
+    # what the export records is read from the module (timm's pretrained_cfg, its patch embedding), no side
+    # attributes: a /14 architecture built with patch 8 comes back with patch 8
+    p8 = create_backbone(ARCH, img_size=56, patch_size=8)
+    assert not [k for k in vars(p8) if k.startswith("reddino")]
+    back = load_backbone(export_backbone(p8, tmp_path / "p8" / "backbone.safetensors"))
+    assert backbone_info(back) == {"arch": ARCH, "img_size": 56, "patch_size": 8, "embed_dim": 192}
