@@ -259,6 +259,26 @@ class SweepConfig(_Section):
         return write_text_atomic(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
 
+def _read_yaml(p: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return raw
+
+
+def _validate(cls: type[_Section], data: dict[str, Any], where: str, what: str):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{where}: invalid {what}"]
+        for err in exc.errors():
+            lines.append(f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
 def load_section(cls: type[_Section], path: str | Path | None = None, updates: dict[str, Any] | None = None):
     """A config of type ``cls`` from a YAML file (optional) updated by ``updates``; errors name the file and field."""
     raw: dict[str, Any] = {}
@@ -268,19 +288,8 @@ def load_section(cls: type[_Section], path: str | Path | None = None, updates: d
         where = str(p)
         if not p.is_file():
             raise ConfigError(f"{where}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: top level must be a mapping")
-    try:
-        return cls.model_validate({**raw, **(updates or {})})
-    except ValidationError as exc:
-        lines = [f"{where}: invalid {cls.__name__}"]
-        for err in exc.errors():
-            lines.append(f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raw = _read_yaml(p)
+    return _validate(cls, {**raw, **(updates or {})}, where, cls.__name__)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -345,19 +354,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         p = resolve_config_path(path)
         where = str(p)
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: top level must be a mapping")
+        raw = _read_yaml(p)
     update = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    merged = deep_merge(raw, update)
-    try:
-        return RunConfig.model_validate(merged)
-    except ValidationError as exc:
-        lines = [f"{where}: invalid config"]
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            lines.append(f"  {loc}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+    return _validate(RunConfig, deep_merge(raw, update), where, "config")

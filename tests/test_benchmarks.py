@@ -16,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
+pytestmark = pytest.mark.slow  # each script's --quick run: minutes in all
+
 SCRIPTS = ["data_pipeline.py", "train_overhead.py", "gpu_efficiency.py", "vs_lightly_train.py", "embed_speed.py"]
 
 

@@ -251,6 +251,7 @@ def test_pretrain_job(cluster, synth, tmp_path):
     assert any(a.path.endswith(".safetensors") for a in client.list_artifacts(run.info.run_id, "backbone"))
 
 
+@pytest.mark.slow
 def test_sweep_job(cluster, synth, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -64,6 +64,7 @@ def test_sweep_asha_stops_early_and_writes_results(ray_fresh, data, space_file, 
     assert scored <= {round(v, 6) for v in table["eval_knn20_balanced_accuracy"].dropna()}
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_fresh, data, space_file, tmp_path,
                                                                        mlflow_uri):
     args = dict(data=[data / "patches"], eval_data=data / "cells", trials=4, out=tmp_path, name="r")
