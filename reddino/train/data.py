@@ -152,6 +152,7 @@ def build_train_dataset(cfg: RunConfig, patch_size: int, skip_actor_name: str | 
         Augment(cfg.to_dict(), patch_size, skip_actor_name),
         batch_size=cfg.data.map_batch_size,
         num_cpus=cfg.data.cpus_per_map_task,
+        resources=cfg.data.map_resources,  # e.g. {data: 0.01}: only on the data nodes
         compute=TaskPoolStrategy(size=cfg.data.map_concurrency),
     )
     return ds

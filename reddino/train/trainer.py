@@ -64,6 +64,18 @@ def _use_gpu(cfg: RunConfig) -> bool:
     return bool(cfg.train.use_gpu)
 
 
+def _warn_missing_resources(wanted: dict[str, float]) -> None:
+    """Ray waits forever for a resource no node has; an autoscaler may still add one, so a warning."""
+    import ray
+
+    have = ray.cluster_resources()
+    missing = sorted(name for name in wanted if have.get(name, 0) <= 0)
+    if missing:
+        print(f"[reddino] WARNING: no node of this cluster advertises {', '.join(missing)} "
+              "(train.worker_resources / data.map_resources): the run waits until one joins "
+              "(`ray start --resources`)", flush=True)
+
+
 def _data_hash(paths: list[str]) -> str:
     from reddino.data import manifest_hash
 
@@ -174,9 +186,10 @@ def pretrain(
     live = live_wanted() and run_dir is not None
     if live:
         loop_config["progress_file"] = str(run_dir / PROGRESS_FILE)
-    resources = {"CPU": cfg.train.cpus_per_worker}
+    resources = {"CPU": cfg.train.cpus_per_worker, **(cfg.train.worker_resources or {})}
     if use_gpu:
         resources["GPU"] = 1
+    _warn_missing_resources({**(cfg.train.worker_resources or {}), **(cfg.data.map_resources or {})})
     from reddino.train.loop import train_loop_per_worker
 
     trainer = TorchTrainer(
