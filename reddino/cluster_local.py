@@ -74,13 +74,22 @@ class LocalCluster:
             fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT, 0o600)
             os.write(fd, secrets.token_hex(32).encode())
             os.close(fd)
-        self.gcs_port = _free_port()
-        self.dashboard_port = _free_port()
+        self._used_ports: set[int] = set()
+        self.gcs_port = self._port()
+        self.dashboard_port = self._port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.pids: dict[str, int] = {}
         self._procs: dict[str, subprocess.Popen] = {}
         self._worker_ports = 0
+
+    def _port(self) -> int:
+        """A free loopback port not yet handed to another listener of this cluster (bind(0) may repeat one)."""
+        while True:
+            port = _free_port()
+            if port not in self._used_ports:
+                self._used_ports.add(port)
+                return port
 
     # ------------------------------------------------------------------ environment
     @property
@@ -104,14 +113,15 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ nodes
     def _args(self, node: Node) -> list[str]:
-        # A worker-port range of its own per raylet (Ray's default range is shared by every raylet of the host).
-        base = 20000 + (os.getpid() % 200) * 150 + (self._worker_ports % 5) * 30
+        # A worker-port range of its own per raylet, between Ray's default range (10002-19999, other Ray instances of
+        # the host) and the kernel's ephemeral ports (32768-, where _port() draws from).
+        base = 20000 + (os.getpid() % 60) * 200 + (self._worker_ports % 5) * 40
         self._worker_ports += 1
         args = [_ray_bin(), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(node.num_cpus),
                 "--num-gpus", "0", "--disable-usage-stats",
                 # Ray picks the other ports at random; these default to fixed ones that a 2nd raylet would clash on.
                 "--min-worker-port", str(base), "--max-worker-port", str(base + 29),
-                "--dashboard-agent-listen-port", str(_free_port()),
+                "--dashboard-agent-listen-port", str(self._port()),
                 "--object-store-memory", str(300 * 1024**2)]
         if node.resources:
             import json
@@ -120,7 +130,7 @@ class LocalCluster:
         if node.name == self.head:
             args += ["--head", "--port", str(self.gcs_port), "--temp-dir", str(self.state / "ray"),
                      "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                     "--ray-client-server-port", str(_free_port())]
+                     "--ray-client-server-port", str(self._port())]
         else:
             args += ["--address", self.address]
         return args

@@ -36,3 +36,12 @@ def test_bad_config_names_file_and_field(tmp_path):
         load_config("no_such_preset")
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config("tiny_cpu", ["train.epochs"])
+
+
+def test_custom_resource_knobs_validate():
+    cfg = load_config("tiny_cpu", ["data.map_resources={data: 0.01}", "train.worker_resources={train: 1}"])
+    assert cfg.data.map_resources == {"data": 0.01} and cfg.train.worker_resources == {"train": 1.0}
+    with pytest.raises(ConfigError, match="has its own knob"):
+        load_config("tiny_cpu", ["train.worker_resources={GPU: 1}"])
+    with pytest.raises(ConfigError, match="must be > 0"):
+        load_config("tiny_cpu", ["data.map_resources={data: 0}"])
