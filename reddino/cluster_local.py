@@ -246,17 +246,28 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             pass
 
-    def start(self) -> "LocalCluster":
-        try:
-            self._spawn(self.head)
-            self._wait_alive([self.head])
-            workers = [n for n in self.nodes if n != self.head]
-            for name in workers:  # in parallel: each raylet takes seconds to come up
-                self._spawn(name)
-            self._wait_alive(workers)
-        except BaseException:
-            self.stop()
-            raise
+    def start(self, attempts: int = 2) -> "LocalCluster":
+        """All nodes up, or none. A raylet gives its agents ~30 s to start (not configurable) and a loaded 2-core
+        machine can miss that (measured at load 20+): one more try, on fresh ports."""
+        for attempt in range(attempts):
+            try:
+                self._spawn(self.head)
+                self._wait_alive([self.head])
+                workers = [n for n in self.nodes if n != self.head]
+                for name in workers:  # in parallel: each raylet takes seconds to come up
+                    self._spawn(name)
+                self._wait_alive(workers)
+                return self
+            except RuntimeError:
+                self.stop()
+                if attempt + 1 == attempts:
+                    raise
+                self.gcs_port, self.dashboard_port = self._port(), self._port()
+                self.address = f"127.0.0.1:{self.gcs_port}"
+                self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def stop(self) -> None:
