@@ -17,6 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+def _check_custom_resources(field: str, resources: dict[str, float] | None) -> None:
+    """CPU/GPU have knobs of their own (cpus_per_*, use_gpu); an amount must be positive."""
+    for name, amount in (resources or {}).items():
+        if name in ("CPU", "GPU", "memory"):
+            raise ValueError(f"{field}: {name!r} has its own knob; list only custom resources here")
+        if not amount > 0:
+            raise ValueError(f"{field}: {name} must be > 0, got {amount}")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -34,7 +43,15 @@ class DataConfig(_Section):
     map_batch_size: int = 32  # rows per Ray Data augmentation task
     map_concurrency: int = 1  # concurrent CPU augmentation tasks (per trainer, all workers)
     cpus_per_map_task: float = 1.0
+    # Custom Ray resources each augmentation task asks for besides its CPUs, e.g. {data: 0.01}: the tasks then run
+    # only on nodes started with `--resources '{"data": N}'` (CPU-only data nodes beside the GPU nodes).
+    map_resources: dict[str, float] | None = None
     prefetch_batches: int = 2
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        _check_custom_resources("data.map_resources", self.map_resources)
+        return self
 
 
 class CropConfig(_Section):
@@ -134,6 +151,9 @@ class TrainConfig(_Section):
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     max_failures: int = 0
+    # Custom Ray resources each Train worker asks for besides CPU/GPU, e.g. {train: 1}: one worker per node that
+    # advertises `train: 1` (cluster/ray-cluster.yaml's gpu_worker; the local multi-node helper's train nodes).
+    worker_resources: dict[str, float] | None = None
     log_every: int = 10
     monitor_every: int = 50  # teacher entropy + RankMe, and the collapse guard on them
     # Collapse guard, from the end of the lr warm-up: a sign seen at 2 monitor steps in a row warns once (console
@@ -143,6 +163,11 @@ class TrainConfig(_Section):
     collapse_marginal_frac: float = 0.1  # entropy of the batch-mean target ≤ this × ln min(K, B): one prototype
     collapse_stop: bool = False
     export_path: str | None = None  # teacher backbone export; default <run dir>/backbone.pt
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        _check_custom_resources("train.worker_resources", self.worker_resources)
+        return self
 
 
 class EvalHookConfig(_Section):

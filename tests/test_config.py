@@ -73,3 +73,12 @@ def test_evaluate_cli_options_come_from_eval_config(tmp_path):
     res = runner.invoke(app, ["evaluate", "-m", "handcrafted", "-d", str(tmp_path), "--config", str(bad),
                               "--pooling", "cls", "--folds", "1"])
     assert res.exit_code == 2 and "folds" in res.output and "pooling" not in res.output
+
+
+def test_custom_resource_knobs_validate():
+    cfg = load_config("tiny_cpu", ["data.map_resources={data: 0.01}", "train.worker_resources={train: 1}"])
+    assert cfg.data.map_resources == {"data": 0.01} and cfg.train.worker_resources == {"train": 1.0}
+    with pytest.raises(ConfigError, match="has its own knob"):
+        load_config("tiny_cpu", ["train.worker_resources={GPU: 1}"])
+    with pytest.raises(ConfigError, match="must be > 0"):
+        load_config("tiny_cpu", ["data.map_resources={data: 0}"])

@@ -45,15 +45,29 @@ class SkipList:
         return self._version, self._keys, getattr(self, "_data_pass", 0)
 
 
+# One namespace for every driver: a second driver of the same run on the same cluster finds the first one's actor.
+NAMESPACE = "reddino"
+
+
 def skip_list_actor(name: str):
-    """Get or create the named skip-list actor of a run (lives as long as the Ray job)."""
+    """Get or create the named skip-list actor of a run (lives as long as the driver that created it)."""
     import ray
 
     return (
         ray.remote(SkipList)
-        .options(name=name, get_if_exists=True, num_cpus=0, lifetime=None)
+        .options(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, lifetime=None)
         .remote()
     )
+
+
+def live_skip_list(name: str):
+    """The run's skip-list actor if some driver on this cluster holds it, else None."""
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
 
 
 class DropConsumed:
@@ -72,7 +86,7 @@ class DropConsumed:
             return batch
         import ray
 
-        _, skip, data_pass = ray.get(ray.get_actor(self.actor_name).get.remote())
+        _, skip, data_pass = ray.get(ray.get_actor(self.actor_name, namespace=NAMESPACE).get.remote())
         batch["epoch"][:] = data_pass
         if skip.size == 0:
             return batch
@@ -152,6 +166,7 @@ def build_train_dataset(cfg: RunConfig, patch_size: int, skip_actor_name: str | 
         Augment(cfg.to_dict(), patch_size, skip_actor_name),
         batch_size=cfg.data.map_batch_size,
         num_cpus=cfg.data.cpus_per_map_task,
+        resources=cfg.data.map_resources,  # e.g. {data: 0.01}: only on the data nodes
         compute=TaskPoolStrategy(size=cfg.data.map_concurrency),
     )
     return ds

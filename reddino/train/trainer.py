@@ -24,6 +24,21 @@ class PretrainResult:
     stopped: str | None = None
 
 
+# Runs this process has driven: a failed run's actor outlives fit() in its driver, and the same driver may resume.
+_DRIVEN_HERE: set[str] = set()
+
+
+def _refuse_second_driver(run_name: str, skip_name: str) -> None:
+    """Two drivers on one run would interleave checkpoints and MLflow metrics: the second one stops here."""
+    from reddino.train.data import live_skip_list
+
+    if run_name not in _DRIVEN_HERE and live_skip_list(skip_name) is not None:
+        raise RuntimeError(f"run {run_name!r} is being trained by another driver on this cluster (its actor "
+                           f"{skip_name!r} is alive): wait for it, stop it (`ray job stop`, Ctrl-C), or pick another "
+                           "--run-name")
+    _DRIVEN_HERE.add(run_name)
+
+
 def _latest_checkpoint(result):
     """The checkpoint with the highest step (checkpoint dirs are named by step)."""
     candidates = [c for c, _ in (result.best_checkpoints or [])]
@@ -62,6 +77,18 @@ def _use_gpu(cfg: RunConfig) -> bool:
 
         return ray.cluster_resources().get("GPU", 0) >= 1
     return bool(cfg.train.use_gpu)
+
+
+def _warn_missing_resources(wanted: dict[str, float]) -> None:
+    """Ray waits forever for a resource no node has; an autoscaler may still add one, so a warning."""
+    import ray
+
+    have = ray.cluster_resources()
+    missing = sorted(name for name in wanted if have.get(name, 0) <= 0)
+    if missing:
+        print(f"[reddino] WARNING: no node of this cluster advertises {', '.join(missing)} "
+              "(train.worker_resources / data.map_resources): the run waits until one joins "
+              "(`ray start --resources`)", flush=True)
 
 
 def _data_hash(paths: list[str]) -> str:
@@ -112,6 +139,8 @@ def pretrain(
     storage = where if "://" in where else Path(where).expanduser().resolve()
     run_name = run_name or cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(storage) / run_name if not isinstance(storage, str) else None
+    skip_name = f"reddino-skip-{run_name}"
+    _refuse_second_driver(run_name, skip_name)
     if resume and run_dir is not None and not run_dir.exists():
         raise FileNotFoundError(f"cannot resume: no run named {run_name!r} under {storage}")
     if run_dir is not None:
@@ -153,7 +182,6 @@ def pretrain(
     # --- data: Ray Data does decode + multi-crop + masks on CPU tasks ---
     from reddino.train.data import build_train_dataset, skip_list_actor
 
-    skip_name = f"reddino-skip-{run_name}"
     run_state = skip_list_actor(skip_name)  # keep the handle: the actor lives while the driver holds it
     dataset = build_train_dataset(cfg, patch, skip_name)
 
@@ -174,9 +202,10 @@ def pretrain(
     live = live_wanted() and run_dir is not None
     if live:
         loop_config["progress_file"] = str(run_dir / PROGRESS_FILE)
-    resources = {"CPU": cfg.train.cpus_per_worker}
+    resources = {"CPU": cfg.train.cpus_per_worker, **(cfg.train.worker_resources or {})}
     if use_gpu:
         resources["GPU"] = 1
+    _warn_missing_resources({**(cfg.train.worker_resources or {}), **(cfg.data.map_resources or {})})
     from reddino.train.loop import train_loop_per_worker
 
     trainer = TorchTrainer(
