@@ -12,13 +12,13 @@ from reddino.config import SweepConfig
 
 
 def _run(updates: dict[str, Any], *, config: Optional[Path], out: Optional[str], name: Optional[str],
-         resume: Optional[str], extra_overrides: Optional[List[str]]) -> None:
+         resume: Optional[str], overrides: Optional[List[str]]) -> None:
     """Ray Tune + Optuna sweep over a config space, early-stopped by ASHA on in-training kNN."""
     from reddino.config import load_section
     from reddino.tune import sweep as run_sweep
 
-    if extra_overrides:
-        updates["overrides"] = list(updates.get("overrides") or []) + list(extra_overrides)
+    if overrides:
+        updates["overrides"] = list(overrides)
     if resume:
         result = run_sweep(resume=resume)
     else:
@@ -37,7 +37,7 @@ sweep = config_command(
         param("out", Optional[str], typer.Option(None, "--out", help="Folder for sweep results (default $REDDINO_HOME/sweeps).")),
         param("name", Optional[str], typer.Option(None, "--name", help="Sweep dir name (default sweep-<space>-<time>).")),
         param("resume", Optional[str], typer.Option(None, "--resume", help="Resume the sweep in this folder (its sweep.yaml).")),
-        param("extra_overrides", Optional[List[str]], typer.Argument(None, help="key=value overrides for every trial.")),
+        param("overrides", Optional[List[str]], typer.Argument(None, help="key=value overrides for every trial.")),
     ],
     skip=("overrides",),
 )

@@ -1,6 +1,6 @@
 """Model side of reddino: timm ViT backbones, DINO/iBOT heads, losses, the DINOv2 SSL wrapper, monitors.
 
-Importing this package registers the tiny CPU architectures ``vit_tiny_patch8_reddino`` and ``vit_tiny_patch14_reddino`` with timm.
+Importing this package registers the tiny CPU architectures ``vit_mini_patch8_reddino``, ``vit_tiny_patch8_reddino`` and ``vit_tiny_patch14_reddino`` with timm.
 """
 
 from reddino.model.backbone import (
@@ -10,6 +10,8 @@ from reddino.model.backbone import (
     export_backbone,
     load_backbone,
     load_pretrained,
+    model_img_size,
+    vit_mini_patch8_reddino,
     vit_tiny_patch8_reddino,
     vit_tiny_patch14_reddino,
 )
@@ -31,10 +33,12 @@ __all__ = [
     "export_backbone",
     "load_backbone",
     "load_pretrained",
+    "model_img_size",
     "marginal_entropy",
     "rankme",
     "sinkhorn_knopp",
     "teacher_entropy",
+    "vit_mini_patch8_reddino",
     "vit_tiny_patch8_reddino",
     "vit_tiny_patch14_reddino",
 ]
