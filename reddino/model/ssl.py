@@ -18,10 +18,10 @@ zero masked tokens), so ``find_unused_parameters`` is not needed. Call ``update_
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any
 
 import torch
+from timm.models import group_parameters
 from torch import nn
 
 from reddino.config import LossConfig, ModelConfig, OptimConfig
@@ -205,30 +205,27 @@ class DINOv2SSL(nn.Module):
         * ``wd_mult``: 0 for biases, norms, layer-scale gammas, position/class/register/mask tokens.
         """
         oc = optim_cfg or OptimConfig()
-        depth = len(self.student["backbone"].blocks)
+        backbone = self.student["backbone"]
+        # timm's own layer grouping (stem 0, block i → i + 1) and no-weight-decay list. timm folds the final norm
+        # into the last block; the official DINOv2 puts it with the heads (multiplier 1), and so do we.
+        layer_of = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
+        top = len(backbone.blocks) + 1
+        no_wd_names = set(backbone.no_weight_decay()) | {"mask_token"}
         groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
-        named = [("mask_token", self.mask_token)] + [("student." + n, p) for n, p in self.student.named_parameters()]
-        for name, p in named:
+        named = [("mask_token", "mask_token", self.mask_token)] + [
+            ("student." + n, n[len("backbone."):] if n.startswith("backbone.") else None, p)
+            for n, p in self.student.named_parameters()]
+        for name, sub, p in named:
             if not p.requires_grad:
                 continue
             lr_mult = 1.0
-            if name.startswith("student.backbone.") or name == "mask_token":
-                sub = name[len("student.backbone.") :] if name != "mask_token" else name
-                if sub.startswith(("cls_token", "pos_embed", "reg_token", "patch_embed", "mask_token", "norm_pre")):
-                    layer_id = 0
-                else:
-                    hit = re.match(r"blocks\.(\d+)\.", sub)
-                    layer_id = int(hit.group(1)) + 1 if hit else depth + 1
-                lr_mult = oc.layerwise_decay ** (depth + 1 - layer_id)
+            if sub is not None:  # a backbone parameter (or the mask token, an embedding)
+                layer = 0 if sub == "mask_token" else layer_of.get(sub, top) if sub.startswith(("blocks.",)) or \
+                    layer_of.get(sub) == 0 else top
+                lr_mult = oc.layerwise_decay ** (top - layer)
                 if sub.startswith("patch_embed"):
                     lr_mult *= oc.patch_embed_lr_mult
-            no_wd = (
-                p.ndim <= 1
-                or name.endswith(".bias")
-                or "norm" in name
-                or "gamma" in name
-                or any(tok in name for tok in ("pos_embed", "cls_token", "reg_token", "mask_token"))
-            )
+            no_wd = p.ndim <= 1 or (sub is not None and sub in no_wd_names)  # biases, norms, gammas, tokens
             key = (float(lr_mult), 0.0 if no_wd else 1.0, DINOHead.is_last_layer(name))
             g = groups.setdefault(
                 key, {"params": [], "names": [], "lr_mult": key[0], "wd_mult": key[1], "is_last_layer": key[2]}

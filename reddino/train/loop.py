@@ -38,15 +38,28 @@ def _barrier() -> None:
 
 
 class _MLflowLogger:
-    """Rank-0 metric logging into the run the driver created (no-op without a run id)."""
+    """Rank-0 metric logging into the run the driver created (no-op without a run id).
+
+    The tracking server may go away mid-run: training never waits on it. Metrics that fail to send stay
+    buffered (up to ``max_pending``) and are retried at the next flush; what could not be sent by the end is
+    reported as lost. Requests fail fast (no long HTTP retry loop) because the buffer is the retry.
+    """
+
+    max_pending = 200_000
 
     def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
         self.client = None
         self.run_id = run_id
+        self.lost = 0
+        self._down_since: float | None = None
+        self._next_try = 0.0
         if run_id:
             from mlflow.tracking import MlflowClient
 
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             self.client = MlflowClient(tracking_uri=tracking_uri)
+            self.uri = tracking_uri
         self._pending: list = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -56,13 +69,76 @@ class _MLflowLogger:
 
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
-        if len(self._pending) >= 200:
-            self.flush()
+        if len(self._pending) > self.max_pending:  # keep the newest; say how many were dropped
+            self.lost += len(self._pending) - self.max_pending
+            self._pending = self._pending[-self.max_pending:]
 
-    def flush(self) -> None:
-        if self.client is not None and self._pending:
-            self.client.log_batch(self.run_id, metrics=self._pending)
+    def _down(self, err: Exception) -> None:
+        self._next_try = time.time() + 10.0
+        if self._down_since is None:
+            self._down_since = time.time()
+            print(f"[reddino] WARNING MLflow at {self.uri} unreachable ({type(err).__name__}); training goes on, "
+                  "metrics are buffered and retried", flush=True)
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what is buffered; False (and keep it) while the server is unreachable (retried every 10 s)."""
+        if self._down_since is not None and not force and time.time() < self._next_try:
+            return False
+        while self.client is not None and self._pending:
+            chunk = self._pending[:1000]  # MLflow's log_batch limit
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as err:  # noqa: BLE001 - any transport or server error: retry later
+                self._down(err)
+                return False
+            del self._pending[: len(chunk)]
+        if self._down_since is not None:
+            print(f"[reddino] MLflow reachable again after {time.time() - self._down_since:.0f} s; buffered "
+                  "metrics sent", flush=True)
+            self._down_since = None
+        return True
+
+    def tag(self, key: str, value: str) -> None:
+        if self.client is None:
+            return
+        try:
+            self.client.set_tag(self.run_id, key, value)
+        except Exception as err:  # noqa: BLE001
+            self._down(err)
+
+    def close(self) -> int:
+        """Last flush; returns how many metrics were lost (unsent or dropped)."""
+        if not self.flush(force=True):
+            self.lost += len(self._pending)
+            print(f"[reddino] WARNING MLflow still unreachable at the end: {self.lost} metric values not logged",
+                  flush=True)
             self._pending = []
+        return self.lost
+
+
+def _restore(latest, model, optimizer, scaler):
+    """Load the checkpoint Ray Train hands back; if it is damaged (a truncated or missing file), fall back to
+    the newest older checkpoint of the run that loads. Returns (state, checkpoint used, damaged descriptions)."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    damaged: list[str] = []
+    candidates = [latest]
+    while candidates:
+        cand = candidates.pop(0)
+        try:
+            with cand.as_directory() as d:
+                return ckpt.load(Path(d), model=model, optimizer=optimizer, scaler=scaler), cand, damaged
+        except Exception as err:  # noqa: BLE001 - any unreadable file means this checkpoint cannot be used
+            damaged.append(f"{Path(cand.path).name} ({type(err).__name__}: {str(err)[:160]})")
+        if cand is latest:  # the run's older checkpoints, newest first
+            parent, name = str(Path(latest.path).parent), Path(latest.path).name
+            infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+            older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                            and Path(i.path).name.startswith("checkpoint_") and Path(i.path).name < name),
+                           reverse=True)
+            candidates = [ray.train.Checkpoint(p, filesystem=latest.filesystem) for p in older]
+    raise RuntimeError(f"no loadable checkpoint in {Path(latest.path).parent}: {'; '.join(damaged)}")
 
 
 def _quiet_train_reports() -> None:
@@ -116,12 +192,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = ckpt.TrainState()
     resumed_from = -1
     restored = ray.train.get_checkpoint()
+    damaged: list[str] = []
     if restored is not None:
-        with restored.as_directory() as d:
-            state = ckpt.load(Path(d), model=model, optimizer=optimizer, scaler=scaler)
+        state, restored, damaged = _restore(restored, model, optimizer, scaler)
         resumed_from = state.step
         # RNG: ranks differ in data order anyway; keep the per-rank stream distinct.
         torch.manual_seed(cfg.train.seed * 1000 + state.step + rank)
+        if rank == 0 and damaged:
+            print(f"[reddino] WARNING damaged checkpoint(s) skipped: {'; '.join(damaged)}. Resumed from "
+                  f"{Path(restored.path).name} instead.", flush=True)
         if rank == 0:
             print(f"[reddino] resumed at step {state.step} (data pass {state.data_pass}, "
                   f"{state.consumed.size} rows of this pass already consumed)", flush=True)
@@ -175,22 +254,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         eval_table = load_table([cfg.eval.data], exclude_labels=cfg.eval.exclude_labels)
 
     logger = _MLflowLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
+    if logger is not None and damaged:
+        logger.tag("reddino.damaged_checkpoints", "; ".join(damaged))
     config_yaml = loop_config.get("config_yaml", "")
     progress_file = loop_config.get("progress_file") if rank == 0 else None  # a live bar on the driver's tty
-    # Test-only fault injection: {"crash_at_step": N, "crash_marker": path, "nan_at_step": N}.
-    faults = loop_config.get("faults") or {}
-    fault_step = int(faults.get("crash_at_step", -1))
-    fault_marker = faults.get("crash_marker")
-    nan_step = int(faults.get("nan_at_step", -1))
-
-    def _inject_nan(step: int, loss, parts):
-        if step != nan_step:
-            return loss, parts
-        return loss * float("nan"), {**parts, "ibot": torch.tensor(float("nan"))}
-
+    # Hooks the caller passed to `pretrain` (cloudpickled): `loss_hook(step, loss, parts) -> (loss, parts)` and
+    # `step_hooks`, each called as `hook(step)` after every finished step (tests inject faults this way).
+    step_hooks = list(loop_config.get("step_hooks") or [])
     train_step = TrainStep(model, optimizer, sched, cfg, forward=ddp_model, device=device, world=world, scaler=scaler,
-                           autocast=use_autocast, amp_dtype=amp_dtype,
-                           loss_hook=_inject_nan if nan_step >= 0 else None)
+                           autocast=use_autocast, amp_dtype=amp_dtype, loss_hook=loop_config.get("loss_hook"))
 
     def _report(metrics: dict[str, Any], with_checkpoint: bool, export: bool = False) -> None:
         # Identify the run in every report (Tune sees only these, not the driver's return value).
@@ -242,9 +314,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.step += 1
         step = state.step
 
-        if step == fault_step and fault_marker and not Path(fault_marker).exists():
-            Path(fault_marker).write_text(str(step))  # fire once: the restarted worker must go on
-            os._exit(1)  # simulate a crashed worker process
+        for hook in step_hooks:
+            hook(step)
 
         metrics: dict[str, Any] = {}
         is_last = step >= total
@@ -292,8 +363,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     collapse_warned = True
                     print(f"[reddino] WARNING collapse: {text}. The features are not learning; see "
                           "README 'Training health' (train.collapse_stop=true stops such runs).", flush=True)
-                    if logger is not None and logger.client is not None:
-                        logger.client.set_tag(logger.run_id, "reddino.collapse_warning", text)
+                    if logger is not None:
+                        logger.tag("reddino.collapse_warning", text)
         if cfg.train.monitor_every and (step % cfg.train.monitor_every == 0 or is_last):
             if any_rank(collapse_stop is not None, device):
                 stop_reason = collapse_stop or "representation collapse on rank 0; run stopped"
@@ -337,8 +408,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 import ray
 
                 ray.get(skip_actor.set_stop_reason.remote(stop_reason))
-            if logger is not None and logger.client is not None:
-                logger.client.set_tag(logger.run_id, "reddino.stop_reason", stop_reason)
+            if logger is not None:
+                logger.tag("reddino.stop_reason", stop_reason)
         ray.train.report({**last_metrics, "step": state.step, "stopped": stop_reason})
-    if logger is not None:
-        logger.flush()
+    if logger is not None and logger.close():
+        logger.tag("reddino.mlflow_lost_metrics", str(logger.lost))

@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from reddino.config import RunConfig
 
@@ -117,12 +117,16 @@ def pretrain(
     resume: bool = False,
     callbacks: list | None = None,
     mlflow_tags: dict[str, str] | None = None,
-    faults: dict[str, Any] | None = None,
+    step_hooks: list[Callable[[int], None]] | None = None,
+    loss_hook: Callable[..., Any] | None = None,
 ) -> PretrainResult:
     """Run (or resume) DINOv2 pretraining as described by `cfg`.
 
     Rerunning with the same `run_name` and storage path resumes from its latest checkpoint (Ray
     Train restores the run's checkpoint manager; the loop restores model, optimizer and data position).
+    ``step_hooks`` run on every worker as ``hook(step)`` after each finished step and ``loss_hook(step, loss,
+    parts) -> (loss, parts)`` sees each micro-batch's loss before backward; both are cloudpickled to the workers
+    (closures travel by value). The tests inject crashes and NaNs with them.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -195,7 +199,8 @@ def pretrain(
         "tracking_uri": tracking_uri,
         "mlflow_run_id": mlflow_run_id,
         "data_hash": data_hash,
-        "faults": faults,
+        "step_hooks": step_hooks or [],
+        "loss_hook": loss_hook,
     }
     from reddino.train.progress import PROGRESS_FILE, LiveProgress, live_wanted
 
@@ -262,23 +267,28 @@ def pretrain(
     if mlflow_run_id is not None:
         import mlflow
 
-        with mlflow.start_run(run_id=mlflow_run_id):
-            final = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            if final:
-                mlflow.log_metrics(final)
-            if backbone is not None:
-                for f in backbone.parent.glob(backbone.name + "*"):
-                    mlflow.log_artifact(str(f), artifact_path="backbone")
-            if stopped:
-                mlflow.set_tag("reddino.stop_reason", stopped)
-                mlflow.set_tag("reddino.status", "stopped")
-            else:
-                mlflow.set_tag("reddino.status", "finished")
-            if ckpt_dir is not None:
-                mlflow.set_tag("reddino.checkpoint", str(ckpt_dir))
-            curve = _learning_curve(mlflow_run_id, run_dir, run_name)
-            if curve is not None:
-                mlflow.log_artifact(str(curve))
+        try:
+            with mlflow.start_run(run_id=mlflow_run_id):
+                final = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+                if final:
+                    mlflow.log_metrics(final)
+                if backbone is not None:
+                    for f in backbone.parent.glob(backbone.name + "*"):
+                        mlflow.log_artifact(str(f), artifact_path="backbone")
+                if stopped:
+                    mlflow.set_tag("reddino.stop_reason", stopped)
+                    mlflow.set_tag("reddino.status", "stopped")
+                else:
+                    mlflow.set_tag("reddino.status", "finished")
+                if ckpt_dir is not None:
+                    mlflow.set_tag("reddino.checkpoint", str(ckpt_dir))
+                curve = _learning_curve(mlflow_run_id, run_dir, run_name)
+                if curve is not None:
+                    mlflow.log_artifact(str(curve))
+        except Exception as err:  # noqa: BLE001 - the run itself is done and checkpointed; say what is missing
+            print(f"[reddino] WARNING MLflow at {tracking_uri} unreachable at the end ({type(err).__name__}): the "
+                  f"final metrics, status tag and backbone artifact of run {mlflow_run_id} were not logged; the "
+                  f"run's files are in {run_dir}", flush=True)
     ray.kill(run_state)
     return PretrainResult(run_name=run_name, run_dir=run_dir, checkpoint_dir=ckpt_dir, backbone_path=backbone,
                           metrics=metrics, mlflow_run_id=mlflow_run_id, stopped=stopped)

@@ -173,3 +173,74 @@ def test_ray_job_submit_with_token_to_the_multinode_cluster(multinode, synth, tm
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-5000:]
     assert "teacher backbone:" in logs
     assert (tmp_path / "shared" / "runs" / "job" / "backbone.safetensors").exists()
+
+
+def _wait_for(path: Path, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def _assert_exact(result, run_dir, steps=10):
+    assert result.metrics["step"] == steps and not result.stopped
+    resumed = result.metrics["resumed_from_step"]
+    assert resumed >= 2, f"the run restarted from scratch: {result.metrics}"
+    before = _consumed(run_dir / f"checkpoint_{resumed:07d}")
+    after = _consumed(result.checkpoint_dir)
+    assert set(before.tolist()) <= set(after.tolist())
+    assert len(np.unique(after)) == len(after) == steps * 8  # exactly the rows of the run, none twice
+    assert result.backbone_path is not None and result.backbone_path.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_killed_driver_then_resume_finishes_exactly(multinode, synth, tmp_path, sig):
+    """`reddino pretrain` (its own process, a driver on the cluster) is interrupted after step 4's checkpoint;
+    `pretrain(..., resume=True)` from another driver finishes the run with the same data guarantees."""
+    import subprocess
+    import sys
+
+    from reddino.train.data import live_skip_list
+
+    name = f"driver-{sig.name}"
+    run_dir = tmp_path / "shared" / "runs" / name
+    argv = [sys.executable, "-c", "from reddino.cli import app; app()", "pretrain", "--config", TINY_CONFIG,
+            "--run-name", name, *_overrides(synth, tmp_path, steps=10)]
+    driver = subprocess.Popen(argv, env={**os.environ, **multinode.env, "RAY_ADDRESS": multinode.address},
+                              stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        _wait_for(run_dir / "checkpoint_0000004")
+        driver.send_signal(sig)
+        assert driver.wait(120) != 0, "the driver finished before it was interrupted"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    deadline = time.time() + 120  # the run's actors die with their driver; then the run is free again
+    while live_skip_list(f"reddino-skip-{name}") is not None and time.time() < deadline:
+        time.sleep(1)
+    result = pretrain(_cfg(synth, tmp_path, steps=10), run_name=name, resume=True)
+    _assert_exact(result, run_dir)
+
+
+def test_killed_train_raylet_run_waits_for_the_node_and_finishes(multinode, synth, tmp_path):
+    """The raylet hosting one Train worker is SIGKILLed after step 4's checkpoint and started again: Ray Train
+    restarts the worker group once the `train` resources are back and the run resumes exactly."""
+    cfg = _cfg(synth, tmp_path, steps=10, **{"train.max_failures": 1})
+    run_dir = tmp_path / "shared" / "runs" / "killed-raylet"
+    events: dict = {}
+
+    def kill_then_restart():
+        _wait_for(run_dir / "checkpoint_0000004")
+        multinode.kill_node("train2")
+        events["killed"] = time.time()
+        time.sleep(10)
+        multinode.start_node("train2")
+        events["restarted"] = time.time()
+
+    chaos = threading.Thread(target=kill_then_restart, daemon=True)
+    chaos.start()
+    result = pretrain(cfg, run_name="killed-raylet")
+    chaos.join(200)
+    assert "killed" in events and "restarted" in events, events
+    _assert_exact(result, run_dir)
+    assert multinode.running("train2")

@@ -228,6 +228,7 @@ def synth(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_pretrain_job(cluster, synth, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from reddino.data import generate_synthetic
 
 ROOT = Path(__file__).parents[2]
@@ -27,6 +29,7 @@ def _pretrain_cmd(tmp_path) -> list[str]:
            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
 
 
+@pytest.mark.slow  # the quick demo test asserts the same of its pretraining
 def test_pretrain_console_has_no_ray_chatter_and_no_repeats(tmp_path):
     cmd = _pretrain_cmd(tmp_path)
     proc = subprocess.run(cmd, cwd=ROOT, env=_quiet_env(), capture_output=True, text=True, timeout=600)

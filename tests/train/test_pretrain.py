@@ -39,24 +39,33 @@ def _consumed(ckpt_dir):
     return data["consumed"], int(data["data_pass"])
 
 
-def test_kill_and_resume_continues_step_and_data_position(ray_train, synth, tmp_path):
+def test_kill_then_resume_past_a_damaged_checkpoint_continues_step_and_data_position(ray_train, synth, tmp_path):
     # 2 sources × 48 patches = 96 rows; 2 workers × 4 = 8 rows/step → one pass is 12 steps.
     cfg = _cfg(synth, tmp_path, steps=10)
     marker = tmp_path / "crashed"
+
+    def crash_once_at_7(step):  # a closure: cloudpickled to the workers by value
+        import os
+
+        if step == 7 and not marker.exists():
+            marker.write_text(str(step))  # fire once: a restarted worker must go on
+            os._exit(1)  # a crashed worker process
+
     with pytest.raises(Exception) as failed:
-        pretrain(cfg, run_name="killed", faults={"crash_at_step": 5, "crash_marker": str(marker)})
+        pretrain(cfg, run_name="killed", step_hooks=[crash_once_at_7])
     assert marker.exists(), f"the run failed before the injected crash: {failed.value!r}"
     run_dir = tmp_path / "runs" / "killed"
-    assert (run_dir / "checkpoint_0000004").exists()
+    assert (run_dir / "checkpoint_0000006").exists()
+    # Ray registers a checkpoint asynchronously, so the last committed one is step 6 or 4: truncate both.
+    for step in (4, 6):
+        state = run_dir / f"checkpoint_{step:07d}" / "state.pt"
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
 
     result = pretrain(cfg, run_name="killed", resume=True)
     assert result.metrics["step"] == 10
-    # Ray registers a checkpoint asynchronously: a crash right after step 4's report may leave step 2 as
-    # the last committed one. Either way the run continues from a committed step, not from scratch.
-    resumed = result.metrics["resumed_from_step"]
-    assert resumed in (2, 4)
-    before, pass_before = _consumed(run_dir / f"checkpoint_{resumed:07d}")
-    assert len(before) == resumed * 8 and len(np.unique(before)) == len(before) and pass_before == 0
+    assert result.metrics["resumed_from_step"] == 2  # the newest checkpoint that loads
+    before, pass_before = _consumed(run_dir / "checkpoint_0000002")
+    assert len(before) == 2 * 8 and len(np.unique(before)) == len(before) and pass_before == 0
     after, pass_after = _consumed(result.checkpoint_dir)
     # The stream continued: what was consumed before is still there, nothing twice, and exactly the
     # remaining steps' rows were added.
@@ -68,6 +77,7 @@ def test_kill_and_resume_continues_step_and_data_position(ray_train, synth, tmp_
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.data.tags["reddino.status"] == "finished"
+    assert "checkpoint_0000004 (" in run.data.tags["reddino.damaged_checkpoints"]  # said so, in MLflow too
     steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
     assert max(steps) == 10 and 1 in steps
     assert "model.arch" in run.data.params
@@ -75,34 +85,118 @@ def test_kill_and_resume_continues_step_and_data_position(ray_train, synth, tmp_
     assert any(p.endswith(".safetensors") for p in artifacts)
 
 
-def test_non_finite_loss_stops_cleanly_keeping_last_good_checkpoint(ray_train, synth, tmp_path):
-    cfg = _cfg(synth, tmp_path, steps=8, workers=1)
-    result = pretrain(cfg, run_name="nan", faults={"nan_at_step": 5})
-    assert result.stopped and "step 5" in result.stopped and "ibot" in result.stopped
-    assert result.checkpoint_dir is not None and result.checkpoint_dir.name == "checkpoint_0000004"
+def test_collapse_guard_warns_once_then_a_non_finite_loss_stops_cleanly(ray_train, synth, tmp_path):
+    # Collapse thresholds every run meets, so the guard's plumbing is what is tested (the signs themselves:
+    # test_ssl); then a NaN loss at step 7 stops the run, keeping the last good checkpoint.
+    cfg = _cfg(synth, tmp_path, steps=10, workers=1, **{"train.collapse_uniform_frac": 0.0})
+
+    def nan_at_7(step, loss, parts):
+        import torch
+
+        if step != 7:
+            return loss, parts
+        return loss * float("nan"), {**parts, "ibot": torch.tensor(float("nan"))}
+
+    result = pretrain(cfg, run_name="nan", loss_hook=nan_at_7)
+    assert result.stopped and "step 7" in result.stopped and "ibot" in result.stopped
+    assert result.checkpoint_dir is not None and result.checkpoint_dir.name == "checkpoint_0000006"
     assert result.backbone_path is None  # no export from a diverged run
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
-    assert client.get_run(result.mlflow_run_id).data.tags["reddino.status"] == "stopped"
-
-
-def test_collapse_guard_warns_once_then_stops_when_asked(ray_train, synth, tmp_path):
-    # Thresholds every run meets, so the guard's plumbing is what is tested (the signs themselves: test_ssl).
-    cfg = _cfg(synth, tmp_path, steps=8, workers=1, **{"train.collapse_uniform_frac": 0.0})
-    result = pretrain(cfg, run_name="warned")
-    assert not result.stopped and result.metrics["step"] == 8
-    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     tags = client.get_run(result.mlflow_run_id).data.tags
+    assert tags["reddino.status"] == "stopped"
     assert "uniform teacher targets" in tags["reddino.collapse_warning"]
     assert tags["reddino.collapse_warning"].startswith("step 4:")  # 2 monitor steps in a row after warm-up
-    assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "collapse")] == [4, 6, 8]
-    # Every finished run draws its learning curve (RankMe and losses here; kNN when eval.data is set).
+    assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "collapse")] == [4, 6]
+    # Every run draws its learning curve, a stopped one too (RankMe and losses here; kNN when eval.data is set).
     curve = result.run_dir / "learning_curve.png"
     assert curve.stat().st_size > 5000 and curve.read_bytes()[:4] == b"\x89PNG"
-    assert "learning_curve.png" in {a.path for a in client.list_artifacts(result.mlflow_run_id)}
 
-    cfg = _cfg(synth, tmp_path, steps=8, workers=1,
-               **{"train.collapse_rankme_frac": 1.0, "train.collapse_stop": "true"})
-    result = pretrain(cfg, run_name="collapsed")
-    assert result.stopped and "collapse at step 4" in result.stopped and "RankMe" in result.stopped
-    assert result.backbone_path is None
-    assert client.get_run(result.mlflow_run_id).data.tags["reddino.status"] == "stopped"
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(tmp_path, port):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "server-artifacts")],
+        stdout=open(tmp_path / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError("mlflow server did not start")
+
+
+@pytest.mark.slow
+def test_mlflow_server_outage_mid_run_loses_no_metrics(ray_train, synth, tmp_path):
+    """A real `mlflow server` on loopback is stopped at step 3 and back at step 9: training goes on, the
+    metrics of steps 3-9 are retried and land, and the run ends 'finished'."""
+    import os
+    import signal
+    import threading
+    import time
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = {"proc": _mlflow_server(tmp_path, port)}
+    cfg = _cfg(synth, tmp_path, steps=12, workers=1, **{"mlflow.tracking_uri": uri})
+    down, up = tmp_path / "server-down", tmp_path / "server-up"
+
+    def outage(step):  # in the worker: ask for the outage at step 3, wait for the server at step 9
+        import time as t
+        import urllib.request
+
+        def reachable():
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                return True
+            except OSError:
+                return False
+
+        if step == 3:
+            down.write_text("")
+            while reachable():
+                t.sleep(0.2)
+        if step == 9:
+            up.write_text("")
+            while not reachable():
+                t.sleep(0.5)
+
+    def operator():  # in the test: stop the server when asked, start it again when asked
+        while not down.exists():
+            time.sleep(0.2)
+        os.killpg(server["proc"].pid, signal.SIGKILL)
+        server["proc"].wait()
+        while not up.exists():
+            time.sleep(0.2)
+        server["proc"] = _mlflow_server(tmp_path, port)
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    try:
+        result = pretrain(cfg, run_name="outage", step_hooks=[outage])
+        thread.join(5)
+        assert not result.stopped and result.metrics["step"] == 12
+        client = MlflowClient(tracking_uri=uri)
+        run = client.get_run(result.mlflow_run_id)
+        assert run.data.tags["reddino.status"] == "finished" and "reddino.mlflow_lost_metrics" not in run.data.tags
+        assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")) == list(range(1, 13))
+    finally:
+        if server["proc"].poll() is None:
+            os.killpg(server["proc"].pid, signal.SIGKILL)
