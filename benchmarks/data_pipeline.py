@@ -128,7 +128,7 @@ def main() -> None:
     import torch
 
     from reddino.config import load_config
-    from reddino.local import init_ray
+    from reddino.runtime import init_ray
     from reddino.model import create_backbone
     from reddino.train.data import build_train_dataset, crops_to_device, sha_to_keys
 
@@ -165,7 +165,7 @@ def main() -> None:
     ctx.enable_operator_progress_bars = False
     log(f"ray start {time.perf_counter() - t:.1f} s (not timed)")
 
-    ds = build_train_dataset(cfg, ps, skip_actor_name=None)
+    ds = build_train_dataset(cfg, ps, run_state_name=None)
     loader = torch.utils.data.DataLoader(
         FolderMultiCrop(files, shas, cfg.to_dict(), ps), batch_size=args.batch_size, shuffle=True,
         num_workers=W, persistent_workers=True, prefetch_factor=2, multiprocessing_context="spawn",

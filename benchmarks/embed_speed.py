@@ -49,7 +49,7 @@ def main() -> None:
     from reddino.evaluate.features import extract_features, resolve_precision
     from reddino.evaluate.models import resolve_model
     from reddino.infer.embed import embed
-    from reddino.local import init_ray
+    from reddino.runtime import init_ray
 
     n = 540 if args.quick else args.cells
     data = args.data

@@ -68,7 +68,7 @@ def main() -> None:
     use_ray = not args.no_ray
 
     if use_ray:
-        from reddino.local import init_ray
+        from reddino.runtime import init_ray
 
         t = time.perf_counter()
         init_ray(num_cpus=args.num_cpus, log_to_driver=False)

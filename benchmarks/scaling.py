@@ -67,7 +67,7 @@ def data_rate(data: Path, map_tasks: int, passes: int) -> float:
 
     cfg = load_config(TINY, _overrides(data, Path(tempfile.gettempdir()), 1, 1, 16)
                       + [f"data.map_concurrency={map_tasks}", "data.cpus_per_map_task=1"])
-    ds = build_train_dataset(cfg, patch_size=8, skip_actor_name=None)
+    ds = build_train_dataset(cfg, patch_size=8, run_state_name=None)
     rate = float("nan")
     for p in range(passes):
         t0, n = time.perf_counter(), 0

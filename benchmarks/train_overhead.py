@@ -202,7 +202,7 @@ def main() -> None:
     env_setup()
     header("train_overhead")
     from reddino.config import load_config
-    from reddino.local import init_ray
+    from reddino.runtime import init_ray
 
     cfg = load_config(args.preset, args.override)
     c = cfg.crops

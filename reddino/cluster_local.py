@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import reddino
-from reddino.local import _free_port
+from reddino.runtime import _free_port
 
 # The checkout whose `reddino` this process imports: every raylet's workers must import the same one.
 PACKAGE_ROOT = Path(reddino.__file__).resolve().parents[1]

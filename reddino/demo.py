@@ -80,7 +80,7 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
 
     _step(2, n, "local Ray (loopback only) + DINOv2 pretraining of the tiny ViT on unlabelled cells")
     from reddino.config import load_config
-    from reddino.local import cpus_with_driver_headroom, init_ray
+    from reddino.runtime import cpus_with_driver_headroom, init_ray
     from reddino.train import pretrain
 
     init_ray(num_cpus=num_cpus or cpus_with_driver_headroom(), log_to_driver=True)

@@ -15,7 +15,7 @@ import pytest
 def _local_ray(num_cpus: int):
     import ray
 
-    from reddino.local import init_ray
+    from reddino.runtime import init_ray
 
     if ray.is_initialized():
         ray.shutdown()

@@ -378,7 +378,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         return False
     import logging  # noqa: PLC0415
 
-    from reddino.local import init_ray, verbose  # noqa: PLC0415
+    from reddino.runtime import init_ray, verbose  # noqa: PLC0415
 
     # Ray's "Started a local Ray instance" INFO line is not news to someone embedding cells.
     init_ray(num_cpus=num_cpus, log_to_driver=False, **({} if verbose() else {"logging_level": logging.WARNING}))
@@ -391,7 +391,7 @@ def _run_extraction_ray(
 ) -> dict[str, np.ndarray]:
     import ray  # noqa: PLC0415
 
-    from reddino.local import quiet_data_progress  # noqa: PLC0415
+    from reddino.runtime import quiet_data_progress  # noqa: PLC0415
 
     ensure_ray(num_cpus)
     quiet_data_progress()

@@ -174,7 +174,7 @@ def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache
         import mlflow.artifacts  # noqa: PLC0415
 
         from reddino import paths  # noqa: PLC0415
-        from reddino.local import default_tracking_uri  # noqa: PLC0415
+        from reddino.runtime import default_tracking_uri  # noqa: PLC0415
 
         # The same store `reddino models register` wrote to ($MLFLOW_TRACKING_URI, else $REDDINO_HOME/mlflow.db).
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one model file: no bar

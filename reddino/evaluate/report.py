@@ -278,7 +278,7 @@ def log_mlflow(results: dict[str, Any], out_dir: Path, *, tracking_uri: str | No
     """One MLflow run per evaluated model: params, metrics, tags linking the model, all artifacts."""
     import mlflow  # noqa: PLC0415
 
-    from reddino.local import default_tracking_uri  # noqa: PLC0415
+    from reddino.runtime import default_tracking_uri  # noqa: PLC0415
 
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)

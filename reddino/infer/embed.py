@@ -330,7 +330,7 @@ def embed(
     size = int(info["img_size"]) if info.get("img_size") else None  # None: handcrafted at native size
 
     ensure_ray(num_cpus)
-    from reddino.local import quiet_data_progress  # noqa: PLC0415
+    from reddino.runtime import quiet_data_progress  # noqa: PLC0415
 
     quiet_data_progress()
     resources, device, threads = _placement(concurrency, num_cpus)

@@ -14,7 +14,7 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 
-from reddino.local import default_tracking_uri
+from reddino.runtime import default_tracking_uri
 
 DEFAULT_NAME = "reddino-backbone"
 BACKBONE_ARTIFACT = "backbone"

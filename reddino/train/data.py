@@ -21,11 +21,13 @@ def sha_to_keys(sha256: np.ndarray | list[str]) -> np.ndarray:
     return np.array([int(h[:16], 16) for h in sha256], dtype=np.uint64).view(np.int64)
 
 
-class SkipList:
-    """Ray actor: the keys the current pass must drop (empty when not resuming), and the run's stop reason."""
+class RunState:
+    """Ray actor, one per live run (named after it): the keys the current pass must drop (empty when not
+    resuming), the current data pass, and the run's stop reason. Its existence also marks the run as driven."""
 
     def __init__(self) -> None:
         self._keys = np.empty(0, dtype=np.int64)
+        self._data_pass = 0
         self._version = 0
         self._stop_reason: str | None = None
 
@@ -42,26 +44,26 @@ class SkipList:
         return self._version
 
     def get(self) -> tuple[int, np.ndarray, int]:
-        return self._version, self._keys, getattr(self, "_data_pass", 0)
+        return self._version, self._keys, self._data_pass
 
 
 # One namespace for every driver: a second driver of the same run on the same cluster finds the first one's actor.
 NAMESPACE = "reddino"
 
 
-def skip_list_actor(name: str):
-    """Get or create the named skip-list actor of a run (lives as long as the driver that created it)."""
+def run_state_actor(name: str):
+    """Get or create the named run-state actor of a run (lives as long as the driver that created it)."""
     import ray
 
     return (
-        ray.remote(SkipList)
+        ray.remote(RunState)
         .options(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, lifetime=None)
         .remote()
     )
 
 
-def live_skip_list(name: str):
-    """The run's skip-list actor if some driver on this cluster holds it, else None."""
+def live_run_state(name: str):
+    """The run's run-state actor if some driver on this cluster holds it, else None."""
     import ray
 
     try:
@@ -102,10 +104,10 @@ class Augment:
     One operator (not two): one task and one copy per block. Crops come out as uint8 channels-last;
     :func:`crops_to_device` normalises them where the model runs."""
 
-    def __init__(self, cfg_dict: dict[str, Any], patch_size: int, skip_actor_name: str | None) -> None:
+    def __init__(self, cfg_dict: dict[str, Any], patch_size: int, run_state_name: str | None) -> None:
         self.cfg_dict = cfg_dict
         self.patch_size = patch_size
-        self.drop = DropConsumed(skip_actor_name)
+        self.drop = DropConsumed(run_state_name)
         self._transform = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -139,7 +141,7 @@ def crops_to_device(crops, device):
     return crops.to(device, non_blocking=True)
 
 
-def build_train_dataset(cfg: RunConfig, patch_size: int, skip_actor_name: str | None):
+def build_train_dataset(cfg: RunConfig, patch_size: int, run_state_name: str | None):
     """The streaming training dataset (unlabelled use: labels are never read)."""
     from reddino.data import read_rbc_dataset
 
@@ -163,7 +165,7 @@ def build_train_dataset(cfg: RunConfig, patch_size: int, skip_actor_name: str | 
     from ray.data import TaskPoolStrategy
 
     ds = ds.map_batches(
-        Augment(cfg.to_dict(), patch_size, skip_actor_name),
+        Augment(cfg.to_dict(), patch_size, run_state_name),
         batch_size=cfg.data.map_batch_size,
         num_cpus=cfg.data.cpus_per_map_task,
         resources=cfg.data.map_resources,  # e.g. {data: 0.01}: only on the data nodes

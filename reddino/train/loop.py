@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from reddino.config import RunConfig
 from reddino.train import checkpoint as ckpt
-from reddino.train.data import BatchStream, skip_list_actor
+from reddino.train.data import BatchStream, run_state_actor
 from reddino.train.step import TrainStep, any_rank
 
 
@@ -146,7 +146,7 @@ def _quiet_train_reports() -> None:
     source file; the loop prints what a user reads. REDDINO_VERBOSE=1 keeps Train's lines."""
     import logging
 
-    from reddino.local import verbose
+    from reddino.runtime import verbose
 
     if verbose():
         return
@@ -215,27 +215,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ddp_model = model
 
     # --- data ---
-    skip_name = loop_config.get("skip_actor")
-    skip_actor = skip_list_actor(skip_name) if skip_name else None
-    if rank == 0 and skip_actor is not None:
+    state_name = loop_config.get("run_state")
+    run_state = run_state_actor(state_name) if state_name else None
+    if rank == 0 and run_state is not None:
         import ray
 
-        ray.get(skip_actor.set.remote(state.consumed, state.data_pass))
+        ray.get(run_state.set.remote(state.consumed, state.data_pass))
     _barrier()
     shard = ray.train.get_dataset_shard("train")
     stream = BatchStream(shard, cfg.train.batch_size_per_worker, state.data_pass, cfg.data.prefetch_batches,
                          cfg.data.shuffle_buffer)
     if rank == 0 and state.consumed.size:
         stream.consumed.append(state.consumed)  # the union over workers lives on rank 0 only
-    if restored is not None and skip_actor is None and state.consumed.size:
-        raise RuntimeError("resuming mid-pass needs the skip-list actor")
+    if restored is not None and run_state is None and state.consumed.size:
+        raise RuntimeError("resuming mid-pass needs the run-state actor")
 
     def _pass_ended(new_pass: int) -> None:
         # The skip list only concerns the pass that was interrupted.
-        if rank == 0 and skip_actor is not None:
+        if rank == 0 and run_state is not None:
             import ray
 
-            ray.get(skip_actor.set.remote(np.empty(0, dtype=np.int64), new_pass))
+            ray.get(run_state.set.remote(np.empty(0, dtype=np.int64), new_pass))
         _barrier()
 
     stream.on_pass_end = _pass_ended
@@ -404,10 +404,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if stop_reason:
         if rank == 0:
             print(f"[reddino] STOP: {stop_reason}", flush=True)
-            if skip_actor is not None:
+            if run_state is not None:
                 import ray
 
-                ray.get(skip_actor.set_stop_reason.remote(stop_reason))
+                ray.get(run_state.set_stop_reason.remote(stop_reason))
             if logger is not None:
                 logger.tag("reddino.stop_reason", stop_reason)
         ray.train.report({**last_metrics, "step": state.step, "stopped": stop_reason})

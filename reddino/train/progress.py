@@ -20,7 +20,7 @@ PROGRESS_FILE = "progress.json"
 
 
 def live_wanted() -> bool:
-    from reddino.local import verbose
+    from reddino.runtime import verbose
 
     return sys.stdout.isatty() and not verbose()
 

@@ -28,13 +28,13 @@ class PretrainResult:
 _DRIVEN_HERE: set[str] = set()
 
 
-def _refuse_second_driver(run_name: str, skip_name: str) -> None:
+def _refuse_second_driver(run_name: str, state_name: str) -> None:
     """Two drivers on one run would interleave checkpoints and MLflow metrics: the second one stops here."""
-    from reddino.train.data import live_skip_list
+    from reddino.train.data import live_run_state
 
-    if run_name not in _DRIVEN_HERE and live_skip_list(skip_name) is not None:
+    if run_name not in _DRIVEN_HERE and live_run_state(state_name) is not None:
         raise RuntimeError(f"run {run_name!r} is being trained by another driver on this cluster (its actor "
-                           f"{skip_name!r} is alive): wait for it, stop it (`ray job stop`, Ctrl-C), or pick another "
+                           f"{state_name!r} is alive): wait for it, stop it (`ray job stop`, Ctrl-C), or pick another "
                            "--run-name")
     _DRIVEN_HERE.add(run_name)
 
@@ -132,7 +132,7 @@ def pretrain(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from reddino.local import default_tracking_uri, init_ray, quiet_data_progress, verbose
+    from reddino.runtime import default_tracking_uri, init_ray, quiet_data_progress, verbose
 
     init_ray()
     quiet_data_progress()
@@ -143,8 +143,8 @@ def pretrain(
     storage = where if "://" in where else Path(where).expanduser().resolve()
     run_name = run_name or cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(storage) / run_name if not isinstance(storage, str) else None
-    skip_name = f"reddino-skip-{run_name}"
-    _refuse_second_driver(run_name, skip_name)
+    state_name = f"reddino-run-{run_name}"
+    _refuse_second_driver(run_name, state_name)
     if resume and run_dir is not None and not run_dir.exists():
         raise FileNotFoundError(f"cannot resume: no run named {run_name!r} under {storage}")
     if run_dir is not None:
@@ -184,10 +184,10 @@ def pretrain(
         mlflow.end_run()
 
     # --- data: Ray Data does decode + multi-crop + masks on CPU tasks ---
-    from reddino.train.data import build_train_dataset, skip_list_actor
+    from reddino.train.data import build_train_dataset, run_state_actor
 
-    run_state = skip_list_actor(skip_name)  # keep the handle: the actor lives while the driver holds it
-    dataset = build_train_dataset(cfg, patch, skip_name)
+    run_state = run_state_actor(state_name)  # keep the handle: the actor lives while the driver holds it
+    dataset = build_train_dataset(cfg, patch, state_name)
 
     import yaml
 
@@ -195,7 +195,7 @@ def pretrain(
         "cfg": cfg.to_dict(),
         "config_yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
         "run_name": run_name,
-        "skip_actor": skip_name,
+        "run_state": state_name,
         "tracking_uri": tracking_uri,
         "mlflow_run_id": mlflow_run_id,
         "data_hash": data_hash,

@@ -140,7 +140,7 @@ def sweep(
     ASHA; ``mode="ablation"``: one factor at a time. ``resume``: a sweep dir; its ``sweep.yaml`` is the config."""
     from ray import tune
 
-    from reddino.local import cpus_with_driver_headroom, dashboard_url, default_tracking_uri, init_ray
+    from reddino.runtime import cpus_with_driver_headroom, dashboard_url, default_tracking_uri, init_ray
 
     if resume is not None:
         sweep_dir = Path(resume).expanduser().resolve()

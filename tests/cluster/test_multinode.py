@@ -127,10 +127,10 @@ def test_second_driver_on_a_live_run_is_refused(multinode, synth, tmp_path):
     import subprocess
     import sys
 
-    from reddino.train.data import live_skip_list
+    from reddino.train.data import live_run_state
 
-    holder = ("import sys, time, ray; from reddino.train.data import skip_list_actor; ray.init(address=sys.argv[1]); "
-              "a = skip_list_actor('reddino-skip-busy'); ray.get(a.get.remote()); print('READY', flush=True); "
+    holder = ("import sys, time, ray; from reddino.train.data import run_state_actor; ray.init(address=sys.argv[1]); "
+              "a = run_state_actor('reddino-run-busy'); ray.get(a.get.remote()); print('READY', flush=True); "
               "time.sleep(600)")
     other = subprocess.Popen([sys.executable, "-c", holder, multinode.address], stdout=subprocess.PIPE, text=True,
                              env={**os.environ, **multinode.env})
@@ -143,9 +143,9 @@ def test_second_driver_on_a_live_run_is_refused(multinode, synth, tmp_path):
         other.kill()
         other.wait(30)
     deadline = time.time() + 60  # the actor dies with its driver: the run is free again
-    while live_skip_list("reddino-skip-busy") is not None and time.time() < deadline:
+    while live_run_state("reddino-run-busy") is not None and time.time() < deadline:
         time.sleep(1)
-    assert live_skip_list("reddino-skip-busy") is None
+    assert live_run_state("reddino-run-busy") is None
 
 
 @pytest.mark.xfail(strict=False, reason="open: the job driver failed at import (torch._dynamo: os.getcwd() "
@@ -200,7 +200,7 @@ def test_killed_driver_then_resume_finishes_exactly(multinode, synth, tmp_path, 
     import subprocess
     import sys
 
-    from reddino.train.data import live_skip_list
+    from reddino.train.data import live_run_state
 
     name = f"driver-{sig.name}"
     run_dir = tmp_path / "shared" / "runs" / name
@@ -216,7 +216,7 @@ def test_killed_driver_then_resume_finishes_exactly(multinode, synth, tmp_path, 
         if driver.poll() is None:
             driver.kill()
     deadline = time.time() + 120  # the run's actors die with their driver; then the run is free again
-    while live_skip_list(f"reddino-skip-{name}") is not None and time.time() < deadline:
+    while live_run_state(f"reddino-run-{name}") is not None and time.time() < deadline:
         time.sleep(1)
     result = pretrain(_cfg(synth, tmp_path, steps=10), run_name=name, resume=True)
     _assert_exact(result, run_dir)

@@ -65,7 +65,7 @@ def test_train_stream_splits_a_shard_into_parallel_uint8_augmentation_blocks(ray
     cells, _ = two_dirs
     cfg = load_config(TINY_CONFIG, [f"data.paths=[{str(cells)!r}]", "data.unit=cell", "data.map_batch_size=16",
                                    "data.resize=56", "crops.global_crops_size=28", "crops.local_crops_size=14"])
-    ds = build_train_dataset(cfg, patch_size=14, skip_actor_name=None).materialize()
+    ds = build_train_dataset(cfg, patch_size=14, run_state_name=None).materialize()
     import re
 
     tasks = int(re.search(r"MapBatches\(Augment\)\S*: (\d+) tasks executed", ds.stats()).group(1))

@@ -7,7 +7,7 @@ import sys
 
 PROBE = r"""
 import json, ray, psutil                     # ray imported before reddino, as user code often does
-from reddino.local import init_ray
+from reddino.runtime import init_ray
 init_ray(num_cpus=1, log_to_driver=False)
 from ray.util.state import list_actors
 
