@@ -1,7 +1,8 @@
 """The per-worker DINOv2 training loop (runs inside each Ray Train worker).
 
 Read top to bottom: build model + optimizer → restore the latest checkpoint → stream batches →
-step (`reddino.train.step.TrainStep`: schedules, forward, backward, clip, AdamW, teacher EMA) → log / monitor / evaluate /
+step (`reddino.train.step.TrainStep`: schedules, forward, backward, clip, AdamW, teacher EMA) → log → hooks
+(`reddino.train.hooks`: health monitors + collapse guard, kNN eval) →
 checkpoint → export the teacher backbone at the end.
 """
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from reddino.config import RunConfig
 from reddino.train import checkpoint as ckpt
 from reddino.train.data import BatchStream, run_state_actor
+from reddino.train.hooks import HealthMonitor, KnnEval
 from reddino.train.step import TrainStep, any_rank
 
 
@@ -163,8 +165,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     _quiet_train_reports()
 
-    from reddino.model import DINOv2SSL, export_backbone, rankme, teacher_entropy
-    from reddino.model.monitors import collapse_signs
+    from reddino.model import DINOv2SSL, export_backbone
     from reddino.train.schedules import build_schedules
 
     cfg = RunConfig.model_validate(loop_config["cfg"])
@@ -246,14 +247,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sched = build_schedules(cfg, global_batch)
     total = cfg.total_steps
 
-    # --- eval hook data (rank 0) ---
-    eval_table = None
-    if rank == 0 and cfg.eval.data:
-        from reddino.data import load_table
-
-        eval_table = load_table([cfg.eval.data], exclude_labels=cfg.eval.exclude_labels)
-
     logger = _MLflowLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
+    # --- periodic hooks (rank 0): health monitors + collapse guard from the end of the lr warm-up, kNN eval ---
+    health = HealthMonitor(cfg, guard_from=sched["lr"].warmup_steps, tag=logger.tag if logger else None)
+    knn_eval = KnnEval(cfg, device) if rank == 0 and cfg.eval.data else None
     if logger is not None and damaged:
         logger.tag("reddino.damaged_checkpoints", "; ".join(damaged))
     config_yaml = loop_config.get("config_yaml", "")
@@ -294,11 +291,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps_at_start = state.step
     last_metrics: dict[str, float] = {}
     stop_reason = None
-    # Collapse guard state (rank 0): signs at the previous monitor step, whether it warned, a stop reason.
-    guard_from = sched["lr"].warmup_steps  # from the end of the lr warm-up
-    collapse_before = False
-    collapse_warned = False
-    collapse_stop: str | None = None
 
     while state.step < total:
         step = state.step
@@ -338,50 +330,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                       + " ".join(f"{k} {v:.3f}" for k, v in parts_sum.items())
                       + f" lr {lr:.2e} {ips:.1f} img/s eta {eta/60:.1f} min", flush=True)
 
-        cls = None
-        if cfg.train.monitor_every and (step % cfg.train.monitor_every == 0 or is_last) and rank == 0:
-            cls = getattr(model, "last_teacher_cls", None)
-            probs = getattr(model, "last_teacher_probs", None)
-            if cls is not None:
-                metrics["rankme"] = rankme(cls.float())
-            if probs is not None:
-                metrics["teacher_entropy"], metrics["teacher_mean_entropy"] = teacher_entropy(probs.float())
-        if "rankme" in metrics and rank == 0 and step >= guard_from:
-            signs = collapse_signs(
-                rankme_value=metrics["rankme"], n_rows=int(cls.shape[0]), dim=int(cls.shape[-1]),
-                mean_entropy=metrics.get("teacher_entropy"), marginal=metrics.get("teacher_mean_entropy"),
-                prototypes=cfg.model.head_prototypes, rankme_frac=cfg.train.collapse_rankme_frac,
-                uniform_frac=cfg.train.collapse_uniform_frac, marginal_frac=cfg.train.collapse_marginal_frac)
-            confirmed = bool(signs) and collapse_before  # two monitor steps in a row
-            collapse_before = bool(signs)
-            if confirmed:
-                metrics["collapse"] = 1.0
-                text = f"step {step}: " + "; ".join(signs)
-                if cfg.train.collapse_stop:
-                    collapse_stop = f"representation collapse at {text}; run stopped, last good checkpoint kept"
-                elif not collapse_warned:
-                    collapse_warned = True
-                    print(f"[reddino] WARNING collapse: {text}. The features are not learning; see "
-                          "README 'Training health' (train.collapse_stop=true stops such runs).", flush=True)
-                    if logger is not None:
-                        logger.tag("reddino.collapse_warning", text)
-        if cfg.train.monitor_every and (step % cfg.train.monitor_every == 0 or is_last):
-            if any_rank(collapse_stop is not None, device):
-                stop_reason = collapse_stop or "representation collapse on rank 0; run stopped"
-
-        if cfg.eval.data and ((cfg.eval.every and step % cfg.eval.every == 0) or is_last):
+        if health.due(step, is_last):
             if rank == 0:
-                from reddino.evaluate import knn_score
+                metrics.update(health(model, step))
+            if any_rank(health.stop_reason is not None, device):  # every worker stops at the same step
+                stop_reason = health.stop_reason or "representation collapse on rank 0; run stopped"
 
-                model.eval()
-                scores = knn_score(model.teacher["backbone"], eval_table, img_size=cfg.model.img_size,
-                                   k=cfg.eval.k, max_images=cfg.eval.max_images, seed=cfg.train.seed, device=device,
-                                   probe=is_last,  # the linear probe too, once, on the final teacher
-                                   precision=cfg.eval.precision)
-                model.train()
-                metrics.update({f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
-                print(f"[reddino] step {step} kNN: " + ", ".join(
-                    f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)), flush=True)
+        if KnnEval.due(cfg, step, is_last):
+            if knn_eval is not None:
+                metrics.update(knn_eval(model, step, is_last))
             _barrier()
 
         if metrics and logger is not None:

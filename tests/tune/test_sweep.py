@@ -94,3 +94,41 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_fresh, 
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{resumed.parent_run_id}'",
     )
     assert len(children) == len(table)
+
+
+@pytest.mark.slow
+def test_three_arm_ablation_writes_its_table_and_resumes_only_missing_arms(ray_fresh, data, tmp_path, mlflow_uri):
+    """`--mode ablation` around a recipe: the recipe + one arm per other value of each axis, interrupted after
+    two arms and resumed; the table (markdown + CSV) has one row per arm with that arm's settings."""
+    space = tmp_path / "ablation.yaml"
+    space.write_text(yaml.safe_dump({
+        "base": TINY_CONFIG, "metric": "eval_knn20_balanced_accuracy", "mode": "max", "overrides": TINY,
+        "recipe": {"loss.koleo_weight": 0.1, "loss.centering": "ema"},
+        "space": {"loss.koleo_weight": {"choice": [0.1, 0.0]},
+                  "loss.centering": {"choice": ["ema", "sinkhorn_knopp"]}},
+        "scheduler": {"grace_period": 100, "reduction_factor": 2},  # no early stop: same budget for every arm
+    }))
+    args = dict(data=[data / "patches"], eval_data=data / "cells", out=tmp_path, name="abl", mode="ablation")
+    first = sweep(space, **args, stop_after_trials=2)
+    done_first = set(first.table.dropna(subset=["mlflow_run_id"])["mlflow_run_id"]) - {""}
+    assert 2 <= len(done_first) < 3
+    result = sweep(resume=first.sweep_dir)
+    table = result.table
+    assert sorted(table["variant"]) == ["loss.centering=sinkhorn_knopp", "loss.koleo_weight=0.0", "recipe"]
+    assert (table["error"] == "").all() and (table["steps"] == 6).all()  # every arm the same budget
+    assert done_first <= set(table["mlflow_run_id"])  # finished arms were not run again
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    by_variant = {row["variant"]: client.get_run(row["mlflow_run_id"]).data.params for _, row in table.iterrows()}
+    assert by_variant["recipe"]["loss.koleo_weight"] == "0.1" and by_variant["recipe"]["loss.centering"] == "ema"
+    assert by_variant["loss.koleo_weight=0.0"]["loss.koleo_weight"] == "0.0"
+    assert by_variant["loss.koleo_weight=0.0"]["loss.centering"] == "ema"
+    assert by_variant["loss.centering=sinkhorn_knopp"]["loss.centering"] == "sinkhorn_knopp"
+    assert by_variant["loss.centering=sinkhorn_knopp"]["loss.koleo_weight"] == "0.1"
+    md = (result.sweep_dir / "ablation.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| axis")]
+    axes = [r.split("|")[1].strip() for r in rows]
+    assert axes[0] == "recipe" and sorted(axes[1:]) == ["loss.centering", "loss.koleo_weight"]
+    assert result.ablation_markdown == md and (result.sweep_dir / "trials.csv").exists()
+    children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 3
