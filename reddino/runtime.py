@@ -101,7 +101,53 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
             kwargs.setdefault("dashboard_host", "127.0.0.1")
             kwargs.setdefault("dashboard_port", _free_port())
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+    if not verbose():
+        import logging
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+        _filter_worker_output()
     return ray
+
+
+# Lines Ray forwards from its own processes that need no action from a user (they stay in Ray's log files under
+# the session dir, /tmp/ray/session_latest/logs).
+_RAY_NOTICES = (
+    "has constructor arguments in the object store and max_restarts > 0",  # Train's actors, ray issue 53727
+    "PYTHON worker processes have been started on node",  # start-up concurrency notice on small machines
+    "Detected that the Ray Train controller actor",  # Train's placement-group cleaner after a stopped trial
+)
+
+
+def _filter_worker_output() -> None:
+    """Worker output on the driver's console: reddino's own lines as printed (no `(RayTrainWorker pid=...)`
+    prefix), Ray's notices above dropped, everything else (errors, tracebacks, user prints) as Ray prints it."""
+    import sys
+
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:  # another Ray layout: leave Ray's printing alone
+        return
+    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    found = [h for name, h in getattr(dispatcher, "handlers", []) if name == "ray_print_logs"]
+    if not found or getattr(found[0], "_reddino", False):  # log_to_driver off, or already filtered
+        return
+    original = found[0]
+
+    def handler(data):
+        lines = data.get("lines", [])
+        rest = []
+        for line in lines:
+            if "[reddino]" in line:
+                (sys.stderr if data.get("is_err") else sys.stdout).write(line[line.index("[reddino]"):] + "\n")
+            elif not any(n in line for n in _RAY_NOTICES):
+                rest.append(line)
+        if rest:
+            original({**data, "lines": rest})
+        sys.stdout.flush()
+
+    handler._reddino = True
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handler)
 
 
 def dashboard_url() -> str | None:

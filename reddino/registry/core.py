@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 import shutil
@@ -29,10 +30,40 @@ def _client() -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+@contextlib.contextmanager
+def _quiet_log_model():
+    """MLflow's advisory output while logging a model (progress bars, the type-hint and cloudpickle notices,
+    "Successfully registered model"): not for our users. Errors still raise; REDDINO_VERBOSE=1 shows it all."""
+    from reddino.runtime import verbose
+
+    if verbose():
+        yield
+        return
+    import io
+    import logging
+    import os
+
+    logger = logging.getLogger("mlflow")
+    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    logger.setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.showwarning = lambda *args, **kwargs: None  # MLflow re-enables its notices per call
+            yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+
+
 # MLflow suggests type hints on `predict` for input validation; the input is a DataFrame of encoded images
 # (or a list of bytes), validated by decode_image, so the suggestion is not printed to every importer.
+# (MLflow's own `simplefilter("once")` overrides any filter here, so the notice is muted at showwarning.)
 with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    warnings.showwarning = lambda *args, **kwargs: None
 
     class BackboneEmbedder(PythonModel):
         """pyfunc: a DataFrame with an `image` column of encoded PNG/JPEG bytes → CLS embeddings (n, D)."""
@@ -141,15 +172,16 @@ def register_backbone(
         mlflow.set_tags(tags)
         if metrics:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=BackboneEmbedder(),
-            artifacts=artifacts,
-            input_example=examples,
-            pip_requirements=["reddino", "torch", "timm", "mlflow"],
-            registered_model_name=name,
-            metadata={"reddino": {k: v for k, v in meta.items() if isinstance(v, (str, int, float))}},
-        )
+        with _quiet_log_model():
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=BackboneEmbedder(),
+                artifacts=artifacts,
+                input_example=examples,
+                pip_requirements=["reddino", "torch", "timm", "mlflow"],
+                registered_model_name=name,
+                metadata={"reddino": {k: v for k, v in meta.items() if isinstance(v, (str, int, float))}},
+            )
     version = info.registered_model_version
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
@@ -180,9 +212,10 @@ def register_probe(probe, *, backbone: str, name: str | None = None, metrics: di
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path="probe")
-        info = mlflow.sklearn.log_model(probe, name="model", registered_model_name=name, input_example=example,
-                                        pip_requirements=["scikit-learn", "reddino"],
-                                        skops_trusted_types=PROBE_TYPES)
+        with _quiet_log_model():
+            info = mlflow.sklearn.log_model(probe, name="model", registered_model_name=name, input_example=example,
+                                            pip_requirements=["scikit-learn", "reddino"],
+                                            skops_trusted_types=PROBE_TYPES)
     version = str(info.registered_model_version)
     all_tags = {"reddino.kind": "probe", "reddino.backbone": backbone, **(tags or {})}
     if classes:

@@ -83,6 +83,9 @@ class KnnEval:
                                precision=self.cfg.eval.precision)
         finally:
             model.train()
-        print(f"[reddino] step {step} kNN: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)), flush=True)
+        shown = [(label, key) for label, key in (("kNN-20", "knn20"), ("kNN-1", "knn1"), ("probe", "probe"))
+                 if f"{key}_balanced_accuracy" in scores]
+        print(f"[reddino] step {step} balanced accuracy on {int(scores.get('n_images', 0))} eval images: " + ", ".join(
+            f"{label} {scores[f'{key}_balanced_accuracy']:.3f} ± {scores.get(f'{key}_balanced_accuracy_std', 0):.3f}"
+            for label, key in shown), flush=True)
         return {f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))}

@@ -80,9 +80,13 @@ def sweep_plots(table: pd.DataFrame, space: SweepSpace, out_dir: Path) -> list[P
     plots = {"optimization_history": ovm.plot_optimization_history,
              "parallel_coordinate": ovm.plot_parallel_coordinate,
              "param_importances": ovm.plot_param_importances}
+    import warnings
+
     for name, fn in plots.items():
         try:
-            fn(study)
+            with warnings.catch_warnings():  # "experimental (supported from v2.2.0)": a notice for Optuna's users
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                fn(study)
         except Exception as exc:  # e.g. importances need ≥2 trials with varying params
             print(f"[reddino] skipped {name} plot: {exc}")
             plt.close("all")
