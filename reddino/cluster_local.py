@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import reddino
-from reddino.runtime import _free_port
+from reddino.runtime import free_port
 
 # The checkout whose `reddino` this process imports: every raylet's workers must import the same one.
 PACKAGE_ROOT = Path(reddino.__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ class LocalCluster:
     def _port(self) -> int:
         """A free loopback port not yet handed to another listener of this cluster (bind(0) may repeat one)."""
         while True:
-            port = _free_port()
+            port = free_port()
             if port not in self._used_ports:
                 self._used_ports.add(port)
                 return port

@@ -52,7 +52,8 @@ def default_tracking_uri(home: Path | None = None) -> str:
     return f"sqlite:///{db.resolve()}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a loopback listener: dashboard, MLflow server)."""
     import socket
 
     with socket.socket() as sock:
@@ -99,7 +100,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
             # Its own free port: a second local Ray must never answer the first one's State API queries
             # (its placement-group cleaner would then see the controller as gone and kill the run).
             kwargs.setdefault("dashboard_host", "127.0.0.1")
-            kwargs.setdefault("dashboard_port", _free_port())
+            kwargs.setdefault("dashboard_port", free_port())
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
     if not verbose():
         import logging

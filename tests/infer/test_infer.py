@@ -3,7 +3,6 @@
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from reddino.infer.embed import EmbedError, embed, read_embeddings
 from reddino.infer.probe import fit_probe, load_probe
 from reddino.model import create_backbone, export_backbone
 from reddino.registry import list_models, register_backbone
+from reddino.runtime import free_port
 
 
 def _export(path: Path, seed: int) -> Path:
@@ -152,14 +152,9 @@ def test_classify_refuses_a_probe_of_another_backbone(world, ray_local, mlflow_u
     assert not (tmp_path / "cls").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _serve(model_uri: str, tmp_path: Path, tag: str):
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / f"serve-{tag}.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",

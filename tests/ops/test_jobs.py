@@ -11,7 +11,6 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from reddino.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 START = REPO / "cluster" / "local" / "start.sh"
@@ -34,12 +35,6 @@ TINY = [
     "train.epochs=1", "train.iters_per_epoch=4", "train.batch_size_per_worker=8", "train.checkpoint_every=4",
     "train.log_every=1", "train.monitor_every=4",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _is_loopback(ip: str) -> bool:
@@ -86,8 +81,8 @@ def cluster():
         **os.environ,
         "REDDINO_CLUSTER_DIR": str(state),
         "RAY_AUTH_TOKEN_PATH": str(state / "token"),  # never touch the user's ~/.ray/auth_token
-        "REDDINO_DASHBOARD_PORT": str(_free_port()),
-        "REDDINO_MLFLOW_PORT": str(_free_port()),
+        "REDDINO_DASHBOARD_PORT": str(free_port()),
+        "REDDINO_MLFLOW_PORT": str(free_port()),
         # logical CPUs (the machine may have 2 cores): a sweep trial holds 0.1 CPU for its driver, its Train
         # worker 1 and its Ray Data map task 1, so 2 would deadlock the sweep
         "REDDINO_NUM_CPUS": "4",

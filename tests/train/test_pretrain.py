@@ -10,6 +10,7 @@ from reddino.config import load_config
 from reddino.data import generate_synthetic
 from reddino.train import pretrain
 from reddino.train.checkpoint import DATA_STATE_FILE
+from reddino.runtime import free_port
 
 TINY_CONFIG = str(Path(__file__).parents[1] / "tiny.yaml")  # the tests' own tiny recipe
 
@@ -112,13 +113,6 @@ def test_collapse_guard_warns_once_then_a_non_finite_loss_stops_cleanly(ray_trai
     assert curve.stat().st_size > 5000 and curve.read_bytes()[:4] == b"\x89PNG"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _mlflow_server(tmp_path, port):
     import subprocess
@@ -152,7 +146,7 @@ def test_mlflow_server_outage_mid_run_loses_no_metrics(ray_train, synth, tmp_pat
     import threading
     import time
 
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = {"proc": _mlflow_server(tmp_path, port)}
     cfg = _cfg(synth, tmp_path, steps=12, workers=1, **{"mlflow.tracking_uri": uri})
