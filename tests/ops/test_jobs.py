@@ -173,6 +173,7 @@ def test_submit_job_entrypoint_runs_with_runtime_env(cluster):
 
 
 def test_every_listener_of_the_head_is_loopback(cluster):
+    import ray  # noqa: F401 - puts Ray's vendored psutil (ray/thirdparty_files) on sys.path
     import psutil
 
     pids = set(_session_pids(cluster.sessions["ray"])) | set(_session_pids(cluster.sessions["mlflow"]))
