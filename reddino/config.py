@@ -63,7 +63,7 @@ class CropConfig(_Section):
     local_crops_number: int = 1
     local_crops_size: int = 98
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
-    policy: Literal["dinov2", "rbc", "none"] = "rbc"
+    policy: Literal["dinov2", "rbc", "cell", "none"] = "rbc"
     rbc_pick: int = 4  # RedDino: pick k of the n pixel transforms ...
     rbc_p: float = 0.85  # ... each applied with probability p
     flip_rotate_p: float = 0.85

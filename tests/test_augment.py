@@ -23,13 +23,13 @@ def _crops(**kw):
 
 
 def test_policies_registry():
-    assert set(POLICIES) == set(POLICY_VERSIONS) == {"dinov2", "rbc", "none"}
+    assert set(POLICIES) == set(POLICY_VERSIONS) == {"dinov2", "rbc", "cell", "none"}
     assert len(RBC_TRANSFORMS) == 33
-    with pytest.raises(ValueError, match="dinov2, none, rbc"):
+    with pytest.raises(ValueError, match="cell, dinov2, none, rbc"):
         build_policy(CropConfig.model_construct(**{**CropConfig().model_dump(), "policy": "fancy"}))
 
 
-@pytest.mark.parametrize("policy", ["rbc", "dinov2", "none"])
+@pytest.mark.parametrize("policy", ["rbc", "dinov2", "cell", "none"])
 @pytest.mark.parametrize("n_local", [0, 1, 2])
 def test_shapes_and_dtypes(policy, n_local):
     t = MultiCropTransform(_crops(policy=policy, local_crops_number=n_local), MaskConfig(), 14, resize=56)
@@ -139,3 +139,22 @@ def test_uint8_output_normalised_on_device_equals_float_output():
         got = normalize_on_device(torch.from_numpy(raw[k]))
         assert got.dtype == torch.float32 and tuple(got.shape) == ref[k].shape
         np.testing.assert_allclose(got.numpy(), ref[k], rtol=0, atol=1e-6)
+
+
+def _elongation(img: np.ndarray) -> float:
+    """Ratio of the principal axes of the dark blob (the 'cell')."""
+    ys, xs = np.nonzero(img[..., 0] < 128)
+    ev = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(float)))
+    return float(np.sqrt(ev[1] / ev[0]))
+
+
+@pytest.mark.parametrize("policy, round_", [("cell", True), ("none", False)])
+def test_cell_policy_keeps_a_round_cell_round(policy, round_):
+    # An ovalocyte and a normal cell differ by aspect ratio: the cell policy must not make one from the other,
+    # while RandomResizedCrop's default aspect jitter does.
+    img = np.full((80, 80, 3), 220, np.uint8)
+    cv2.circle(img, (40, 40), 20, (60, 60, 60), -1)
+    pipe = build_policy(CropConfig(policy=policy, global_crops_size=56, global_crops_scale=(0.7, 0.7))).global_crops[0]
+    pipe.set_random_seed(0)
+    worst = max(_elongation(pipe(image=img)["image"]) for _ in range(30))
+    assert (worst < 1.08) if round_ else (worst > 1.15)

@@ -8,6 +8,10 @@ Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` in 
 * ``rbc``: RedDino (Zedda et al., MICCAI 2025): RandomResizedCrop → ``rbc_pick`` of 33 pixel-level
   albumentations transforms (each with p=``rbc_p``) → HorizontalFlip, VerticalFlip, RandomRotate90 (each
   p=``flip_rotate_p``).
+* ``cell``: ours, for single-cell crops: the cues that name an RBC class (size, outline, aspect ratio,
+  central pallor, colour) survive, the ones that do not (orientation, position, focus, noise, stain
+  drift) vary. Square crops (aspect 1) at ``*_crops_scale`` → any-angle rotation (reflect border) → flips →
+  mild blur / noise / brightness-contrast / hue-saturation.
 * ``none``: crops only.
 
 All end with ImageNet mean/std normalisation (done once per batch, vectorised) and stay RGB throughout.
@@ -31,7 +35,7 @@ from reddino.data.images import normalize_chw, resize_square, to_rgb_image
 
 
 #: Bump a policy's version whenever its output distribution changes (recorded with each run).
-POLICY_VERSIONS = {"dinov2": 1, "rbc": 1, "none": 1}
+POLICY_VERSIONS = {"dinov2": 1, "rbc": 1, "cell": 1, "none": 1}
 
 #: RedDino's 33 pixel-level transforms (albumentations class names, default arguments).
 RBC_TRANSFORMS = (
@@ -61,8 +65,8 @@ def _compose(transforms: list[Any]) -> A.Compose:
     return A.Compose(transforms, p=1.0, is_check_shapes=False, seed=0)
 
 
-def _crop(size: int, scale: tuple[float, float]) -> A.RandomResizedCrop:
-    return A.RandomResizedCrop(size=(size, size), scale=tuple(scale), interpolation=cv2.INTER_CUBIC, p=1.0)
+def _crop(size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> A.RandomResizedCrop:
+    return A.RandomResizedCrop(size=(size, size), scale=tuple(scale), ratio=ratio, interpolation=cv2.INTER_CUBIC, p=1.0)
 
 
 def build_none(crops: CropConfig) -> CropPipelines:
@@ -119,10 +123,32 @@ def build_rbc(crops: CropConfig) -> CropPipelines:
     return CropPipelines(globals_, pipeline(crops.local_crops_size, crops.local_crops_scale))
 
 
+def build_cell(crops: CropConfig) -> CropPipelines:
+    """Single-cell policy (see the module docstring). RandomResizedCrop's default aspect jitter (3/4-4/3)
+    would turn a round cell into an ovalocyte, and colour transforms like ChannelShuffle or InvertImg erase
+    hypochromia, so neither is used."""
+
+    def pipeline(size: int, scale: tuple[float, float]) -> A.Compose:
+        return _compose([
+            A.Rotate(limit=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, interpolation=cv2.INTER_LINEAR, p=1.0),
+            _crop(size, scale, ratio=(1.0, 1.0)),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.1, 1.0), p=0.2),
+            A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+            A.HueSaturationValue(hue_shift_limit=4, sat_shift_limit=10, val_shift_limit=0, p=0.3),
+        ])
+
+    globals_ = [pipeline(crops.global_crops_size, crops.global_crops_scale) for _ in range(crops.global_crops_number)]
+    return CropPipelines(globals_, pipeline(crops.local_crops_size, crops.local_crops_scale))
+
+
 #: ``crops.policy`` name → builder.
 POLICIES: dict[str, Callable[[CropConfig], CropPipelines]] = {
     "dinov2": build_dinov2,
     "rbc": build_rbc,
+    "cell": build_cell,
     "none": build_none,
 }
 
