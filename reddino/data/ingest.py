@@ -185,18 +185,26 @@ def _task_folder_files(files: list[tuple[str, str, int | None, str | None]], opt
     return rows, skips
 
 
-def _task_chula_image(img_path: str, rel: str, stem: str, points: list[tuple[str, int, int, int, str]], opts: _Opts):
-    rows, skips = [], []
-    data, rgb, err = _load(Path(img_path), rel)
+def _load_or_tile(img_path: str, rel: str, stem: str, opts: _Opts, lost: str):
+    """A smear image, decoded: ``(rgb, None)`` for cell cropping, or ``(None, (rows, skips))`` when the image is
+    unreadable (``lost`` says what its annotations lose) or is tiled into patches instead."""
+    _, rgb, err = _load(Path(img_path), rel)
     if err:
-        if points:
-            err["reason"] += f"; its {len(points)} annotated cell(s) were dropped"
-        return rows, [err]
+        if lost:
+            err["reason"] += f"; {lost}"
+        return None, ([], [err])
     if opts.unit == "patch":
         tiles = _tile_rows(rgb, rel, stem, opts)
-        if not tiles:
-            skips.append(_skip(rel, f"image {rgb.shape[1]}x{rgb.shape[0]} is smaller than one {opts.patch_size}px patch"))
-        return tiles, skips
+        small = [] if tiles else [_skip(rel, f"image {rgb.shape[1]}x{rgb.shape[0]} is smaller than one {opts.patch_size}px patch")]
+        return None, (tiles, small)
+    return rgb, None
+
+
+def _task_chula_image(img_path: str, rel: str, stem: str, points: list[tuple[str, int, int, int, str]], opts: _Opts):
+    rows, skips = [], []
+    rgb, done = _load_or_tile(img_path, rel, stem, opts, f"its {len(points)} annotated cell(s) were dropped" if points else "")
+    if done is not None:
+        return done
     h, w = rgb.shape[:2]
     c = opts.crop_size
     padded = pad_image(rgb, c, opts.pad)
@@ -213,16 +221,9 @@ def _task_chula_image(img_path: str, rel: str, stem: str, points: list[tuple[str
 
 def _task_voc_image(img_path: str, rel: str, stem: str, xml_rel: str, boxes: list, opts: _Opts):
     rows, skips = [], []
-    data, rgb, err = _load(Path(img_path), rel)
-    if err:
-        if boxes:
-            err["reason"] += f"; its {len(boxes)} box(es) were dropped"
-        return rows, [err]
-    if opts.unit == "patch":
-        tiles = _tile_rows(rgb, rel, stem, opts)
-        if not tiles:
-            skips.append(_skip(rel, f"image {rgb.shape[1]}x{rgb.shape[0]} is smaller than one {opts.patch_size}px patch"))
-        return tiles, skips
+    rgb, done = _load_or_tile(img_path, rel, stem, opts, f"its {len(boxes)} box(es) were dropped" if boxes else "")
+    if done is not None:
+        return done
     h, w = rgb.shape[:2]
     for idx, (x0, y0, x1, y1, label, name) in enumerate(boxes):
         box = f"{xml_rel} object #{idx} ({name}: xmin={x0} ymin={y0} xmax={x1} ymax={y1})"
