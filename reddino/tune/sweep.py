@@ -47,6 +47,47 @@ def _scored_reports(metric: str):
     return _ScoredReports()
 
 
+def _trial_lines(metric: str, mode: str):
+    """A Tune callback printing one line per scored report, per finished trial and per error: what a user
+    watching a sweep needs (Tune's 30-second status table says only RUNNING; REDDINO_VERBOSE=1 brings it back)."""
+    from ray.tune import Callback
+
+    class _TrialLines(Callback):
+        def __init__(self) -> None:
+            self.best: float | None = None
+            self.done = 0
+
+        def _params(self, trial) -> str:
+            params = trial_params(trial.config or {})
+            if "arm" in (trial.config or {}):
+                return trial.config["arm"]["name"]
+            return " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                            for k, v in params.items())
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            print(f"[reddino] trial {trial.trial_id} started: {self._params(trial)}", flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if metric not in result:
+                return
+            value = float(result[metric])
+            better = self.best is None or (value > self.best if mode == "max" else value < self.best)
+            self.best = value if better else self.best
+            print(f"[reddino] trial {trial.trial_id} step {result.get('step')}: {metric} {value:.3f}"
+                  f"{'  (best so far)' if better else f'  (best {self.best:.3f})'}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            last = (trial.last_result or {}).get("step")
+            print(f"[reddino] trial {trial.trial_id} finished at step {last} ({self.done} of {len(trials)} done)",
+                  flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[reddino] trial {trial.trial_id} FAILED: see {trial.local_path or trial.path}", flush=True)
+
+    return _TrialLines()
+
+
 @dataclass(frozen=True)
 class TrialSettings:
     """What every trial of a sweep shares (handed to the trainable by ``tune.with_parameters``); the trial's own
@@ -231,9 +272,13 @@ def sweep(
     trainable = tune.with_resources(tune.with_parameters(_trial, settings=settings),
                                     {"cpu": trial_cpus, "gpu": cfg.gpus_per_trial})
     interrupt = _interrupt_after_trials(stop_after_trials) if stop_after_trials else None
+    from reddino.runtime import verbose
+
+    lines = _trial_lines(space.metric, space.mode)
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),
-                                callbacks=[interrupt] if interrupt else None)
+                                callbacks=[lines] + ([interrupt] if interrupt else []),
+                                verbose=None if verbose() else 0)
     if resume is not None and tune.Tuner.can_restore(str(sweep_dir / "tune")):
         tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space)

@@ -39,10 +39,17 @@ def space_file(tmp_path):
     return path
 
 
-def test_two_trial_sweep_writes_results_study_and_mlflow_children(ray_fresh, data, space_file, tmp_path, mlflow_uri):
+def test_two_trial_sweep_writes_results_study_and_mlflow_children(ray_fresh, data, space_file, tmp_path, mlflow_uri,
+                                                                 capfd):
     result = sweep(space_file, data=[data / "patches"], eval_data=data / "cells", trials=2, out=tmp_path,
                    name="s")
     table = result.table
+    # The console: a line per trial start, per scored report and per finish; not Tune's status tables.
+    out = capfd.readouterr().out
+    assert out.count("] trial ") >= 6 and out.count(" started: ") == 2 and "base_lr=" in out
+    assert out.count("finished at step") == 2
+    assert "step 2: eval_knn20_balanced_accuracy" in out and "(best so far)" in out
+    assert "Trial status:" not in out and "Trial name" not in out
     assert len(table) == 2 and (table["error"] == "").all()
     best = yaml.safe_load(result.best_config_path.read_text())
     assert best["optim"]["base_lr"] == pytest.approx(result.best_params["optim.base_lr"])
