@@ -7,6 +7,7 @@ shell stays small and every command's logic lives in the package proper.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 
 import typer
@@ -18,6 +19,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _main(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v",
+        help="Show Ray's and MLflow's own output on the console (same as REDDINO_VERBOSE=1).",
+    ),
+) -> None:
+    if verbose:  # an env var, so Ray's worker processes (started later) inherit it
+        os.environ["REDDINO_VERBOSE"] = "1"
 
 
 def _register_all() -> None:

@@ -104,3 +104,16 @@ def test_pretrain_on_a_terminal_draws_one_live_bar_instead_of_step_lines(tmp_pat
     assert "[reddino] step " not in out
     assert "pretrain console" in out and "6/6" in out and "img/s" in out, out[-3000:]
     assert (tmp_path / "runs" / "console" / "progress.json").is_file()
+
+
+def test_verbose_flag_turns_on_ray_and_mlflow_output(monkeypatch):
+    from typer.testing import CliRunner
+
+    from reddino.cli import app
+    from reddino.runtime import verbose
+
+    monkeypatch.setenv("REDDINO_VERBOSE", "0")  # recorded, so the flag's change is undone afterwards
+    assert not verbose()
+    result = CliRunner().invoke(app, ["--verbose", "summary", "--help"])
+    assert result.exit_code == 0, result.output
+    assert verbose()  # set in the environment, so Ray's worker processes started later inherit it
