@@ -46,7 +46,7 @@ def main() -> None:
     import torch
 
     from reddino.data import decode_image, generate_synthetic, load_table
-    from reddino.evaluate.features import extract_features, resolve_precision
+    from reddino.evaluate.extract import extract_features, resolve_precision
     from reddino.evaluate.models import resolve_model
     from reddino.infer.embed import embed
     from reddino.runtime import init_ray

@@ -50,7 +50,7 @@ def main() -> None:
     import numpy as np
 
     from reddino.evaluate import resolve_model
-    from reddino.evaluate.features import compute_features
+    from reddino.evaluate.compute import compute_features
     from reddino.evaluate.protocols import run_kfold
 
     n_cells = 540 if args.quick else args.cells

@@ -19,13 +19,13 @@ __all__ = ["evaluate", "knn_score", "extract_features", "resolve_model", "handcr
 _WHERE = {
     "evaluate": "runner",
     "knn_score": "runner",
-    "extract_features": "features",
+    "extract_features": "extract",
     "resolve_model": "models",
     "handcrafted_features": "handcrafted",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .features import extract_features
+    from .extract import extract_features
     from .handcrafted import handcrafted_features
     from .models import resolve_model
     from .runner import evaluate, knn_score

@@ -1,4 +1,4 @@
-"""Evaluation protocols over a :class:`~reddino.evaluate.features.FeatureSet`.
+"""Evaluation protocols over a :class:`~reddino.evaluate.featureset.FeatureSet`.
 
 * ``kfold`` - stratified k-fold CV with a fixed seed, mean +- std over folds (the RedDino protocol).
   When the rows carry a ``group`` (smear / slide / image id) the folds are ``StratifiedGroupKFold``,
@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .classifiers import make_classifier
-from .features import FeatureSet
+from .featureset import FeatureSet
 from .metrics import SCALAR_METRICS, aggregate, compute_metrics
 
 PROTOCOLS = ("kfold", "fixed", "cross-source")

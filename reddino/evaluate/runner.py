@@ -19,8 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from .classifiers import classifier_names
+from .compute import compute_features
+from .extract import extract_features
+from .featureset import FeatureSet, select_rows
 from .metrics import Scores
-from .features import FeatureSet, compute_features, extract_features, select_rows
 from .protocols import run_fixed, run_kfold, run_protocol
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def evaluate(
     own), ``fixed`` (every dir on its own) or ``cross-source`` (all dirs together, split by
     ``source``). ``exclude_classes`` drops labels everywhere; ``report_both_excluded`` additionally
     reports each dataset without those labels. ``use_ray``: Ray Data batch inference (True), in
-    process (False), or by dataset size (None, see ``features.RAY_MIN_ROWS``). ``precision``: ``auto``
+    process (False), or by dataset size (None, see ``compute.RAY_MIN_ROWS``). ``precision``: ``auto``
     (bf16 where the device has native bf16, else fp32), ``fp32`` or ``bf16``. Returns the results dict (also ``results.json``)
     with ``out_dir``, ``files`` and ``mlflow_run_ids``.
     """
@@ -228,7 +230,7 @@ def knn_score(
     """Fast in-process kNN score of a (training) backbone - no Ray, no cache, no files.
 
     Takes a deterministic subset of at most ``max_images`` labelled rows (hash-ranked, see
-    :func:`reddino.evaluate.features.select_rows`), embeds them with :func:`extract_features`, and
+    :func:`reddino.evaluate.featureset.select_rows`), embeds them with :func:`extract_features`, and
     scores kNN k = ``k`` and k = 1 (Euclidean, uniform) by stratified (group) k-fold CV when ``folds``
     is an int >= 2, or on one grouped holdout when it is a fraction in (0, 1). Returns e.g.
     ``knn20_balanced_accuracy``, ``knn20_accuracy``, ``knn20_f1_weighted`` (+ ``_std``), the same for

@@ -8,7 +8,7 @@ the pooling, image size and precision, and the input dataset's content hash.
 Work happens in a hidden ``.<out>.partial`` folder beside ``out``: every finished shard is written there under
 a temporary name and renamed, so after an interruption the same command skips the shards already written and
 computes only the rest; the folder becomes ``out`` (one rename) when the manifest is complete. The forward pass
-is :func:`reddino.evaluate.features.extract_features`, so the vectors are exactly ``reddino evaluate``'s features.
+is :func:`reddino.evaluate.extract.extract_features`, so the vectors are exactly ``reddino evaluate``'s features.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class EmbedUDF:
                  precision="fp32"):
         import torch  # noqa: PLC0415
 
-        from reddino.evaluate.features import is_extractor  # noqa: PLC0415
+        from reddino.evaluate.extract import is_extractor  # noqa: PLC0415
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -81,7 +81,7 @@ class EmbedUDF:
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         from reddino.data.images import ImageDecodeError, decode_image  # noqa: PLC0415
-        from reddino.evaluate.features import extract_features  # noqa: PLC0415
+        from reddino.evaluate.extract import extract_features  # noqa: PLC0415
 
         blobs = batch.column("image").to_pylist()
         images, ok, errors = [], np.zeros(len(blobs), dtype=bool), [""] * len(blobs)
@@ -315,7 +315,8 @@ def embed(
 ) -> EmbedResult:
     """Embed every row of the dataset at ``data`` with ``model`` (any ``reddino evaluate`` reference, or a
     ``(module, info)`` pair from ``resolve``) into ``out``. Returns at once when ``out`` already holds this job's complete output."""
-    from reddino.evaluate.features import POOLINGS, ensure_ray, is_extractor, resolve_precision  # noqa: PLC0415
+    from reddino.evaluate.extract import POOLINGS, is_extractor, resolve_precision  # noqa: PLC0415
+    from reddino.evaluate.ray_extract import ensure_ray  # noqa: PLC0415
 
     t0 = time.time()
     if pooling not in POOLINGS:

@@ -72,7 +72,8 @@ def fit_probe(
     """Score ``classifier`` by k-fold on ``model``'s features of ``data``, refit it on all rows, save it under
     ``out`` (when given) and register it as ``register`` (when given)."""
     from reddino.evaluate.classifiers import make_classifier  # noqa: PLC0415
-    from reddino.evaluate.features import DEFAULT_CACHE_DIR, compute_features  # noqa: PLC0415
+    from reddino.evaluate.cache import DEFAULT_CACHE_DIR  # noqa: PLC0415
+    from reddino.evaluate.compute import compute_features  # noqa: PLC0415
     from reddino.evaluate.protocols import run_kfold  # noqa: PLC0415
 
     from reddino.data.shards import ManifestError  # noqa: PLC0415

@@ -8,20 +8,20 @@ from reddino.cli import app
 
 def test_ray_batch_inference_matches_in_process_and_caches(ray_local, tiny_vit, synth_cells, tmp_path, monkeypatch):
     """The Ray Data path (actor pool holding the model) gives the in-process features, in table order."""
-    import reddino.evaluate.features as F
+    import reddino.evaluate.compute as C
 
     model, info = tiny_vit
-    ray_fs = F.compute_features(model, info, synth_cells, img_size=28, cache_dir=tmp_path, use_ray=True, num_cpus=2)
+    ray_fs = C.compute_features(model, info, synth_cells, img_size=28, cache_dir=tmp_path, use_ray=True, num_cpus=2)
     assert ray_fs.meta["ray"] and not ray_fs.meta["cached"]
-    local = F.compute_features(model, info, synth_cells, img_size=28, cache_dir=None, use_ray=False)
+    local = C.compute_features(model, info, synth_cells, img_size=28, cache_dir=None, use_ray=False)
     np.testing.assert_allclose(ray_fs.features, local.features, atol=1e-5)
     np.testing.assert_array_equal(ray_fs.image_ids, local.image_ids)
 
     def boom(*a, **k):
         raise AssertionError("the model ran although the features are cached")
 
-    monkeypatch.setattr(F, "_run_extraction_ray", boom)
-    again = F.compute_features(model, info, synth_cells, img_size=28, cache_dir=tmp_path, use_ray=True)
+    monkeypatch.setattr(C, "run_extraction_ray", boom)
+    again = C.compute_features(model, info, synth_cells, img_size=28, cache_dir=tmp_path, use_ray=True)
     assert again.meta["cached"]
     np.testing.assert_array_equal(again.features, ray_fs.features)
 

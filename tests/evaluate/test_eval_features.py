@@ -2,9 +2,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import reddino.evaluate.features as F
+import reddino.evaluate.compute as C
 from reddino.evaluate import extract_features, handcrafted_features, knn_score, resolve_model
-from reddino.evaluate.features import compute_features, select_rows
+from reddino.evaluate.compute import compute_features
+from reddino.evaluate.extract import resolve_precision
+from reddino.evaluate.featureset import select_rows
 
 
 def test_extract_features_cls_and_mean(tiny_vit, synth_table):
@@ -58,13 +60,13 @@ def test_handcrafted_features_separate_synthetic_classes(synth_table):
 def test_features_are_cached(tiny_vit, synth_cells, tmp_path, monkeypatch):
     model, info = tiny_vit
     calls = []
-    real = F._run_extraction_local
+    real = C._run_extraction_local
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(F, "_run_extraction_local", spy)
+    monkeypatch.setattr(C, "_run_extraction_local", spy)
     fs1 = compute_features(model, info, synth_cells, img_size=28, cache_dir=tmp_path, use_ray=False)
     assert len(calls) == 1 and not fs1.meta["cached"]
     files = list(tmp_path.glob("*.npz"))
@@ -119,9 +121,9 @@ def test_bf16_features_agree_with_fp32_and_cache_apart(tiny_vit, synth_cells, tm
 
     model, info = tiny_vit
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert F.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
     with pytest.raises(ValueError, match="precision"):
-        F.resolve_precision("fp8", "cpu")
+        resolve_precision("fp8", "cpu")
     kw = dict(img_size=28, cache_dir=tmp_path, use_ray=False)
     fp32 = compute_features(model, info, synth_cells, precision="fp32", **kw)
     bf16 = compute_features(model, info, synth_cells, precision="bf16", **kw)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from reddino.evaluate.features import FeatureSet
+from reddino.evaluate.featureset import FeatureSet
 from reddino.evaluate.protocols import (
     DIAGONAL_MEANING,
     fit_predict,

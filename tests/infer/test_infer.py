@@ -17,7 +17,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from reddino.data import generate_synthetic, load_table, write_dataset
-from reddino.evaluate.features import compute_features, extract_features
+from reddino.evaluate.compute import compute_features
+from reddino.evaluate.extract import extract_features
 from reddino.evaluate.models import resolve_model
 from reddino.infer.classify import classify
 from reddino.infer.embed import EmbedError, embed, read_embeddings
