@@ -272,6 +272,10 @@ class SweepConfig(_Section):
     mode: Literal["search", "ablation"] = Field(
         "search", description="search (Optuna TPE + ASHA) or ablation (one factor at a time).")
     seed: int = Field(0, description="Seed of the sampler and of every trial's training.")
+    seeds: int = Field(1, ge=1, description="Runs per ablation arm, seeds seed, seed+1, ... (ablation mode).")
+    final_eval: bool = Field(
+        True, description="Ablation: after training, evaluate every arm's backbone with the full protocol on the "
+        "eval data (kfold, 5 folds grouped by smear, kNN-1/kNN-20/probe; the run config's eval.exclude_labels).")
     cpus_per_trial: float | None = Field(None, description="CPUs reserved by each trial's driver.")
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs (or a fraction) reserved per trial.")
     optuna_storage: str | None = Field(

@@ -28,27 +28,104 @@ def _plain(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def ablation_table(table: pd.DataFrame, space: SweepSpace) -> str:
-    """Markdown: axis, value, kNN-1 / kNN-20 / probe balanced accuracy and Δ vs the recipe."""
-    cols = [(label, col) for label, col in _SCORES if col in table]
-    if not cols:
-        cols = [("kNN-20 (in-training)", space.metric)]
-    recipe = table[table["variant"] == "recipe"]
-    ref = {col: float(recipe[col].iloc[0]) if len(recipe) and pd.notna(recipe[col].iloc[0]) else None for _, col in cols}
-    head = "| axis | value | " + " | ".join(f"{label} bal. acc." for label, _ in cols) + " | Δ " + cols[-1][0] + " |"
-    lines = [head, "|" + "---|" * (len(cols) + 3)]
-    ordered = pd.concat([recipe, table[table["variant"] != "recipe"]])
-    for _, row in ordered.iterrows():
-        name = str(row["variant"])
-        axis, value = ("recipe", "—") if name == "recipe" else name.split("=", 1)
-        cells = []
-        for _, col in cols:
-            v = row.get(col)
-            cells.append("n/a" if v is None or pd.isna(v) else f"{float(v):.3f}")
-        last = row.get(cols[-1][1])
-        base = ref[cols[-1][1]]
-        delta = "—" if name == "recipe" or base is None or last is None or pd.isna(last) else f"{float(last) - base:+.3f}"
-        lines.append(f"| {axis} | {value} | " + " | ".join(cells) + f" | {delta} |")
+_FINAL = [("kNN-1", "final_knn1"), ("kNN-20", "final_knn20"), ("probe", "final_probe")]
+_METRICS = [("bal. acc.", "balanced_accuracy"), ("F1w", "f1_weighted")]
+
+
+def _arm_scores(table: pd.DataFrame, space: SweepSpace) -> tuple[list[tuple[str, str]], list[str]]:
+    """The scores of the ablation table (label, trial-table column) and the ones that get a Δ vs the recipe:
+    the final evaluation's when it ran, else the in-training kNN."""
+    final = [(f"{label} {mlabel}", f"{col}_{metric}") for mlabel, metric in _METRICS for label, col in _FINAL
+             if f"{col}_{metric}" in table and table[f"{col}_{metric}"].notna().any()]
+    if final:
+        scores = final + ([("in-training kNN-20", space.metric)] if space.metric in table else [])
+        have = {col for _, col in final}
+        return scores, [c for c in ("final_knn20_balanced_accuracy", "final_probe_balanced_accuracy") if c in have]
+    scores = [(f"{label} bal. acc. (in-training)", col) for label, col in _SCORES if col in table]
+    scores = scores or [("kNN-20 (in-training)", space.metric)]
+    return scores, [scores[-1][1]]
+
+
+def ablation_summary(table: pd.DataFrame, space: SweepSpace) -> pd.DataFrame:
+    """One row per ablation arm (the recipe first): ``seeds`` (trials with a score) and for every score
+    ``<score>_mean`` and ``<score>_std`` over the arm's seeds (NaN with one seed), ``<score>_fold_std`` (the
+    final evaluation's std over folds, averaged over seeds), and for the headline scores ``<score>_delta`` (arm −
+    recipe) and ``<score>_noise``: "within noise" when |Δ| ≤ the larger of the two arms' std over seeds,
+    "beyond noise" otherwise, "n/a" when either arm has a single seed."""
+    scores, headline = _arm_scores(table, space)
+    order = ["recipe"] + [v for v in dict.fromkeys(table["variant"]) if v != "recipe"]
+    rows = []
+    for name in order:
+        arm = table[table["variant"] == name]
+        if not len(arm) and name == "recipe":
+            continue
+        axis, value = ("recipe", "—") if name == "recipe" else str(name).split("=", 1)
+        row: dict[str, Any] = {"axis": axis, "value": value, "variant": name,
+                               "seeds": int(arm[headline[0]].notna().sum()) if headline[0] in arm else 0}
+        for _, col in scores:
+            vals = pd.to_numeric(arm[col], errors="coerce").dropna() if col in arm else pd.Series(dtype=float)
+            row[f"{col}_mean"] = float(vals.mean()) if len(vals) else float("nan")
+            row[f"{col}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+            if f"{col}_std" in arm:
+                row[f"{col}_fold_std"] = float(pd.to_numeric(arm[f"{col}_std"], errors="coerce").mean())
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    ref = summary[summary["variant"] == "recipe"]
+    for col in headline:
+        deltas, verdicts = [], []
+        for _, row in summary.iterrows():
+            base = ref.iloc[0] if len(ref) else None
+            if row["variant"] == "recipe" or base is None or pd.isna(row[f"{col}_mean"]) or pd.isna(base[f"{col}_mean"]):
+                deltas.append(float("nan"))
+                verdicts.append("")
+                continue
+            delta = float(row[f"{col}_mean"] - base[f"{col}_mean"])
+            deltas.append(delta)
+            spread = [row[f"{col}_std"], base[f"{col}_std"]]
+            if any(pd.isna(x) for x in spread):
+                verdicts.append("n/a")
+            else:
+                verdicts.append("within noise" if abs(delta) <= max(spread) else "beyond noise")
+        summary[f"{col}_delta"] = deltas
+        summary[f"{col}_noise"] = verdicts
+    return summary
+
+
+def ablation_table(summary: pd.DataFrame, eval_data: str | None = None) -> str:
+    """Markdown of :func:`ablation_summary`: axis, value, seeds, every score as mean ± std, Δ vs the recipe."""
+    final = any(str(c).startswith("final_") for c in summary.columns)
+    scores = [c[: -len("_mean")] for c in summary.columns if str(c).endswith("_mean")]
+    headline = [c[: -len("_delta")] for c in summary.columns if str(c).endswith("_delta")]
+    many = bool(len(summary)) and int(summary["seeds"].max()) > 1
+    labels = {f"{col}_{metric}": f"{label} {mlabel}" for mlabel, metric in _METRICS for label, col in _FINAL}
+    labels.update({col: f"{label} (in-training)" for label, col in _SCORES})
+
+    def cell(row, col: str) -> str:
+        mean = row.get(f"{col}_mean")
+        if mean is None or pd.isna(mean):
+            return "n/a"
+        std = row.get(f"{col}_std") if many else row.get(f"{col}_fold_std")
+        return f"{mean:.3f}" + ("" if std is None or pd.isna(std) else f" ± {std:.3f}")
+
+    what = (f"full protocol (kfold, 5 folds grouped by smear) on {eval_data}" if final and eval_data
+            else "full protocol (kfold, 5 folds grouped by smear)" if final else "in-training kNN")
+    if many:
+        spread = ("Mean ± std over seeds" + (" (the folds' std is in ablation.csv)" if final else "")
+                  + "; Δ = arm mean − recipe mean, "
+                  "'within noise' when |Δ| ≤ the larger of the two arms' std over seeds.")
+    else:
+        spread = ("One seed: " + ("± is the std over folds; " if final else "")
+                  + "the run-to-run spread is not measured, so 'within noise' is n/a.")
+    head = ["axis", "value", "seeds"] + [labels.get(c, c) for c in scores] + \
+        [f"Δ {labels.get(c, c)}" for c in headline]
+    lines = [f"Ablation scores: {what}. {spread}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in summary.iterrows():
+        cells = [str(row["axis"]), str(row["value"]), str(int(row["seeds"]))] + [cell(row, c) for c in scores]
+        for c in headline:
+            d = row.get(f"{c}_delta")
+            cells.append("—" if row["variant"] == "recipe" or d is None or pd.isna(d)
+                         else f"{d:+.3f} ({row.get(f'{c}_noise') or 'n/a'})")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -62,6 +62,14 @@ class SweepSpace:
         return variants
 
 
+def seeded_arms(variants: list[dict[str, Any]], seed: int, seeds: int) -> list[dict[str, Any]]:
+    """Every ablation arm once per seed ``seed, seed+1, ...`` (its ``train.seed`` param; the rest of the budget
+    is the same), seed-major: all arms of the first seed run before any second seed, so an interrupted study
+    already has a whole table."""
+    return [{**v, "seed": s, "params": {**v["params"], "train.seed": s}}
+            for s in range(seed, seed + seeds) for v in variants]
+
+
 def resolve_space_path(name: str | Path) -> Path:
     p = Path(name).expanduser()
     if p.exists():

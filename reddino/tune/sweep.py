@@ -18,7 +18,7 @@ import pandas as pd
 from reddino.config import SweepConfig, load_section
 from reddino.paths import atomic_path, write_text_atomic
 
-from reddino.tune.space import SweepSpace, load_space, params_to_overrides
+from reddino.tune.space import SweepSpace, load_space, params_to_overrides, seeded_arms
 
 CONFIG_FILE = "sweep.yaml"  # the SweepConfig; --resume reads it back
 STATE_FILE = "reddino_sweep.json"  # what the sweep created: the MLflow parent run
@@ -32,6 +32,7 @@ class SweepResult:
     best_config_path: Path | None
     parent_run_id: str | None
     ablation_markdown: str | None = None
+    ablation: pd.DataFrame | None = None  # one row per arm (ablation.csv)
 
 
 def _scored_reports(metric: str):
@@ -60,7 +61,8 @@ def _trial_lines(metric: str, mode: str):
         def _params(self, trial) -> str:
             params = trial_params(trial.config or {})
             if "arm" in (trial.config or {}):
-                return trial.config["arm"]["name"]
+                arm = trial.config["arm"]
+                return arm["name"] + (f" (seed {arm['seed']})" if "seed" in arm else "")
             return " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                             for k, v in params.items())
 
@@ -235,7 +237,8 @@ def sweep(
         with mlflow.start_run(run_name=sweep_dir.name) as parent:
             parent_run_id = parent.info.run_id
             mlflow.log_params({"space": space.path, "mode": mode, "trials": cfg.trials, "seed": seed,
-                               "concurrency": cfg.concurrency, "metric": space.metric})
+                               "concurrency": cfg.concurrency, "metric": space.metric,
+                               **({"seeds": cfg.seeds, "final_eval": cfg.final_eval} if mode == "ablation" else {})})
     # The Optuna study lives in an RDB (sqlite in the sweep dir by default): `optuna-dashboard <url>` watches it
     # live, `optuna.load_study(study_name=<sweep name>, storage=<url>)` reads it, and a resume continues it.
     optuna_storage = cfg.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
@@ -250,7 +253,9 @@ def sweep(
     settings = TrialSettings(base=str(space.base), overrides=tuple(space.overrides + extra), storage=str(storage),
                              experiment=experiment, parent_run_id=parent_run_id, metric=space.metric)
     if mode == "ablation":
-        variants = space.ablation_variants()
+        # every arm once per seed (its train.seed), seed-major; Tune runs a grid in order and a resume
+        # generates only the (arm, seed) trials not yet started
+        variants = seeded_arms(space.ablation_variants(), seed, cfg.seeds)
         param_space = {"arm": tune.grid_search(variants)}
         search_alg, scheduler, num_samples = None, None, 1  # equal budget: nobody is stopped early
     elif mode == "search":
@@ -291,18 +296,72 @@ def sweep(
             run_config=run_config,
         )
     grid = tuner.fit()
-    return _summarise(grid, space, sweep_dir, mode, parent_run_id, base_cfg)
+    return _summarise(grid, space, sweep_dir, mode, parent_run_id, base_cfg, cfg)
 
 
-def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_id: str | None, base_cfg) -> SweepResult:
-    from reddino.tune.report import ablation_table, sweep_plots, write_best_config
+FINAL_EVAL_DIR = "final_eval"  # <sweep dir>/final_eval/<trial run>/results.json + features/ (the feature cache)
+FINAL_CLASSIFIERS = ("knn1", "knn20", "probe")
+FINAL_METRICS = ("balanced_accuracy", "f1_weighted")
+
+
+def final_evaluation(table: pd.DataFrame, sweep_dir: Path, base_cfg, seed: int = 0) -> pd.DataFrame:
+    """Every trial's exported backbone (``backbone_path``) through the full protocol of ``reddino evaluate``
+    on the sweep's eval data: kfold, 5 folds grouped by smear, kNN-1, kNN-20 and the probe; the run config's
+    ``eval.exclude_labels`` dropped, the same folds (``seed``) for every trial. Adds ``final_<clf>_<metric>``
+    (mean over folds) and ``..._std`` (std over folds) columns. Each trial's report is kept in
+    ``<sweep dir>/final_eval/<run>/`` and its features in ``final_eval/features``: a resumed sweep evaluates only
+    the trials not evaluated yet."""
+    from reddino.evaluate import evaluate
+
+    root = sweep_dir / FINAL_EVAL_DIR
+    table = table.copy()
+    for clf in FINAL_CLASSIFIERS:
+        for m in FINAL_METRICS:
+            for suffix in ("", "_std"):
+                table[f"final_{clf}_{m}{suffix}"] = float("nan")
+    for i, row in table.iterrows():
+        backbone = row.get("backbone_path") or ""
+        if not backbone or not Path(backbone).is_file():
+            continue
+        out = root / Path(backbone).parent.name
+        if (out / "results.json").is_file():
+            res = json.loads((out / "results.json").read_text())
+        else:
+            label = row.get("variant") or row.get("trial")
+            if pd.notna(row.get("seed")):
+                label = f"{label} (seed {int(row['seed'])})"
+            print(f"[reddino] final evaluation of {label}: {backbone}", flush=True)
+            t0 = time.perf_counter()
+            res = evaluate(
+                [backbone], [base_cfg.eval.data], protocol="kfold", folds=5, ks=[1, 20], cosine_knn=False,
+                probe=True, use_groups=True, exclude_classes=base_cfg.eval.exclude_labels, seed=seed,
+                cache_dir=str(root / "features"), out_dir=str(out), mlflow=False, figures=False, progress=False,
+            )
+            print(f"[reddino] final evaluation done in {time.perf_counter() - t0:.0f} s: {out / 'report.md'}",
+                  flush=True)
+        headline = res.get("headline") or {}
+        for clf in FINAL_CLASSIFIERS:
+            for m in FINAL_METRICS:
+                for suffix in ("", "_std"):
+                    value = headline.get(f"{clf}_{m}{suffix}")
+                    if value is not None:
+                        table.loc[i, f"final_{clf}_{m}{suffix}"] = float(value)
+    return table
+
+
+def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_id: str | None, base_cfg,
+               cfg: SweepConfig | None = None) -> SweepResult:
+    from reddino.tune.report import ablation_summary, ablation_table, sweep_plots, write_best_config
+
+    cfg = cfg or SweepConfig()
 
     rows = []
     for res in grid:
-        cfg = res.config or {}
-        params = trial_params(cfg)
+        params = trial_params(res.config or {})
         metrics = res.metrics or {}
-        row = {"trial": Path(res.path).name if res.path else "", "variant": cfg.get("arm", {}).get("name", ""),
+        arm = (res.config or {}).get("arm", {})
+        row = {"trial": Path(res.path).name if res.path else "", "variant": arm.get("name", ""),
+               "seed": arm.get("seed", cfg.seed) if mode == "ablation" else None,
                **{f"param.{k}": v for k, v in params.items()},
                "steps": metrics.get("step"), space.metric: metrics.get(space.metric),
                "error": str(res.error) if res.error else ""}
@@ -315,6 +374,8 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
         row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
         rows.append(row)
     table = pd.DataFrame(rows)
+    if mode == "ablation" and cfg.final_eval and len(table):
+        table = final_evaluation(table, sweep_dir, base_cfg, seed=cfg.seed)
     with atomic_path(sweep_dir / "trials.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(sweep_dir / "trials.parquet") as tmp:
@@ -327,9 +388,13 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
         best = scored.sort_values(space.metric, ascending=(space.mode == "min")).iloc[0]
         best_params = {k[len("param."):]: v for k, v in best.items() if k.startswith("param.") and pd.notna(v)}
         best_path = write_best_config(space, best_params, sweep_dir / "best_config.yaml")
-    markdown = ablation_table(table, space) if mode == "ablation" else None
-    if markdown:
+    markdown, summary = None, None
+    if mode == "ablation" and len(table):
+        summary = ablation_summary(table, space)
+        markdown = ablation_table(summary, eval_data=base_cfg.eval.data)
         write_text_atomic(sweep_dir / "ablation.md", markdown)
+        with atomic_path(sweep_dir / "ablation.csv") as tmp:
+            summary.to_csv(tmp, index=False)
     pngs = sweep_plots(table, space, sweep_dir) if len(scored) else []
 
     if parent_run_id:
@@ -338,7 +403,24 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
         with mlflow.start_run(run_id=parent_run_id):
             if len(scored):
                 mlflow.log_metric(f"best_{space.metric}", float(scored[space.metric].max() if space.mode == "max" else scored[space.metric].min()))
-            for f in [sweep_dir / "trials.csv", best_path, sweep_dir / "ablation.md", *pngs]:
+            if summary is not None:
+                mlflow.log_metrics(_arm_metrics(summary))
+            for f in [sweep_dir / "trials.csv", best_path, sweep_dir / "ablation.md", sweep_dir / "ablation.csv",
+                      *pngs]:
                 if f is not None and Path(f).exists():
                     mlflow.log_artifact(str(f))
-    return SweepResult(sweep_dir, table, best_params, best_path, parent_run_id, markdown)
+    return SweepResult(sweep_dir, table, best_params, best_path, parent_run_id, markdown, summary)
+
+
+def _arm_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """The ablation table as MLflow metrics of the parent run: ``ablation.<arm>.<score>_mean`` / ``_std`` / ..."""
+    import re
+
+    out: dict[str, float] = {}
+    for _, row in summary.iterrows():
+        arm = re.sub(r"[^\w.\-/ ]", "_", str(row["variant"]))
+        for key, value in row.items():
+            if key in ("axis", "value", "variant") or isinstance(value, str) or value is None or pd.isna(value):
+                continue
+            out[f"ablation.{arm}.{key}"] = float(value)
+    return out

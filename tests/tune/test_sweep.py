@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -103,39 +104,112 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_fresh, 
     assert len(children) == len(table)
 
 
+def test_ablation_space_has_one_arm_per_other_value_around_tiny_cpu():
+    """The shipped ablation space: its recipe is tiny_cpu, each arm changes one factor (iBOT on, rbc pick 4, ...),
+    and ``seeds`` runs every arm once per seed, seed-major."""
+    from reddino.tune.space import load_space, seeded_arms
+
+    space = load_space("ablation")
+    base = space.base_config().flat()
+    assert {k: base[k] for k in space.recipe} == space.recipe, "the ablation recipe must be tiny_cpu's values"
+    variants = space.ablation_variants()
+    arms = {v["name"]: v for v in variants}
+    recipe = arms["recipe"]["params"]
+    assert recipe["loss.ibot_weight"] == 0.0 and recipe["crops.rbc_pick"] == 2
+    assert arms["loss.ibot_weight=1.0"]["params"] == {**recipe, "loss.ibot_weight": 1.0}
+    assert arms["crops.rbc_pick=4"]["params"] == {**recipe, "crops.rbc_pick": 4}
+    for name in ("loss.koleo_weight=0.0", "loss.centering=sinkhorn_knopp", "crops.policy=dinov2", "data.unit=patch",
+                 "crops.local_crops_number=0", "crops.local_crops_number=1"):
+        assert name in arms
+    for v in variants[1:]:  # one factor at a time
+        assert [k for k in recipe if v["params"][k] != recipe[k]] == [v["axis"]]
+    seeded = seeded_arms(variants, 3, 2)
+    assert len(seeded) == 2 * len(variants)
+    assert [a["seed"] for a in seeded] == [3] * len(variants) + [4] * len(variants)  # all arms of seed 3 first
+    assert all(a["params"]["train.seed"] == a["seed"] for a in seeded)
+    assert seeded[len(variants) + 1]["params"] == {**variants[1]["params"], "train.seed": 4}
+
+
+def test_ablation_summary_says_which_differences_are_within_noise():
+    import pandas as pd
+
+    from reddino.tune.report import ablation_summary, ablation_table
+    from reddino.tune.space import load_space
+
+    def rows(name, values):
+        return [{"variant": name, "seed": s, "eval_knn20_balanced_accuracy": 0.3,
+                 "final_knn20_balanced_accuracy": v, "final_knn20_balanced_accuracy_std": 0.02,
+                 "final_probe_balanced_accuracy": v + 0.1, "final_probe_balanced_accuracy_std": 0.03}
+                for s, v in enumerate(values)]
+
+    table = pd.DataFrame(rows("recipe", [0.50, 0.52]) + rows("a=1", [0.515, 0.525]) + rows("b=2", [0.60, 0.62]))
+    summary = ablation_summary(table, load_space("ablation")).set_index("variant")
+    assert list(summary.index) == ["recipe", "a=1", "b=2"] and (summary["seeds"] == 2).all()
+    assert summary.loc["recipe", "final_knn20_balanced_accuracy_mean"] == pytest.approx(0.51)
+    assert summary.loc["recipe", "final_knn20_balanced_accuracy_std"] == pytest.approx(0.02 ** 0.5 / 10)  # ddof 1
+    assert summary.loc["recipe", "final_knn20_balanced_accuracy_fold_std"] == pytest.approx(0.02)
+    assert summary.loc["a=1", "final_knn20_balanced_accuracy_delta"] == pytest.approx(0.01)
+    assert summary.loc["a=1", "final_knn20_balanced_accuracy_noise"] == "within noise"  # 0.01 <= 0.0141
+    assert summary.loc["b=2", "final_probe_balanced_accuracy_noise"] == "beyond noise"
+    md = ablation_table(summary.reset_index(), eval_data="cells")
+    assert "0.510 ± 0.014" in md and "+0.010 (within noise)" in md and "std over seeds" in md
+    one = ablation_summary(table[table["seed"] == 0], load_space("ablation"))
+    assert (one["final_knn20_balanced_accuracy_noise"].iloc[1:] == "n/a").all()
+    md = ablation_table(one)
+    assert "0.500 ± 0.020" in md and "+0.015 (n/a)" in md and "std over folds" in md  # one seed: the folds' std
+
+
 @pytest.mark.slow
-def test_three_arm_ablation_writes_its_table_and_resumes_only_missing_arms(ray_fresh, data, tmp_path, mlflow_uri):
-    """`--mode ablation` around a recipe: the recipe + one arm per other value of each axis, interrupted after
-    two arms and resumed; the table (markdown + CSV) has one row per arm with that arm's settings."""
+def test_two_seed_ablation_evaluates_every_arm_writes_its_table_and_resumes_only_missing_trials(
+        ray_fresh, data, tmp_path, mlflow_uri, capfd):
+    """`--mode ablation --seeds 2` around a recipe: the recipe + one arm per other value of the axis, each run
+    with seeds 0 and 1, interrupted after two trials and resumed. Every trial's backbone gets the full evaluation;
+    the table (markdown + CSV + MLflow parent run) has one row per arm with mean ± std over seeds."""
     space = tmp_path / "ablation.yaml"
     space.write_text(yaml.safe_dump({
         "base": TINY_CONFIG, "metric": "eval_knn20_balanced_accuracy", "mode": "max", "overrides": TINY,
-        "recipe": {"loss.koleo_weight": 0.1, "loss.centering": "ema"},
-        "space": {"loss.koleo_weight": {"choice": [0.1, 0.0]},
-                  "loss.centering": {"choice": ["ema", "sinkhorn_knopp"]}},
-        "scheduler": {"grace_period": 100, "reduction_factor": 2},  # no early stop: same budget for every arm
+        "recipe": {"loss.koleo_weight": 0.1},
+        "space": {"loss.koleo_weight": {"choice": [0.1, 0.0]}},
     }))
-    args = dict(data=[data / "patches"], eval_data=data / "cells", out=tmp_path, name="abl", mode="ablation")
+    args = dict(data=[data / "patches"], eval_data=data / "cells", out=tmp_path, name="abl", mode="ablation",
+                seeds=2)
     first = sweep(space, **args, stop_after_trials=2)
     done_first = set(first.table.dropna(subset=["mlflow_run_id"])["mlflow_run_id"]) - {""}
-    assert 2 <= len(done_first) < 3
+    assert 2 <= len(done_first) < 4
+    capfd.readouterr()
     result = sweep(resume=first.sweep_dir)
+    out = capfd.readouterr().out
     table = result.table
-    assert sorted(table["variant"]) == ["loss.centering=sinkhorn_knopp", "loss.koleo_weight=0.0", "recipe"]
-    assert (table["error"] == "").all() and (table["steps"] == 6).all()  # every arm the same budget
-    assert done_first <= set(table["mlflow_run_id"])  # finished arms were not run again
+    assert sorted(zip(table["variant"], table["seed"])) == [("loss.koleo_weight=0.0", 0), ("loss.koleo_weight=0.0", 1),
+                                                          ("recipe", 0), ("recipe", 1)]
+    assert (table["error"] == "").all() and (table["steps"] == 6).all()  # every trial the same budget
+    assert done_first <= set(table["mlflow_run_id"])  # finished trials were not run again ...
+    assert out.count("[reddino] final evaluation of ") == 4 - len(done_first)  # ... nor evaluated again
     client = MlflowClient(tracking_uri=mlflow_uri)
-    by_variant = {row["variant"]: client.get_run(row["mlflow_run_id"]).data.params for _, row in table.iterrows()}
-    assert by_variant["recipe"]["loss.koleo_weight"] == "0.1" and by_variant["recipe"]["loss.centering"] == "ema"
-    assert by_variant["loss.koleo_weight=0.0"]["loss.koleo_weight"] == "0.0"
-    assert by_variant["loss.koleo_weight=0.0"]["loss.centering"] == "ema"
-    assert by_variant["loss.centering=sinkhorn_knopp"]["loss.centering"] == "sinkhorn_knopp"
-    assert by_variant["loss.centering=sinkhorn_knopp"]["loss.koleo_weight"] == "0.1"
+    for _, row in table.iterrows():
+        params = client.get_run(row["mlflow_run_id"]).data.params
+        assert params["train.seed"] == str(row["seed"])
+        assert params["loss.koleo_weight"] == ("0.1" if row["variant"] == "recipe" else "0.0")
+    # The full evaluation of every trial's backbone (5 grouped folds), not only the in-training kNN.
+    assert table["final_knn20_balanced_accuracy"].notna().all() and table["final_probe_f1_weighted_std"].notna().all()
+    assert len(list((result.sweep_dir / "final_eval").glob("*/results.json"))) == 4
+    summary = result.ablation
+    assert list(summary["variant"]) == ["recipe", "loss.koleo_weight=0.0"] and (summary["seeds"] == 2).all()
+    for col in ("final_knn20_balanced_accuracy", "final_probe_balanced_accuracy", "final_knn20_f1_weighted",
+                "final_probe_f1_weighted"):
+        assert summary[f"{col}_mean"].notna().all() and summary[f"{col}_std"].notna().all()
+    assert summary["final_knn20_balanced_accuracy_noise"].iloc[1] in ("within noise", "beyond noise")
+    csv = pd.read_csv(result.sweep_dir / "ablation.csv")
+    assert list(csv["variant"]) == list(summary["variant"])
     md = (result.sweep_dir / "ablation.md").read_text()
+    assert result.ablation_markdown == md and "kNN-20 bal. acc." in md and "probe F1w" in md
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| axis")]
-    axes = [r.split("|")[1].strip() for r in rows]
-    assert axes[0] == "recipe" and sorted(axes[1:]) == ["loss.centering", "loss.koleo_weight"]
-    assert result.ablation_markdown == md and (result.sweep_dir / "trials.csv").exists()
-    children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
+    assert [r.split("|")[1].strip() for r in rows] == ["recipe", "loss.koleo_weight"]
+    assert all(r.count(" ± ") >= 6 for r in rows)
+    parent = client.get_run(result.parent_run_id)
+    assert "ablation.recipe.final_knn20_balanced_accuracy_mean" in parent.data.metrics
+    assert "ablation.loss.koleo_weight_0.0.final_probe_balanced_accuracy_std" in parent.data.metrics
+    assert {"ablation.md", "ablation.csv"} <= {a.path for a in client.list_artifacts(result.parent_run_id)}
+    children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
-    assert len(children) == 3
+    assert len(children) == 4
