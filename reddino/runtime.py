@@ -150,6 +150,18 @@ def _filter_worker_output() -> None:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", handler)
 
+    # Raylet warnings pushed to the driver as errors (the start-up concurrency notice) bypass the dispatcher:
+    # the error listener calls the module's print_to_stdstream, looked up at call time.
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is not None and not getattr(printer, "_reddino", False):
+        def print_filtered(data, *args, **kwargs):
+            lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in _RAY_NOTICES)]
+            if lines:
+                printer({**data, "lines": lines}, *args, **kwargs)
+
+        print_filtered._reddino = True
+        ray_worker.print_to_stdstream = print_filtered
+
 
 def dashboard_url() -> str | None:
     """The connected Ray cluster's dashboard address (Train / Data / Jobs views), or None without one."""

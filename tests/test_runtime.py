@@ -46,3 +46,24 @@ def test_local_ray_is_loopback_only_with_its_own_state_api():
     assert not exposed, f"listeners outside loopback: {exposed}"
     # The State API answered with this session's actors (it raises without this session's own dashboard).
     assert "reddino-probe-marker" in res["actors"]
+
+
+NOTICE_PROBE = r"""
+import ray
+from reddino.runtime import init_ray
+init_ray(num_cpus=1)
+w = ray._private.worker
+notice = "WARNING: 8 PYTHON worker processes have been started on node: abc with address: 127.0.0.1"
+# what the driver's error listener does with a raylet warning
+w.print_to_stdstream({"lines": [notice], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+w.print_to_stdstream({"lines": ["a line the user needs"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+ray.shutdown()
+"""
+
+
+def test_raylet_notices_that_need_no_action_stay_off_the_console():
+    env = {k: v for k, v in os.environ.items() if k != "REDDINO_VERBOSE"}
+    out = subprocess.run([sys.executable, "-c", NOTICE_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "a line the user needs" in out.stdout + out.stderr
+    assert "PYTHON worker processes have been started" not in out.stdout + out.stderr

@@ -21,7 +21,8 @@ from reddino.paths import atomic_path, write_text_atomic
 from reddino.tune.space import SweepSpace, load_space, params_to_overrides, seeded_arms
 
 CONFIG_FILE = "sweep.yaml"  # the SweepConfig; --resume reads it back
-STATE_FILE = "reddino_sweep.json"  # what the sweep created: the MLflow parent run
+LEGACY_STATE_FILE = "reddino_sweep.json"  # older sweeps kept the MLflow parent run id here; now a tag finds it
+SWEEP_DIR_TAG = "reddino.sweep_dir"  # on the parent run: how a resume finds it
 
 
 @dataclass
@@ -190,8 +191,8 @@ def sweep(
         if not (sweep_dir / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{sweep_dir} is not a reddino sweep dir ({CONFIG_FILE} is missing)")
         cfg = load_section(SweepConfig, sweep_dir / CONFIG_FILE)
-        runtime = json.loads((sweep_dir / STATE_FILE).read_text()) if (sweep_dir / STATE_FILE).is_file() else {}
-        parent_run_id = runtime.get("parent_run_id")
+        legacy = sweep_dir / LEGACY_STATE_FILE
+        parent_run_id = json.loads(legacy.read_text()).get("parent_run_id") if legacy.is_file() else None
     else:
         updates = {k: ([str(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v)
                    for k, v in settings.items()}
@@ -233,8 +234,10 @@ def sweep(
     tracking_uri = base_cfg.mlflow.tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment)
+    if resume is not None and parent_run_id is None and base_cfg.mlflow.enabled:
+        parent_run_id = _find_parent_run(experiment, sweep_dir)
     if parent_run_id is None and base_cfg.mlflow.enabled:
-        with mlflow.start_run(run_name=sweep_dir.name) as parent:
+        with mlflow.start_run(run_name=sweep_dir.name, tags={SWEEP_DIR_TAG: str(sweep_dir)}) as parent:
             parent_run_id = parent.info.run_id
             mlflow.log_params({"space": space.path, "mode": mode, "trials": cfg.trials, "seed": seed,
                                "concurrency": cfg.concurrency, "metric": space.metric,
@@ -246,7 +249,6 @@ def sweep(
         cfg.optuna_storage = optuna_storage
         cfg.space = str(space.path)
         cfg.to_yaml(sweep_dir / CONFIG_FILE)
-        write_text_atomic(sweep_dir / STATE_FILE, json.dumps({"parent_run_id": parent_run_id}, indent=2))
 
     # Trials run in other processes (maybe other nodes): hand them the resolved tracking URI.
     extra = extra + [f"mlflow.tracking_uri={tracking_uri}"]
@@ -347,6 +349,15 @@ def final_evaluation(table: pd.DataFrame, sweep_dir: Path, base_cfg, seed: int =
                     if value is not None:
                         table.loc[i, f"final_{clf}_{m}{suffix}"] = float(value)
     return table
+
+
+def _find_parent_run(experiment: str, sweep_dir: Path) -> str | None:
+    """The sweep's MLflow parent run (tagged with its sweep dir), so a resume logs into the same parent."""
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list", order_by=["start_time ASC"],
+                              filter_string=f"tags.`{SWEEP_DIR_TAG}` = '{sweep_dir}'")
+    return runs[0].info.run_id if runs else None
 
 
 def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_id: str | None, base_cfg,

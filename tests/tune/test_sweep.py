@@ -97,7 +97,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_fresh, 
     assert set(done_first["mlflow_run_id"]) <= set(table["mlflow_run_id"])
     client = MlflowClient(tracking_uri=mlflow_uri)
     parent = client.get_run(resumed.parent_run_id)
-    assert resumed.parent_run_id == first.parent_run_id
+    assert resumed.parent_run_id == first.parent_run_id  # found again by its sweep-dir tag, no state file
+    assert not (first.sweep_dir / "reddino_sweep.json").exists()
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{resumed.parent_run_id}'",
     )
