@@ -159,13 +159,129 @@ def _quiet_train_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+def _restore_latest(cfg: RunConfig, model, optimizer, scaler, rank: int):
+    """The run's latest loadable checkpoint, if Ray Train hands one back (a restarted worker group or a resumed
+    run): (state, checkpoint used or None, damaged checkpoints skipped). Says on rank 0 where it resumed."""
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        return ckpt.TrainState(), None, []
+    state, restored, damaged = _restore(restored, model, optimizer, scaler)
+    # RNG: ranks differ in data order anyway; keep the per-rank stream distinct.
+    torch.manual_seed(cfg.train.seed * 1000 + state.step + rank)
+    if rank == 0 and damaged:
+        print(f"[reddino] WARNING damaged checkpoint(s) skipped: {'; '.join(damaged)}. Resumed from "
+              f"{Path(restored.path).name} instead.", flush=True)
+    if rank == 0:
+        print(f"[reddino] resumed at step {state.step} (data pass {state.data_pass}, "
+              f"{state.consumed.size} rows of this pass already consumed)", flush=True)
+    return state, restored, damaged
+
+
+def _open_stream(cfg: RunConfig, state_name: str | None, state, restored: bool, rank: int):
+    """This worker's batches from its Ray Data shard, resuming mid-pass: the run-state actor hands the rows
+    already consumed in the interrupted pass to the augmentation tasks, which drop them. Returns (stream, actor)."""
+    import ray
+    import ray.train
+
+    run_state = run_state_actor(state_name) if state_name else None
+    if rank == 0 and run_state is not None:
+        ray.get(run_state.set.remote(state.consumed, state.data_pass))
+    _barrier()
+    stream = BatchStream(ray.train.get_dataset_shard("train"), cfg.train.batch_size_per_worker, state.data_pass,
+                         cfg.data.prefetch_batches, cfg.data.shuffle_buffer)
+    if rank == 0 and state.consumed.size:
+        stream.consumed.append(state.consumed)  # the union over workers lives on rank 0 only
+    if restored and run_state is None and state.consumed.size:
+        raise RuntimeError("resuming mid-pass needs the run-state actor")
+
+    def pass_ended(new_pass: int) -> None:
+        # The skip list only concerns the pass that was interrupted.
+        if rank == 0 and run_state is not None:
+            ray.get(run_state.set.remote(np.empty(0, dtype=np.int64), new_pass))
+        _barrier()
+
+    stream.on_pass_end = pass_ended
+    return stream, run_state
+
+
+class _StepLog:
+    """Every ``train.log_every`` steps: throughput and eta, then the live bar's file (driver on a tty) or one
+    concise line (rank 0)."""
+
+    def __init__(self, total: int, first_step: int, images_seen: int, progress_file: str | None, rank: int) -> None:
+        self.total, self.first_step, self.progress_file, self.rank = total, first_step, progress_file, rank
+        self.t_start = self.t_last = time.perf_counter()
+        self.imgs_last = images_seen
+
+    def __call__(self, step: int, res, images_seen: int, data_pass: int, knn20: float | None) -> dict[str, Any]:
+        now = time.perf_counter()
+        ips = (images_seen - self.imgs_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.imgs_last = now, images_seen
+        eta = (now - self.t_start) / max(step - self.first_step, 1) * (self.total - step)
+        if self.progress_file:
+            from reddino.train.progress import write_progress
+
+            write_progress(self.progress_file, {"step": step, "total": self.total, "loss": res.loss,
+                                                "parts": res.parts, "lr": res.lr, "ips": ips, "eta_s": eta,
+                                                "knn20": knn20})
+        elif self.rank == 0:
+            print(f"[reddino] step {step}/{self.total} loss {res.loss:.4f} "
+                  + " ".join(f"{k} {v:.3f}" for k, v in res.parts.items())
+                  + f" lr {res.lr:.2e} {ips:.1f} img/s eta {eta/60:.1f} min", flush=True)
+        return {"step": step, **res.metrics(), "images_per_s": ips, "data_pass": data_pass,
+                "images_seen": images_seen}
+
+
+class _Reporter:
+    """Reports to Ray Train: metrics (every report names the run, for Tune), and with a checkpoint the full
+    training state (rank 0 writes it; the consumed-row keys are gathered from every rank) plus, at the end,
+    the exported teacher backbone."""
+
+    def __init__(self, cfg: RunConfig, loop_config: dict[str, Any], model, optimizer, scaler, state, stream,
+                 rank: int, resumed_from: int) -> None:
+        self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
+        self.state, self.stream, self.rank = state, stream, rank
+        self.run_name = loop_config.get("run_name") or ""
+        self.ids = {"run_name": self.run_name, "mlflow_run_id": loop_config.get("mlflow_run_id") or "",
+                    "resumed_from_step": resumed_from}
+        self.config_yaml = loop_config.get("config_yaml", "")
+        self.data_hash = loop_config.get("data_hash")
+
+    def __call__(self, metrics: dict[str, Any], with_checkpoint: bool, export: bool = False) -> None:
+        import ray.train
+
+        metrics = {**metrics, **self.ids}
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        state = self.state
+        state.consumed = _all_gather_keys(self.stream.consumed_keys())
+        state.data_pass = self.stream.data_pass
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.rank != 0:
+                ray.train.report(metrics)
+                return
+            ckpt.save(Path(tmp), model=self.model, optimizer=self.optimizer, scaler=self.scaler, state=state,
+                      config_yaml=self.config_yaml)
+            if export:
+                from reddino.model import export_backbone
+
+                export_backbone(self.model.teacher["backbone"], Path(tmp) / ckpt.BACKBONE_FILE,
+                                meta={"run_name": self.run_name, "step": state.step,
+                                      "config_hash": self.cfg.hash(), "data_hash": self.data_hash})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{state.step:07d}")
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
     _quiet_train_reports()
 
-    from reddino.model import DINOv2SSL, export_backbone
+    from reddino.model import DINOv2SSL
     from reddino.train.schedules import build_schedules
 
     cfg = RunConfig.model_validate(loop_config["cfg"])
@@ -190,21 +306,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if (on_gpu and cfg.train.precision == "fp16") else None
 
     # --- restore ---
-    state = ckpt.TrainState()
-    resumed_from = -1
-    restored = ray.train.get_checkpoint()
-    damaged: list[str] = []
-    if restored is not None:
-        state, restored, damaged = _restore(restored, model, optimizer, scaler)
-        resumed_from = state.step
-        # RNG: ranks differ in data order anyway; keep the per-rank stream distinct.
-        torch.manual_seed(cfg.train.seed * 1000 + state.step + rank)
-        if rank == 0 and damaged:
-            print(f"[reddino] WARNING damaged checkpoint(s) skipped: {'; '.join(damaged)}. Resumed from "
-                  f"{Path(restored.path).name} instead.", flush=True)
-        if rank == 0:
-            print(f"[reddino] resumed at step {state.step} (data pass {state.data_pass}, "
-                  f"{state.consumed.size} rows of this pass already consumed)", flush=True)
+    state, restored, damaged = _restore_latest(cfg, model, optimizer, scaler, rank)
+    resumed_from = state.step if restored is not None else -1
 
     if world > 1:  # DDP only: RedDino's ViT-S/B/L with a teacher fit one GPU; FSDP would need sharded
         # checkpoints, evaluation and export (a rank-0-only full state dict hangs the other ranks)
@@ -216,30 +319,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ddp_model = model
 
     # --- data ---
-    state_name = loop_config.get("run_state")
-    run_state = run_state_actor(state_name) if state_name else None
-    if rank == 0 and run_state is not None:
-        import ray
-
-        ray.get(run_state.set.remote(state.consumed, state.data_pass))
-    _barrier()
-    shard = ray.train.get_dataset_shard("train")
-    stream = BatchStream(shard, cfg.train.batch_size_per_worker, state.data_pass, cfg.data.prefetch_batches,
-                         cfg.data.shuffle_buffer)
-    if rank == 0 and state.consumed.size:
-        stream.consumed.append(state.consumed)  # the union over workers lives on rank 0 only
-    if restored is not None and run_state is None and state.consumed.size:
-        raise RuntimeError("resuming mid-pass needs the run-state actor")
-
-    def _pass_ended(new_pass: int) -> None:
-        # The skip list only concerns the pass that was interrupted.
-        if rank == 0 and run_state is not None:
-            import ray
-
-            ray.get(run_state.set.remote(np.empty(0, dtype=np.int64), new_pass))
-        _barrier()
-
-    stream.on_pass_end = _pass_ended
+    stream, run_state = _open_stream(cfg, loop_config.get("run_state"), state, restored is not None, rank)
     batches = iter(stream)
 
     # --- schedules and the step ---
@@ -253,7 +333,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     knn_eval = KnnEval(cfg, device) if rank == 0 and cfg.eval.data else None
     if logger is not None and damaged:
         logger.tag("reddino.damaged_checkpoints", "; ".join(damaged))
-    config_yaml = loop_config.get("config_yaml", "")
     progress_file = loop_config.get("progress_file") if rank == 0 else None  # a live bar on the driver's tty
     # Hooks the caller passed to `pretrain` (cloudpickled): `loss_hook(step, loss, parts) -> (loss, parts)` and
     # `step_hooks`, each called as `hook(step)` after every finished step (tests inject faults this way).
@@ -261,34 +340,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_step = TrainStep(model, optimizer, sched, cfg, forward=ddp_model, device=device, world=world, scaler=scaler,
                            autocast=use_autocast, amp_dtype=amp_dtype, loss_hook=loop_config.get("loss_hook"))
 
-    def _report(metrics: dict[str, Any], with_checkpoint: bool, export: bool = False) -> None:
-        # Identify the run in every report (Tune sees only these, not the driver's return value).
-        metrics = {**metrics, "run_name": loop_config.get("run_name") or "",
-                   "mlflow_run_id": loop_config.get("mlflow_run_id") or "", "resumed_from_step": resumed_from}
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            return
-        state.consumed = _all_gather_keys(stream.consumed_keys())
-        state.data_pass = stream.data_pass
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                ckpt.save(Path(tmp), model=model, optimizer=optimizer, scaler=scaler, state=state,
-                          config_yaml=config_yaml)
-                if export:
-                    export_backbone(
-                        model.teacher["backbone"], Path(tmp) / ckpt.BACKBONE_FILE,
-                        meta={"run_name": loop_config.get("run_name"), "step": state.step,
-                              "config_hash": cfg.hash(), "data_hash": loop_config.get("data_hash")},
-                    )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_{state.step:07d}")
-            else:
-                ray.train.report(metrics)
+    _report = _Reporter(cfg, loop_config, model, optimizer, scaler, state, stream, rank, resumed_from)
 
     model.train()
-    t_last, imgs_last = time.perf_counter(), 0
-    t_start = time.perf_counter()
-    steps_at_start = state.step
+    step_log = _StepLog(total, state.step, state.images_seen, progress_file, rank)
     last_metrics: dict[str, float] = {}
     stop_reason = None
 
@@ -296,11 +351,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step = state.step
         res = train_step(step, lambda: next(batches))
         state.images_seen += res.images
-        lr, parts_sum, loss_value = res.lr, res.parts, res.loss
         if not res.finite:
-            culprits = [k for k, v in parts_sum.items() if not math.isfinite(v)] or ["total"]
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in parts_sum.items())
-            stop_reason = (f"non-finite loss at step {step} in {', '.join(culprits)} (total={loss_value:.4g}; {terms}); "
+            culprits = [k for k, v in res.parts.items() if not math.isfinite(v)] or ["total"]
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in res.parts.items())
+            stop_reason = (f"non-finite loss at step {step} in {', '.join(culprits)} (total={res.loss:.4g}; {terms}); "
                            "run stopped, last good checkpoint kept")
             break
         state.step += 1
@@ -312,23 +366,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {}
         is_last = step >= total
         if step % cfg.train.log_every == 0 or is_last:
-            now = time.perf_counter()
-            ips = (state.images_seen - imgs_last) / max(now - t_last, 1e-9)
-            t_last, imgs_last = now, state.images_seen
-            done = step - steps_at_start
-            eta = (now - t_start) / max(done, 1) * (total - step)
-            metrics.update({"step": step, **res.metrics(), "images_per_s": ips, "data_pass": stream.data_pass,
-                            "images_seen": state.images_seen})
-            if progress_file:
-                from reddino.train.progress import write_progress
-
-                write_progress(progress_file, {"step": step, "total": total, "loss": loss_value, "parts": parts_sum,
-                                               "lr": lr, "ips": ips, "eta_s": eta,
-                                               "knn20": last_metrics.get("eval_knn20_balanced_accuracy")})
-            elif rank == 0:
-                print(f"[reddino] step {step}/{total} loss {loss_value:.4f} "
-                      + " ".join(f"{k} {v:.3f}" for k, v in parts_sum.items())
-                      + f" lr {lr:.2e} {ips:.1f} img/s eta {eta/60:.1f} min", flush=True)
+            metrics.update(step_log(step, res, state.images_seen, stream.data_pass,
+                                    last_metrics.get("eval_knn20_balanced_accuracy")))
 
         if health.due(step, is_last):
             if rank == 0:
