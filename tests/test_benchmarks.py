@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 pytestmark = pytest.mark.slow  # each script's --quick run: minutes in all
 
-SCRIPTS = ["data_pipeline.py", "train_overhead.py", "gpu_efficiency.py", "vs_lightly_train.py", "embed_speed.py"]
+SCRIPTS = ["data_pipeline.py", "train_overhead.py", "gpu_efficiency.py", "vs_lightly_train.py", "embed_speed.py",
+           "recipe_probe.py"]
 
 
 def _run(script: str) -> tuple[str, int, str]:
@@ -37,7 +38,8 @@ def quick_runs() -> dict[str, tuple[int, str]]:
 
     with ThreadPoolExecutor(2) as pool:
         with_ray = pool.submit(chain, ["data_pipeline.py", "train_overhead.py"])
-        without_ray = pool.submit(chain, ["gpu_efficiency.py", "vs_lightly_train.py", "embed_speed.py"])
+        without_ray = pool.submit(chain, ["gpu_efficiency.py", "vs_lightly_train.py", "embed_speed.py",
+                                              "recipe_probe.py"])
         results = with_ray.result() + without_ray.result()
     return {name: (rc, out) for name, rc, out in results}
 

@@ -53,6 +53,36 @@ def _quiet_train_console() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
+RAY_LOG = "ray.log"  # Ray's driver-side INFO lines (Train, Data, Tune) of this run
+RAY_SESSION_LOGS = "ray-session-logs"  # link to the Ray session's log folder (workers, actors, raylet)
+
+
+def _ray_logs_in_run_dir(run_dir: Path) -> None:
+    """What Ray says that the console does not show lands beside the run: its driver-side loggers write INFO to
+    ``ray.log`` in the run dir, and ``ray-session-logs`` links to the session's own log folder (worker and
+    actor output, Ray Data's ray-data.log), where the rest already goes."""
+    import logging
+
+    path = (run_dir / RAY_LOG).resolve()
+    for name in ("ray.train", "ray.data", "ray.tune", "ray.util"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in logger.handlers):
+            handler = logging.FileHandler(path)
+            handler.setLevel(logging.INFO)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+            logger.addHandler(handler)
+    try:
+        import ray
+
+        session = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+    except Exception:  # noqa: BLE001 - a cluster client without a local session dir: nothing to link
+        return
+    link = run_dir / RAY_SESSION_LOGS
+    if session.is_dir():
+        link.unlink(missing_ok=True)
+        link.symlink_to(session, target_is_directory=True)
+
+
 def _learning_curve(run_id: str, run_dir: Path | None, run_name: str) -> Path | None:
     """learning_curve.png of the run (kNN, RankMe, losses by step) in its run dir, or a temp dir for remote
     storage; a plotting failure never fails a finished run."""
@@ -150,6 +180,7 @@ def pretrain(
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(run_dir / "run_config.yaml")
+        _ray_logs_in_run_dir(run_dir)
 
     data_hash = _data_hash(cfg.data.paths) if cfg.data.paths else None
     use_gpu = _use_gpu(cfg)
