@@ -214,3 +214,15 @@ def test_two_seed_ablation_evaluates_every_arm_writes_its_table_and_resumes_only
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     assert len(children) == 4
+
+
+def test_full_scale_ablation_space_is_around_reddino_vits14():
+    from reddino.tune.space import load_space
+
+    space = load_space("ablation_vits14")
+    assert space.base == "reddino_vits14"
+    base = space.base_config().flat()
+    assert {k: base[k] for k in space.recipe} == space.recipe, "the recipe must be reddino_vits14's values"
+    arms = {v["name"] for v in space.ablation_variants()}
+    assert {"loss.koleo_weight=0.1", "loss.centering=ema", "loss.ibot_weight=0.0", "data.unit=cell",
+            "crops.policy=dinov2", "crops.rbc_pick=2", "crops.local_crops_number=0"} <= arms
