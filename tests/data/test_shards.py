@@ -230,3 +230,16 @@ def test_verify_finds_what_the_manifest_alone_does_not(tmp_path):
     (tmp_path / "ds" / "_manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="column.*group"):
         verify_dataset(tmp_path / "ds")
+
+    # An image that no longer decodes (bytes rewritten, size and hash re-recorded): the file and the row named.
+    shard.write_bytes(good)
+    table = pq.read_table(shard)
+    images = table.column("image").to_pylist()
+    images[1] = b"not an image"
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image",
+                                    pa.array(images, type=table.schema.field("image").type)), shard)
+    data["shards"][0].update(bytes=shard.stat().st_size, sha256=file_sha256(shard))
+    (tmp_path / "ds" / "_manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=f"{shard.name}: row 1 .*does not decode"):
+        verify_dataset(tmp_path / "ds")
+    verify_dataset(tmp_path / "ds", decode=False)  # the bytes match the manifest: only decoding finds it
