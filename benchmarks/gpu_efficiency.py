@@ -94,8 +94,7 @@ def main() -> None:
     if args.quick:
         args.preset, args.device, args.threads = "tiny_cpu", "cpu", 1
         args.batch_size, args.steps, args.warmup = args.batch_size or 2, args.steps or 1, args.warmup or 1
-        args.override = ["crops.global_crops_size=56", "crops.local_crops_size=28", "model.img_size=56",
-                         "model.head_prototypes=1024", *args.override]
+        # tiny_cpu's own sizes (56 px globals, 24 px locals: multiples of its patch 8)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     B = args.batch_size or (128 if on_gpu else 4)

@@ -197,8 +197,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.batch_size, args.steps, args.warmup, args.report_every, args.threads, args.block_steps = 2, 2, 1, 2, 1, 1
-        args.override = ["crops.global_crops_size=56", "crops.local_crops_size=28", "model.img_size=56",
-                         "model.head_prototypes=1024", *args.override]
+        # tiny_cpu's own sizes (56 px globals, 24 px locals: multiples of its patch 8)
     env_setup()
     header("train_overhead")
     from reddino.config import load_config

@@ -55,6 +55,31 @@ def test_benchmark_quick(quick_runs, script):
         assert value > 0, ratio[0]
 
 
+# What each script claims beyond its ratio, checked in its own output (a broken comparison fails here, not only a
+# crash): the two sides of a comparison ran the same thing, and the measured numbers are plausible.
+CLAIMS = {
+    "data_pipeline.py": ["same augmentation on both sides (row", "): yes"],
+    "embed_speed.py": ["embeddings equal the loop's: True"],
+    "gpu_efficiency.py": ["model FLOPs per image (forward+backward, teacher+student)"],
+    "recipe_probe.py": ["step 0 kNN-20", "RankMe"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(CLAIMS))
+def test_benchmark_output_says_what_it_compared(quick_runs, script):
+    rc, out = quick_runs[script]
+    for claim in CLAIMS[script]:
+        assert claim in out, f"{script} --quick: {claim!r} missing:\n{out[-3000:]}"
+
+
+def test_train_overhead_quick_times_the_same_step_on_both_sides(quick_runs):
+    """The Ray side runs the same TrainStep on the same batches: within a few x of the bare loop even on a busy
+    2-core box (a different step or a pipeline inside the timed region would show as a large factor)."""
+    rc, out = quick_runs["train_overhead.py"]
+    ratio = float(next(l for l in out.splitlines() if l.startswith("RATIO ")).split("=")[1].split()[0])
+    assert 0.2 < ratio < 5.0, out[-3000:]
+
+
 def test_vs_lightly_train_quick_never_installs(quick_runs):
     rc, out = quick_runs["vs_lightly_train.py"]
     assert "PEER SKIPPED" in out and "installing lightly-train" not in out

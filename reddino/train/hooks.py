@@ -88,4 +88,5 @@ class KnnEval:
         print(f"[reddino] step {step} balanced accuracy on {int(scores.get('n_images', 0))} eval images: " + ", ".join(
             f"{label} {scores[f'{key}_balanced_accuracy']:.3f} ± {scores.get(f'{key}_balanced_accuracy_std', 0):.3f}"
             for label, key in shown), flush=True)
-        return {f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))}
+        # eval_step: which evaluation the carried-forward eval_* values come from (every later report repeats them)
+        return {"eval_step": step, **{f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))}}

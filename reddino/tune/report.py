@@ -175,3 +175,43 @@ def sweep_plots(table: pd.DataFrame, space: SweepSpace, out_dir: Path) -> list[P
         plt.close("all")
         paths.append(path)
     return paths
+
+
+def trial_curves(table: pd.DataFrame, space: SweepSpace, out: Path, client=None) -> Path | None:
+    """``learning_curves.png``: every trial's in-training score (the sweep metric) by step, one line per trial
+    (ablation: labelled by arm), read back from the trials' MLflow runs. None when no trial logged it."""
+    from mlflow.tracking import MlflowClient
+
+    client = client or MlflowClient()
+    curves = []
+    for _, row in table.iterrows():
+        run_id = row.get("mlflow_run_id")
+        if not isinstance(run_id, str) or not run_id:
+            continue
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, space.metric))
+        if hist:
+            label = str(row.get("variant") or row.get("trial"))
+            if pd.notna(row.get("seed")) and "seed" in row and len(table["seed"].dropna().unique()) > 1:
+                label += f" (seed {int(row['seed'])})"
+            curves.append((label, hist))
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, hist in curves:
+        steps, values = zip(*hist)
+        ax.plot(steps, values, marker="o", ms=3, label=label, lw=2.2 if label == "recipe" else 1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(space.metric.removeprefix("eval_").replace("_", " "))
+    ax.set_title("in-training score of every trial")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    save_figure(fig, out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+

@@ -49,7 +49,7 @@ def _scored_reports(metric: str):
     return _ScoredReports()
 
 
-def _trial_lines(metric: str, mode: str):
+def _trial_lines(metric: str, mode: str, total: int | None = None):
     """A Tune callback printing one line per scored report, per finished trial and per error: what a user
     watching a sweep needs (Tune's 30-second status table says only RUNNING; REDDINO_VERBOSE=1 brings it back)."""
     from ray.tune import Callback
@@ -58,6 +58,7 @@ def _trial_lines(metric: str, mode: str):
         def __init__(self) -> None:
             self.best: float | None = None
             self.done = 0
+            self.shown: dict[str, object] = {}  # trial id -> the evaluation last printed
 
         def _params(self, trial) -> str:
             params = trial_params(trial.config or {})
@@ -73,16 +74,21 @@ def _trial_lines(metric: str, mode: str):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if metric not in result:
                 return
+            # Every report repeats the latest kNN (for ASHA): print each evaluation once.
+            seen = result.get("eval_step", result.get("step"))
+            if self.shown.get(trial.trial_id) == seen:
+                return
+            self.shown[trial.trial_id] = seen
             value = float(result[metric])
             better = self.best is None or (value > self.best if mode == "max" else value < self.best)
             self.best = value if better else self.best
-            print(f"[reddino] trial {trial.trial_id} step {result.get('step')}: {metric} {value:.3f}"
+            print(f"[reddino] trial {trial.trial_id} step {seen}: {metric} {value:.3f}"
                   f"{'  (best so far)' if better else f'  (best {self.best:.3f})'}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             last = (trial.last_result or {}).get("step")
-            print(f"[reddino] trial {trial.trial_id} finished at step {last} ({self.done} of {len(trials)} done)",
+            print(f"[reddino] trial {trial.trial_id} finished at step {last} ({self.done} of {total or len(trials)} done)",
                   flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -281,7 +287,7 @@ def sweep(
     interrupt = _interrupt_after_trials(stop_after_trials) if stop_after_trials else None
     from reddino.runtime import verbose
 
-    lines = _trial_lines(space.metric, space.mode)
+    lines = _trial_lines(space.metric, space.mode, len(variants) if mode == "ablation" else cfg.trials)
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),
                                 callbacks=[lines] + ([interrupt] if interrupt else []),
@@ -362,7 +368,7 @@ def _find_parent_run(experiment: str, sweep_dir: Path) -> str | None:
 
 def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_id: str | None, base_cfg,
                cfg: SweepConfig | None = None) -> SweepResult:
-    from reddino.tune.report import ablation_summary, ablation_table, sweep_plots, write_best_config
+    from reddino.tune.report import ablation_summary, ablation_table, sweep_plots, trial_curves, write_best_config
 
     cfg = cfg or SweepConfig()
 
@@ -407,6 +413,9 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
         with atomic_path(sweep_dir / "ablation.csv") as tmp:
             summary.to_csv(tmp, index=False)
     pngs = sweep_plots(table, space, sweep_dir) if len(scored) else []
+    if parent_run_id and len(scored):  # the trials' runs are in MLflow
+        curves = trial_curves(table, space, sweep_dir / "learning_curves.png")
+        pngs += [curves] if curves is not None else []
 
     if parent_run_id:
         import mlflow

@@ -15,7 +15,7 @@ TINY_CONFIG = str(Path(__file__).parents[1] / "tiny.yaml")  # the tests' own tin
 TINY = [
     "data.resize=56", "crops.global_crops_size=56", "crops.local_crops_size=28", "model.img_size=56",
     "model.head_prototypes=128", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
-    "train.epochs=1", "train.iters_per_epoch=6", "train.batch_size_per_worker=8", "train.log_every=2",
+    "train.epochs=1", "train.iters_per_epoch=6", "train.batch_size_per_worker=8", "train.log_every=1",
     "train.checkpoint_every=6", "train.monitor_every=0", "eval.every=2", "eval.max_images=120",
     "optim.momentum_teacher=0.5",  # the teacher follows the student fast, so trials differ within 6 steps
 ]
@@ -48,8 +48,11 @@ def test_two_trial_sweep_writes_results_study_and_mlflow_children(ray_fresh, dat
     # The console: a line per trial start, per scored report and per finish; not Tune's status tables.
     out = capfd.readouterr().out
     assert out.count("] trial ") >= 6 and out.count(" started: ") == 2 and "base_lr=" in out
-    assert out.count("finished at step") == 2
+    assert out.count("finished at step") == 2 and "(2 of 2 done)" in out
     assert "step 2: eval_knn20_balanced_accuracy" in out and "(best so far)" in out
+    # Reports come every step (log_every=1) and repeat the latest kNN; each evaluation (every 2 steps) prints once.
+    scored = [line for line in out.splitlines() if "eval_knn20_balanced_accuracy" in line]
+    assert scored and all(int(line.split(" step ")[1].split(":")[0]) % 2 == 0 for line in scored), scored
     assert "Trial status:" not in out and "Trial name" not in out
     assert len(table) == 2 and (table["error"] == "").all()
     best = yaml.safe_load(result.best_config_path.read_text())
@@ -61,6 +64,9 @@ def test_two_trial_sweep_writes_results_study_and_mlflow_children(ray_fresh, dat
         filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
     )
     assert len(children) == 2
+    # Every trial's kNN curve in one picture, beside the Optuna plots and on the parent run.
+    assert (result.sweep_dir / "learning_curves.png").stat().st_size > 0
+    assert "learning_curves.png" in {a.path for a in client.list_artifacts(result.parent_run_id)}
     # The Optuna study persisted in the sweep dir: what optuna-dashboard shows, every trial with its value.
     import optuna
 
