@@ -188,6 +188,9 @@ def sweep(
     """Run (or resume) a sweep. ``config`` (:class:`reddino.config.SweepConfig`) holds the settings, keyword
     ``settings`` override its fields (``sweep("ablation", data=[...], trials=4)``). ``mode="search"``: Optuna TPE +
     ASHA; ``mode="ablation"``: one factor at a time. ``resume``: a sweep dir; its ``sweep.yaml`` is the config."""
+    from reddino.runtime import quiet_ray_logs
+
+    quiet_ray_logs()  # before `ray.tune` imports Ray Data, which reads its logging config once, at import
     from ray import tune
 
     from reddino.runtime import cpus_with_driver_headroom, dashboard_url, default_tracking_uri, init_ray
