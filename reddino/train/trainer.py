@@ -66,11 +66,16 @@ def _ray_logs_in_run_dir(run_dir: Path) -> None:
     path = (run_dir / RAY_LOG).resolve()
     for name in ("ray.train", "ray.data", "ray.tune", "ray.util"):
         logger = logging.getLogger(name)
-        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in logger.handlers):
-            handler = logging.FileHandler(path)
-            handler.setLevel(logging.INFO)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
-            logger.addHandler(handler)
+        # One run log per process: a later run in the same process (a sweep trial, a test) replaces the earlier
+        # run's handler instead of writing into every run dir it has seen (and keeping their files open).
+        for old in [h for h in logger.handlers if getattr(h, "_reddino_run_log", False)]:
+            logger.removeHandler(old)
+            old.close()
+        handler = logging.FileHandler(path)
+        handler._reddino_run_log = True
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+        logger.addHandler(handler)
     try:
         import ray
 
