@@ -47,6 +47,9 @@ class DataConfig(_Section):
     # only on nodes started with `--resources '{"data": N}'` (CPU-only data nodes beside the GPU nodes).
     map_resources: dict[str, float] | None = None
     prefetch_batches: int = 2
+    # Start each data pass while the previous one is still training (two Ray Data executions take turns), so
+    # no step waits for a pass to start up (reads, shuffle-buffer fill); exact resume is unchanged.
+    overlap_passes: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

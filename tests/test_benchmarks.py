@@ -19,7 +19,7 @@ BENCH = ROOT / "benchmarks"
 pytestmark = pytest.mark.slow  # each script's --quick run: minutes in all
 
 SCRIPTS = ["data_pipeline.py", "train_overhead.py", "gpu_efficiency.py", "vs_lightly_train.py", "embed_speed.py",
-           "recipe_probe.py"]
+           "recipe_probe.py", "pass_overlap.py"]
 
 
 def _run(script: str) -> tuple[str, int, str]:
@@ -37,7 +37,7 @@ def quick_runs() -> dict[str, tuple[int, str]]:
         return [_run(s) for s in scripts]
 
     with ThreadPoolExecutor(2) as pool:
-        with_ray = pool.submit(chain, ["data_pipeline.py", "train_overhead.py"])
+        with_ray = pool.submit(chain, ["data_pipeline.py", "train_overhead.py", "pass_overlap.py"])
         without_ray = pool.submit(chain, ["gpu_efficiency.py", "vs_lightly_train.py", "embed_speed.py",
                                               "recipe_probe.py"])
         results = with_ray.result() + without_ray.result()
@@ -62,6 +62,7 @@ CLAIMS = {
     "embed_speed.py": ["embeddings equal the loop's: True"],
     "gpu_efficiency.py": ["model FLOPs per image (forward+backward, teacher+student)"],
     "recipe_probe.py": ["step 0 kNN-20", "RankMe"],
+    "pass_overlap.py": ["overlap_passes=False:", "overlap_passes=True:", "whole-run img/s"],
 }
 
 

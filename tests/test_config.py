@@ -82,3 +82,14 @@ def test_custom_resource_knobs_validate():
         load_config("tiny_cpu", ["train.worker_resources={GPU: 1}"])
     with pytest.raises(ConfigError, match="must be > 0"):
         load_config("tiny_cpu", ["data.map_resources={data: 0}"])
+
+
+def test_pretrain_makes_local_relative_paths_absolute_for_the_workers(tmp_path, monkeypatch):
+    from reddino.train.trainer import _absolute_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny_cpu", ["data.paths=[data/cells,s3://bucket/patches]", "eval.data=data/cells"])
+    out = _absolute_local_paths(cfg)
+    assert out.data.paths == [str(tmp_path / "data" / "cells"), "s3://bucket/patches"]
+    assert out.eval.data == str(tmp_path / "data" / "cells")
+    assert cfg.eval.data == "data/cells"  # the caller's config is left as it was

@@ -22,12 +22,12 @@ def sha_to_keys(sha256: np.ndarray | list[str]) -> np.ndarray:
 
 
 class RunState:
-    """Ray actor, one per live run (named after it): the keys the current pass must drop (empty when not
-    resuming), the current data pass, and the run's stop reason. Its existence also marks the run as driven."""
+    """Ray actor, one per live run (named after it): per dataset slot, the data pass it serves and the keys that
+    pass must drop (empty unless resuming mid-pass); and the run's stop reason. Its existence also marks the run
+    as driven. Slot ``p % n_slots`` serves pass ``p`` (two slots when the next pass starts early)."""
 
     def __init__(self) -> None:
-        self._keys = np.empty(0, dtype=np.int64)
-        self._data_pass = 0
+        self._slots: dict[int, tuple[int, np.ndarray]] = {}
         self._version = 0
         self._stop_reason: str | None = None
 
@@ -37,14 +37,14 @@ class RunState:
     def stop_reason(self) -> str | None:
         return self._stop_reason
 
-    def set(self, keys: np.ndarray, data_pass: int = 0) -> int:
-        self._keys = np.unique(np.asarray(keys, dtype=np.int64))
-        self._data_pass = int(data_pass)
+    def set(self, keys: np.ndarray, data_pass: int = 0, slot: int = 0) -> int:
+        self._slots[int(slot)] = (int(data_pass), np.unique(np.asarray(keys, dtype=np.int64)))
         self._version += 1
         return self._version
 
-    def get(self) -> tuple[int, np.ndarray, int]:
-        return self._version, self._keys, self._data_pass
+    def get(self, slot: int = 0) -> tuple[int, np.ndarray, int]:
+        data_pass, keys = self._slots.get(int(slot), (int(slot), np.empty(0, dtype=np.int64)))
+        return self._version, keys, data_pass
 
 
 # One namespace for every driver: a second driver of the same run on the same cluster finds the first one's actor.
@@ -76,8 +76,9 @@ class DropConsumed:
     """Ray Data batch UDF: removes rows whose key is in the run's skip list; adds the `key` column and
     the `epoch` column (the data pass, so each pass draws fresh augmentations, reproducibly)."""
 
-    def __init__(self, actor_name: str | None) -> None:
+    def __init__(self, actor_name: str | None, slot: int = 0) -> None:
         self.actor_name = actor_name
+        self.slot = slot
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = sha_to_keys(batch["sha256"])
@@ -88,7 +89,7 @@ class DropConsumed:
             return batch
         import ray
 
-        _, skip, data_pass = ray.get(ray.get_actor(self.actor_name, namespace=NAMESPACE).get.remote())
+        _, skip, data_pass = ray.get(ray.get_actor(self.actor_name, namespace=NAMESPACE).get.remote(self.slot))
         batch["epoch"][:] = data_pass
         if skip.size == 0:
             return batch
@@ -104,10 +105,10 @@ class Augment:
     One operator (not two): one task and one copy per block. Crops come out as uint8 channels-last;
     :func:`crops_to_device` normalises them where the model runs."""
 
-    def __init__(self, cfg_dict: dict[str, Any], patch_size: int, run_state_name: str | None) -> None:
+    def __init__(self, cfg_dict: dict[str, Any], patch_size: int, run_state_name: str | None, slot: int = 0) -> None:
         self.cfg_dict = cfg_dict
         self.patch_size = patch_size
-        self.drop = DropConsumed(run_state_name)
+        self.drop = DropConsumed(run_state_name, slot)
         self._transform = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -141,8 +142,15 @@ def crops_to_device(crops, device):
     return crops.to(device, non_blocking=True)
 
 
-def build_train_dataset(cfg: RunConfig, patch_size: int, run_state_name: str | None):
-    """The streaming training dataset (unlabelled use: labels are never read)."""
+def dataset_slots(cfg: RunConfig) -> list[str]:
+    """Names of the training datasets Ray Train splits over the workers: one, or two taking turns by pass
+    (``data.overlap_passes``) so the next pass's execution starts before the current one ends."""
+    return ["train", "train_next"] if cfg.data.overlap_passes else ["train"]
+
+
+def build_train_dataset(cfg: RunConfig, patch_size: int, run_state_name: str | None, slot: int = 0):
+    """The streaming training dataset (unlabelled use: labels are never read); ``slot`` s of
+    :func:`dataset_slots` serves the passes p with p % len(slots) == s."""
     from reddino.data import read_rbc_dataset
 
     if not cfg.data.paths:
@@ -154,7 +162,7 @@ def build_train_dataset(cfg: RunConfig, patch_size: int, run_state_name: str | N
         source_weights=cfg.data.source_weights,
         columns=["image", "sha256"],
         override_num_blocks=cfg.data.read_parallelism,
-        file_shuffle_seed=cfg.train.seed,
+        file_shuffle_seed=cfg.train.seed + slot,  # slots draw different file orders
     )
     # Shuffling that streams: a new shard-file order every pass (at read time) plus a local shuffle
     # buffer in the loader. A full random_shuffle, or even randomize_block_order, is an all-to-all
@@ -165,7 +173,7 @@ def build_train_dataset(cfg: RunConfig, patch_size: int, run_state_name: str | N
     from ray.data import TaskPoolStrategy
 
     ds = ds.map_batches(
-        Augment(cfg.to_dict(), patch_size, run_state_name),
+        Augment(cfg.to_dict(), patch_size, run_state_name, slot),
         batch_size=cfg.data.map_batch_size,
         num_cpus=cfg.data.cpus_per_map_task,
         resources=cfg.data.map_resources,  # e.g. {data: 0.01}: only on the data nodes
@@ -174,38 +182,108 @@ def build_train_dataset(cfg: RunConfig, patch_size: int, run_state_name: str | N
     return ds
 
 
-class BatchStream:
-    """Endless per-worker batches over successive passes, recording the keys consumed in the current pass."""
+class _PassReader:
+    """One data pass of one shard, read by a background thread into a small queue, so a pass can start
+    (Ray Data execution, shard reads, shuffle-buffer fill) while the previous one is still being trained on."""
 
-    def __init__(self, shard, batch_size: int, data_pass: int, prefetch_batches: int = 2, shuffle_buffer: int = 0) -> None:
-        self.shard = shard
+    _END = object()
+
+    def __init__(self, shard, batch_size: int, prefetch_batches: int, shuffle_buffer: int) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch_batches))
+        self._stop = threading.Event()
+        kwargs = dict(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches, device="cpu",
+                      local_shuffle_buffer_size=shuffle_buffer or None)
+        self._thread = threading.Thread(target=self._run, args=(shard, kwargs), daemon=True, name="reddino-pass")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, shard, kwargs) -> None:
+        try:
+            for batch in shard.iter_torch_batches(**kwargs):
+                if not self._put(batch):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+            self._put(e)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class BatchStream:
+    """Endless per-worker batches over successive passes, recording the keys consumed in the current pass.
+
+    With two shards (``data.overlap_passes``), pass p reads shard p % 2 and pass p + 1 is started on the other
+    shard as soon as pass p starts; its batches wait in a small queue until pass p ends. Only batches handed to
+    training count as consumed, so exact resume is unchanged."""
+
+    def __init__(self, shards, batch_size: int, data_pass: int, prefetch_batches: int = 2, shuffle_buffer: int = 0,
+                 resuming: bool = False) -> None:
+        self.resuming = resuming  # the first pass may be empty: a checkpoint at its very end
+        self.shards = list(shards) if isinstance(shards, (list, tuple)) else [shards]
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
         self.data_pass = data_pass
         self.prefetch_batches = prefetch_batches
         self.consumed: list[np.ndarray] = []
         self.on_pass_end = None  # callable run (on every worker) before a new pass starts
+        self._readers: list[_PassReader] = []
 
     def consumed_keys(self) -> np.ndarray:
         return np.concatenate(self.consumed) if self.consumed else np.empty(0, dtype=np.int64)
 
+    def _reader(self, data_pass: int) -> _PassReader:
+        shard = self.shards[data_pass % len(self.shards)]
+        return _PassReader(shard, self.batch_size, self.prefetch_batches, self.shuffle_buffer)
+
+    def close(self) -> None:
+        for r in self._readers:
+            r.close()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        overlap = len(self.shards) > 1
+        current = self._reader(self.data_pass)
+        self._readers = [current]
         while True:
+            if overlap:  # the next pass starts now, on the other shard
+                self._readers = [current, self._reader(self.data_pass + 1)]
             produced = 0
-            for batch in self.shard.iter_torch_batches(
-                batch_size=self.batch_size, drop_last=True, prefetch_batches=self.prefetch_batches, device="cpu",
-                local_shuffle_buffer_size=self.shuffle_buffer or None,
-            ):
+            for batch in current:
                 keys = batch["key"].numpy()
                 self.consumed.append(keys.copy())
                 produced += 1
                 yield batch
-            if produced == 0:
+            if produced == 0 and not self.resuming:
                 raise RuntimeError(
                     f"a full pass over the training data gave no batch of {self.batch_size} rows on this "
                     "worker: the dataset is smaller than batch_size_per_worker × workers"
                 )
             self.data_pass += 1
             self.consumed = []
+            self.resuming = False
             if self.on_pass_end is not None:
                 self.on_pass_end(self.data_pass)
+            current = self._readers[-1] if overlap else self._reader(self.data_pass)
+            self._readers = [current]

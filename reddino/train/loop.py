@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from reddino.config import RunConfig
 from reddino.train import checkpoint as ckpt
-from reddino.train.data import BatchStream, run_state_actor
+from reddino.train.data import BatchStream, dataset_slots, run_state_actor
 from reddino.train.hooks import HealthMonitor, KnnEval
 from reddino.train.step import TrainStep, any_rank
 
@@ -186,20 +186,26 @@ def _open_stream(cfg: RunConfig, state_name: str | None, state, restored: bool, 
     import ray.train
 
     run_state = run_state_actor(state_name) if state_name else None
-    if rank == 0 and run_state is not None:
-        ray.get(run_state.set.remote(state.consumed, state.data_pass))
+    slots = dataset_slots(cfg)
+    n = len(slots)
+    if rank == 0 and run_state is not None:  # slot (p + i) % n serves pass p + i; only pass p skips rows
+        for i in range(n):
+            keys = state.consumed if i == 0 else np.empty(0, dtype=np.int64)
+            ray.get(run_state.set.remote(keys, state.data_pass + i, (state.data_pass + i) % n))
     _barrier()
-    stream = BatchStream(ray.train.get_dataset_shard("train"), cfg.train.batch_size_per_worker, state.data_pass,
-                         cfg.data.prefetch_batches, cfg.data.shuffle_buffer)
+    stream = BatchStream([ray.train.get_dataset_shard(name) for name in slots], cfg.train.batch_size_per_worker,
+                         state.data_pass, cfg.data.prefetch_batches, cfg.data.shuffle_buffer,
+                         resuming=bool(restored))
     if rank == 0 and state.consumed.size:
         stream.consumed.append(state.consumed)  # the union over workers lives on rank 0 only
     if restored and run_state is None and state.consumed.size:
         raise RuntimeError("resuming mid-pass needs the run-state actor")
 
     def pass_ended(new_pass: int) -> None:
-        # The skip list only concerns the pass that was interrupted.
+        # The slot of the pass that ended serves pass new_pass + n - 1 next, with nothing to skip.
         if rank == 0 and run_state is not None:
-            ray.get(run_state.set.remote(np.empty(0, dtype=np.int64), new_pass))
+            nxt = new_pass + n - 1
+            ray.get(run_state.set.remote(np.empty(0, dtype=np.int64), nxt, nxt % n))
         _barrier()
 
     stream.on_pass_end = pass_ended
@@ -407,5 +413,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if logger is not None:
                 logger.tag("reddino.stop_reason", stop_reason)
         ray.train.report({**last_metrics, "step": state.step, "stopped": stop_reason})
+    stream.close()  # the next pass's reader thread, if one started
     if logger is not None and logger.close():
         logger.tag("reddino.mlflow_lost_metrics", str(logger.lost))

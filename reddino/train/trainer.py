@@ -145,6 +145,21 @@ def _patch_size(cfg: RunConfig) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def _absolute_local_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` whose local relative paths are absolute: Train workers and Ray Data tasks run in their
+    own working dirs, where ``data/chula-cells`` names nothing. URIs (``s3://...``) are left as they are."""
+
+    def absolute(p: str | None) -> str | None:
+        return p if not p or "://" in p else str(Path(p).expanduser().absolute())
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.paths = [absolute(p) for p in cfg.data.paths]
+    cfg.eval.data = absolute(cfg.eval.data)
+    cfg.model.pretrained = absolute(cfg.model.pretrained)
+    cfg.train.export_path = absolute(cfg.train.export_path)
+    return cfg
+
+
 def pretrain(
     cfg: RunConfig,
     *,
@@ -172,6 +187,7 @@ def pretrain(
     init_ray()
     quiet_data_progress()
     _quiet_train_console()
+    cfg = _absolute_local_paths(cfg)
     from reddino import paths
 
     where = cfg.train.storage_path or str(paths.runs_dir())
@@ -220,10 +236,11 @@ def pretrain(
         mlflow.end_run()
 
     # --- data: Ray Data does decode + multi-crop + masks on CPU tasks ---
-    from reddino.train.data import build_train_dataset, run_state_actor
+    from reddino.train.data import build_train_dataset, dataset_slots, run_state_actor
 
     run_state = run_state_actor(state_name)  # keep the handle: the actor lives while the driver holds it
-    dataset = build_train_dataset(cfg, patch, state_name)
+    datasets = {name: build_train_dataset(cfg, patch, state_name, slot)
+                for slot, name in enumerate(dataset_slots(cfg))}
 
     import yaml
 
@@ -265,7 +282,7 @@ def pretrain(
             # Ray Train's INFO lines (resources requested, worker group started, ...) go to its log files only.
             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     if live:
         with LiveProgress(run_dir / PROGRESS_FILE, cfg.total_steps, f"pretrain {run_name}"):

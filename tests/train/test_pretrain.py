@@ -41,46 +41,50 @@ def _consumed(ckpt_dir):
 
 
 def test_kill_then_resume_past_a_damaged_checkpoint_continues_step_and_data_position(ray_train, synth, tmp_path):
-    # 2 sources × 48 patches = 96 rows; 2 workers × 4 = 8 rows/step → one pass is 12 steps.
-    cfg = _cfg(synth, tmp_path, steps=10)
+    # 2 sources × 48 patches = 96 rows; 2 workers × 4 = 8 rows/step → one pass is 12 steps. The run crosses into
+    # pass 1 (started early, on the second dataset: data.overlap_passes) and is killed there.
+    cfg = _cfg(synth, tmp_path, steps=16)
+    assert cfg.data.overlap_passes
     marker = tmp_path / "crashed"
 
-    def crash_once_at_7(step):  # a closure: cloudpickled to the workers by value
+    def crash_once_at_15(step):  # a closure: cloudpickled to the workers by value
         import os
 
-        if step == 7 and not marker.exists():
+        if step == 15 and not marker.exists():
             marker.write_text(str(step))  # fire once: a restarted worker must go on
             os._exit(1)  # a crashed worker process
 
     with pytest.raises(Exception) as failed:
-        pretrain(cfg, run_name="killed", step_hooks=[crash_once_at_7])
+        pretrain(cfg, run_name="killed", step_hooks=[crash_once_at_15])
     assert marker.exists(), f"the run failed before the injected crash: {failed.value!r}"
     run_dir = tmp_path / "runs" / "killed"
-    assert (run_dir / "checkpoint_0000006").exists()
-    # Ray registers a checkpoint asynchronously, so the last committed one is step 6 or 4: truncate both.
-    for step in (4, 6):
+    assert (run_dir / "checkpoint_0000014").exists()
+    # Ray registers a checkpoint asynchronously, so the last committed one is step 14 or 12: truncate both.
+    for step in (12, 14):
         state = run_dir / f"checkpoint_{step:07d}" / "state.pt"
         state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
 
     result = pretrain(cfg, run_name="killed", resume=True)
-    assert result.metrics["step"] == 10
-    assert result.metrics["resumed_from_step"] == 2  # the newest checkpoint that loads
-    before, pass_before = _consumed(run_dir / "checkpoint_0000002")
-    assert len(before) == 2 * 8 and len(np.unique(before)) == len(before) and pass_before == 0
+    assert result.metrics["step"] == 16
+    assert result.metrics["resumed_from_step"] == 10  # the newest checkpoint that loads
+    before, pass_before = _consumed(run_dir / "checkpoint_0000010")
+    assert len(before) == 10 * 8 and len(np.unique(before)) == len(before) and pass_before == 0
+    # The stream continued: pass 0 ended with every row exactly once (the resumed run rewrote step 12) ...
+    full, pass_full = _consumed(run_dir / "checkpoint_0000012")
+    assert pass_full == 0 and set(before.tolist()) <= set(full.tolist())
+    assert len(np.unique(full)) == len(full) == 96
+    # ... and pass 1 holds exactly the last 4 steps' rows, none twice.
     after, pass_after = _consumed(result.checkpoint_dir)
-    # The stream continued: what was consumed before is still there, nothing twice, and exactly the
-    # remaining steps' rows were added.
-    assert result.checkpoint_dir.name == "checkpoint_0000010" and pass_after == 0
-    assert set(before.tolist()) <= set(after.tolist())
-    assert len(np.unique(after)) == len(after) == 10 * 8
+    assert result.checkpoint_dir.name == "checkpoint_0000016" and pass_after == 1
+    assert len(np.unique(after)) == len(after) == 4 * 8
     assert result.backbone_path is not None and result.backbone_path.exists()
 
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.data.tags["reddino.status"] == "finished"
-    assert "checkpoint_0000004 (" in run.data.tags["reddino.damaged_checkpoints"]  # said so, in MLflow too
+    assert "checkpoint_0000012 (" in run.data.tags["reddino.damaged_checkpoints"]  # said so, in MLflow too
     steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
-    assert max(steps) == 10 and 1 in steps
+    assert max(steps) == 16 and 1 in steps
     assert "model.arch" in run.data.params
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "backbone")}
     assert any(p.endswith(".safetensors") for p in artifacts)
