@@ -132,7 +132,10 @@ class LocalCluster:
                      "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                      "--ray-client-server-port", str(self._port())]
         else:
-            args += ["--address", self.address]
+            # A temp dir per raylet, as on separate machines. Without it every raylet of the host shares the head's
+            # session dir, so their runtime-env agents unpack a job's working_dir into the same folder and one agent
+            # re-creating it pulls the cwd from under a job driver another started there (os.getcwd() fails).
+            args += ["--address", self.address, "--temp-dir", str(self.state / f"ray-{node.name}")]
         return args
 
     def running(self, name: str) -> bool:

@@ -70,6 +70,9 @@ class CropConfig(_Section):
     rbc_pick: int = 4  # RedDino: pick k of the n pixel transforms ...
     rbc_p: float = 0.85  # ... each applied with probability p
     flip_rotate_p: float = 0.85
+    # `cell` policy's colour: mild (small hue/saturation shifts) or strong (DINO's ColorJitter + 20 % grayscale, so
+    # a stain's colour cannot identify a cell's other views; pallor is luminance and survives both)
+    cell_colour: Literal["mild", "strong"] = "mild"
 
     @model_validator(mode="after")
     def _check(self) -> "CropConfig":

@@ -158,3 +158,14 @@ def test_cell_policy_keeps_a_round_cell_round(policy, round_):
     pipe.set_random_seed(0)
     worst = max(_elongation(pipe(image=img)["image"]) for _ in range(30))
     assert (worst < 1.08) if round_ else (worst > 1.15)
+
+
+@pytest.mark.parametrize("colour, grey_expected", [("mild", False), ("strong", True)])
+def test_cell_policy_strong_colour_turns_some_crops_grey(colour, grey_expected):
+    # Strong colour jitter hides a stain's colour from the other views (20 % grayscale); mild never greys a crop.
+    t = MultiCropTransform(_crops(policy="cell", cell_colour=colour, local_crops_number=0), MaskConfig(), 14,
+                           resize=56, normalize=False)
+    crops = t(_png_batch(n=40))["global_crops"].astype(np.int16)  # (n, 2, H, W, 3) uint8, channels-last
+    grey = (np.abs(crops[..., 0] - crops[..., 1]).max(axis=(2, 3)) <= 1) & (
+        np.abs(crops[..., 1] - crops[..., 2]).max(axis=(2, 3)) <= 1)
+    assert grey.any() == grey_expected

@@ -11,7 +11,8 @@ Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` in 
 * ``cell``: ours, for single-cell crops: the cues that name an RBC class (size, outline, aspect ratio,
   central pallor, colour) survive, the ones that do not (orientation, position, focus, noise, stain
   drift) vary. Square crops (aspect 1) at ``*_crops_scale`` → any-angle rotation (reflect border) → flips →
-  mild blur / noise / brightness-contrast / hue-saturation.
+  mild blur / noise → mild brightness-contrast / hue-saturation, or with ``cell_colour=strong`` DINO's colour
+  jitter + grayscale.
 * ``none``: crops only.
 
 All end with ImageNet mean/std normalisation (done once per batch, vectorised) and stay RGB throughout.
@@ -136,9 +137,15 @@ def build_cell(crops: CropConfig) -> CropPipelines:
             A.VerticalFlip(p=0.5),
             A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.1, 1.0), p=0.2),
             A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
-            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
-            A.HueSaturationValue(hue_shift_limit=4, sat_shift_limit=10, val_shift_limit=0, p=0.3),
+            *colour(),
         ])
+
+    def colour() -> list[Any]:
+        if crops.cell_colour == "strong":
+            return [A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8),
+                    A.ToGray(num_output_channels=3, p=0.2)]
+        return [A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+                A.HueSaturationValue(hue_shift_limit=4, sat_shift_limit=10, val_shift_limit=0, p=0.3)]
 
     globals_ = [pipeline(crops.global_crops_size, crops.global_crops_scale) for _ in range(crops.global_crops_number)]
     return CropPipelines(globals_, pipeline(crops.local_crops_size, crops.local_crops_scale))

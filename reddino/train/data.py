@@ -235,18 +235,21 @@ class _PassReader:
 class BatchStream:
     """Endless per-worker batches over successive passes, recording the keys consumed in the current pass.
 
-    With two shards (``data.overlap_passes``), pass p reads shard p % 2 and pass p + 1 is started on the other
-    shard as soon as pass p starts; its batches wait in a small queue until pass p ends. Only batches handed to
-    training count as consumed, so exact resume is unchanged."""
+    With two shards (``data.overlap_passes``), pass p reads shard p % 2 and pass p + 1 starts on the other shard
+    on a background thread once pass p's rows are nearly all augmented: when at most ``shuffle_buffer`` + two
+    batches of its ``rows_per_pass`` (per worker) are left to train on, or after its first batch when the pass
+    length is unknown. Earlier, the two passes would split the data CPUs and the current one would slow down.
+    Only batches handed to training count as consumed, so exact resume is unchanged."""
 
     def __init__(self, shards, batch_size: int, data_pass: int, prefetch_batches: int = 2, shuffle_buffer: int = 0,
-                 resuming: bool = False) -> None:
-        self.resuming = resuming  # the first pass may be empty: a checkpoint at its very end
+                 resuming: bool = False, rows_per_pass: int | None = None) -> None:
+        self.resuming = resuming  # the first pass may be empty (a checkpoint at its very end) and is shorter
         self.shards = list(shards) if isinstance(shards, (list, tuple)) else [shards]
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
         self.data_pass = data_pass
         self.prefetch_batches = prefetch_batches
+        self.rows_per_pass = rows_per_pass
         self.consumed: list[np.ndarray] = []
         self.on_pass_end = None  # callable run (on every worker) before a new pass starts
         self._readers: list[_PassReader] = []
@@ -256,24 +259,33 @@ class BatchStream:
 
     def _reader(self, data_pass: int) -> _PassReader:
         shard = self.shards[data_pass % len(self.shards)]
-        return _PassReader(shard, self.batch_size, self.prefetch_batches, self.shuffle_buffer)
+        reader = _PassReader(shard, self.batch_size, self.prefetch_batches, self.shuffle_buffer)
+        self._readers.append(reader)
+        return reader
 
     def close(self) -> None:
         for r in self._readers:
             r.close()
 
+    def _ahead_from(self) -> int:
+        """Rows of the current pass to train on before the next pass starts."""
+        if self.rows_per_pass is None or self.resuming:
+            return 0
+        return self.rows_per_pass - self.shuffle_buffer - 2 * self.batch_size
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         overlap = len(self.shards) > 1
-        current = self._reader(self.data_pass)
-        self._readers = [current]
+        current, ahead = self._reader(self.data_pass), None
         while True:
-            if overlap:  # the next pass starts now, on the other shard
-                self._readers = [current, self._reader(self.data_pass + 1)]
-            produced = 0
+            produced = rows = 0
+            start_ahead_at = self._ahead_from()
             for batch in current:
                 keys = batch["key"].numpy()
                 self.consumed.append(keys.copy())
                 produced += 1
+                rows += len(keys)
+                if overlap and ahead is None and rows >= start_ahead_at:
+                    ahead = self._reader(self.data_pass + 1)
                 yield batch
             if produced == 0 and not self.resuming:
                 raise RuntimeError(
@@ -285,5 +297,5 @@ class BatchStream:
             self.resuming = False
             if self.on_pass_end is not None:
                 self.on_pass_end(self.data_pass)
-            current = self._readers[-1] if overlap else self._reader(self.data_pass)
+            current, ahead = (ahead or self._reader(self.data_pass)), None
             self._readers = [current]

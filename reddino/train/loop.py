@@ -179,7 +179,8 @@ def _restore_latest(cfg: RunConfig, model, optimizer, scaler, rank: int):
     return state, restored, damaged
 
 
-def _open_stream(cfg: RunConfig, state_name: str | None, state, restored: bool, rank: int):
+def _open_stream(cfg: RunConfig, state_name: str | None, state, restored: bool, rank: int, world: int,
+                 rows_per_pass: int | None):
     """This worker's batches from its Ray Data shard, resuming mid-pass: the run-state actor hands the rows
     already consumed in the interrupted pass to the augmentation tasks, which drop them. Returns (stream, actor)."""
     import ray
@@ -195,7 +196,7 @@ def _open_stream(cfg: RunConfig, state_name: str | None, state, restored: bool, 
     _barrier()
     stream = BatchStream([ray.train.get_dataset_shard(name) for name in slots], cfg.train.batch_size_per_worker,
                          state.data_pass, cfg.data.prefetch_batches, cfg.data.shuffle_buffer,
-                         resuming=bool(restored))
+                         resuming=bool(restored), rows_per_pass=rows_per_pass // world if rows_per_pass else None)
     if rank == 0 and state.consumed.size:
         stream.consumed.append(state.consumed)  # the union over workers lives on rank 0 only
     if restored and run_state is None and state.consumed.size:
@@ -325,7 +326,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ddp_model = model
 
     # --- data ---
-    stream, run_state = _open_stream(cfg, loop_config.get("run_state"), state, restored is not None, rank)
+    stream, run_state = _open_stream(cfg, loop_config.get("run_state"), state, restored is not None, rank, world,
+                                     loop_config.get("rows_per_pass"))
     batches = iter(stream)
 
     # --- schedules and the step ---

@@ -145,6 +145,18 @@ def _patch_size(cfg: RunConfig) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def _rows_per_pass(cfg: RunConfig) -> int | None:
+    """Rows in one pass over the training data (one column read), so each worker knows when to start the next
+    pass; None where it cannot be read cheaply (remote storage): the next pass then starts after the first batch."""
+    from reddino.data import load_table
+
+    try:
+        return load_table(cfg.data.paths, sources=cfg.data.sources, units=[cfg.data.unit] if cfg.data.unit else None,
+                          source_weights=cfg.data.source_weights, columns=["sha256"]).num_rows
+    except Exception:  # noqa: BLE001 - an estimate only
+        return None
+
+
 def _absolute_local_paths(cfg: RunConfig) -> RunConfig:
     """A copy of ``cfg`` whose local relative paths are absolute: Train workers and Ray Data tasks run in their
     own working dirs, where ``data/chula-cells`` names nothing. URIs (``s3://...``) are left as they are."""
@@ -252,6 +264,7 @@ def pretrain(
         "tracking_uri": tracking_uri,
         "mlflow_run_id": mlflow_run_id,
         "data_hash": data_hash,
+        "rows_per_pass": _rows_per_pass(cfg) if cfg.data.overlap_passes else None,
         "step_hooks": step_hooks or [],
         "loss_hook": loss_hook,
     }

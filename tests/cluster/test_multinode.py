@@ -148,8 +148,6 @@ def test_second_driver_on_a_live_run_is_refused(multinode, synth, tmp_path):
     assert live_run_state("reddino-run-busy") is None
 
 
-@pytest.mark.xfail(strict=False, reason="open: the job driver failed at import (torch._dynamo: os.getcwd() "
-                   "FileNotFoundError, its working dir gone) on the first try, 2026-12-03; not yet diagnosed")
 def test_ray_job_submit_with_token_to_the_multinode_cluster(multinode, synth, tmp_path):
     import yaml
     from ray.job_submission import JobStatus, JobSubmissionClient
