@@ -116,7 +116,13 @@ _RAY_NOTICES = (
     "has constructor arguments in the object store and max_restarts > 0",  # Train's actors, ray issue 53727
     "PYTHON worker processes have been started on node",  # start-up concurrency notice on small machines
     "Detected that the Ray Train controller actor",  # Train's placement-group cleaner after a stopped trial
+    "KillActor RPC failed",  # the GCS killing an actor whose process had already exited (a finished data pass)
 )
+
+
+# Ray Data's own tasks (file listing, reads): at the end of an execution their pool threads can print a traceback of
+# an interrupted queue (ray/data/_internal/dynamic_work_queue.py) although the data pass completed.
+_RAY_DATA_INTERNAL_TASKS = ("ListFiles", "ReadFiles")
 
 
 def _filter_worker_output() -> None:
@@ -136,6 +142,8 @@ def _filter_worker_output() -> None:
 
     def handler(data):
         lines = data.get("lines", [])
+        if str(data.get("task_name") or "").startswith(_RAY_DATA_INTERNAL_TASKS):
+            return  # their errors reach the training loop as exceptions; their threads' shutdown races are noise
         rest = []
         for line in lines:
             if "[reddino]" in line:
