@@ -44,7 +44,7 @@ def run_side(data: Path, unit: str, tmp: Path, overlap: bool, steps: int, batch:
         f"train.checkpoint_every={steps}", "eval.every=0", f"train.storage_path={tmp / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *extra,
     ])
-    result = pretrain(cfg, run_name=f"overlap-{int(overlap)}-{time.strftime('%H%M%S')}")
+    result = pretrain(cfg, run_name=f"overlap-{int(overlap)}-{time.strftime('%H%M%S')}", step_hooks=[stamp])
     t = {int(s): float(v) for s, v in (line.split() for line in stamps.read_text().splitlines())}
     last = max(t)
     ips = (last - warmup) * batch / (t[last] - t[warmup])

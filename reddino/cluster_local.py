@@ -135,8 +135,17 @@ class LocalCluster:
             # A temp dir per raylet, as on separate machines. Without it every raylet of the host shares the head's
             # session dir, so their runtime-env agents unpack a job's working_dir into the same folder and one agent
             # re-creating it pulls the cwd from under a job driver another started there (os.getcwd() fails).
-            args += ["--address", self.address, "--temp-dir", str(self.state / f"ray-{node.name}")]
+            args += ["--address", self.address, "--temp-dir", str(self._node_temp(node.name))]
         return args
+
+    def _node_temp(self, name: str) -> Path:
+        """A worker raylet's temp dir: short (its unix sockets' paths must stay < 108 chars, whatever the state
+        dir), linked from ``<state>/nodes/<name>`` so its session logs are found next to the cluster's own."""
+        link = self.state / "nodes" / name
+        if not link.is_symlink():
+            link.parent.mkdir(exist_ok=True)
+            link.symlink_to(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
+        return Path(os.readlink(link))
 
     def running(self, name: str) -> bool:
         return name in self.pids and bool(_session_pids(self.pids[name]))
