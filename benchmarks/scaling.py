@@ -102,9 +102,8 @@ def main() -> None:
     generate_synthetic(data, n_per_class=1, sources=2, unit="patch", seed=0, n_patches=args.images, patch_size=64)
     nodes = [Node("head", 3, {"data": 2}), Node("train1", 2, {"train": 1}), Node("train2", 2, {"train": 1})]
     cluster = LocalCluster(nodes, state_dir=tmp / "cluster").start()
-    os.environ.update(cluster.env)
     try:
-        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.connect(log_to_driver=False)
         log(f"cluster up: {cluster.address} ({', '.join(n.name for n in nodes)})")
         t1 = train_step_time(data, tmp, args.steps, 1, args.global_batch, args.warmup)
         t2 = train_step_time(data, tmp, args.steps, 2, args.global_batch, args.warmup)

@@ -54,6 +54,15 @@ def _ray_bin() -> str:
     return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
 
 
+def reload_ray_auth() -> None:
+    """Ray caches the auth mode and token per process on first use (an earlier local Ray may have had none):
+    re-read them from the environment, as Ray's own tests do (ray._private.authentication_test_utils)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 class LocalCluster:
     """Head = ``nodes[0]``; the others join it. ``env`` is what a client (driver, `ray job`) needs."""
 
@@ -146,6 +155,14 @@ class LocalCluster:
             link.parent.mkdir(exist_ok=True)
             link.symlink_to(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
         return Path(os.readlink(link))
+
+    def connect(self, **kwargs):
+        """``ray.init`` of this process as a client of the cluster (token auth; the env vars of :attr:`env` set)."""
+        import ray
+
+        os.environ.update(self.env)
+        reload_ray_auth()
+        return ray.init(address=self.address, **kwargs)
 
     def running(self, name: str) -> bool:
         return name in self.pids and bool(_session_pids(self.pids[name]))

@@ -6,20 +6,11 @@ import os
 
 import pytest
 
-from reddino.cluster_local import LocalCluster, Node
+from reddino.cluster_local import LocalCluster, Node, reload_ray_auth
 
 # Logical CPUs beyond the 2 cores: the head runs the Ray Data tasks (1 CPU each) and Train's controller, each
 # train node one Train worker (1 CPU) plus room for a read task.
 NODES = [Node("head", 3, {"data": 1}), Node("train1", 2, {"train": 1}), Node("train2", 2, {"train": 1})]
-
-
-def _reload_ray_auth() -> None:
-    """Ray caches the auth mode and token per process on first use (an earlier test's local Ray may have had
-    none): re-read them from the environment, as Ray's own tests do (ray._private.authentication_test_utils)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +23,7 @@ def multinode():
     saved = {k: os.environ.get(k) for k in (*cluster.env, "RAY_ADDRESS")}
     os.environ.update(cluster.env)
     os.environ["RAY_ADDRESS"] = cluster.address  # what `reddino pretrain` on a cluster node reads
-    _reload_ray_auth()
+    reload_ray_auth()
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
@@ -44,6 +35,6 @@ def multinode():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        _reload_ray_auth()
+        reload_ray_auth()
         left = cluster.leftovers()
         assert not left, f"processes of the cluster survived stop(): {left}"
