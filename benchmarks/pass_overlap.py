@@ -3,8 +3,8 @@
 The real ``reddino pretrain`` (Ray Train, 1 worker, Ray Data augmentation) of the ``tiny_cpu`` recipe runs over
 several passes of a small dataset twice: with ``data.overlap_passes=false`` (each pass's Ray Data execution starts
 when the previous one has ended: shard reads, the first augmentation batch and the local shuffle buffer's fill
-are waited for at every pass boundary) and with ``true`` (two datasets take turns; the next pass starts as the
-current one starts). A step hook stamps the wall time of every step; whole-run img/s counts every step after the
+are waited for at every pass boundary) and with ``true`` (two datasets take turns; the next pass starts while the
+current one's last rows, already in the shuffle buffer, are trained on). A step hook stamps the wall time of every step; whole-run img/s counts every step after the
 first ``--warmup`` (worker start-up). The RATIO is img/s(overlap) / img/s(no overlap).
 
     python benchmarks/pass_overlap.py --data data/chula-patches --unit patch   # 3 passes of 2,864 patches

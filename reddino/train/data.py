@@ -244,7 +244,7 @@ class BatchStream:
     def __init__(self, shards, batch_size: int, data_pass: int, prefetch_batches: int = 2, shuffle_buffer: int = 0,
                  resuming: bool = False, rows_per_pass: int | None = None) -> None:
         self.resuming = resuming  # the first pass may be empty (a checkpoint at its very end) and is shorter
-        self.shards = list(shards) if isinstance(shards, (list, tuple)) else [shards]
+        self.shards = list(shards)  # one per dataset slot (see dataset_slots)
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
         self.data_pass = data_pass

@@ -21,11 +21,9 @@ def multinode():
         ray.shutdown()
     cluster = LocalCluster(NODES).start()
     saved = {k: os.environ.get(k) for k in (*cluster.env, "RAY_ADDRESS")}
-    os.environ.update(cluster.env)
     os.environ["RAY_ADDRESS"] = cluster.address  # what `reddino pretrain` on a cluster node reads
-    reload_ray_auth()
     try:
-        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.connect(log_to_driver=False)  # sets cluster.env, re-reads the auth token
         yield cluster
     finally:
         ray.shutdown()
