@@ -27,6 +27,8 @@ def quiet_ray_logs() -> None:
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(config))
         # Ray's own deprecation notices (inside its Data actors) are for Ray's developers, not for our users.
         os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+        # MLflow sets its own logger level when it is imported ("Creating initial MLflow database tables...").
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def quiet_data_progress() -> None:
@@ -70,8 +72,9 @@ def cpus_with_driver_headroom() -> int:
     return (os.cpu_count() or 1) + 1
 
 
-def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
-    """Connect to `address` (or RAY_ADDRESS) if given, else start a loopback-only local Ray."""
+def init_ray(num_cpus: int | None = None, address: str | None = None, announce: bool = True, **kwargs):
+    """Connect to `address` (or RAY_ADDRESS) if given, else start a loopback-only local Ray; `announce` prints
+    its dashboard address once (Ray's own INFO line for it stays off the console)."""
     import ray
 
     if ray.is_initialized():
@@ -101,12 +104,20 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs):
             # (its placement-group cleaner would then see the controller as gone and kill the run).
             kwargs.setdefault("dashboard_host", "127.0.0.1")
             kwargs.setdefault("dashboard_port", free_port())
+        if not verbose():
+            import logging
+
+            # "Started a local Ray instance": the callers print the dashboard address themselves.
+            kwargs.setdefault("logging_level", logging.WARNING)
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
     if not verbose():
         import logging
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
         _filter_worker_output()
+        url = dashboard_url() if announce else None
+        if url:
+            print(f"[reddino] Ray dashboard (Train, Data, Tune and Jobs views): {url}", flush=True)
     return ray
 
 

@@ -77,7 +77,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     # Ray's "Started a local Ray instance" INFO line is not news to someone embedding cells.
-    init_ray(num_cpus=num_cpus, log_to_driver=False, **({} if verbose() else {"logging_level": logging.WARNING}))
+    init_ray(num_cpus=num_cpus, announce=False, log_to_driver=False, **({} if verbose() else {"logging_level": logging.WARNING}))
     return True
 
 

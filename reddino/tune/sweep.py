@@ -193,7 +193,7 @@ def sweep(
     quiet_ray_logs()  # before `ray.tune` imports Ray Data, which reads its logging config once, at import
     from ray import tune
 
-    from reddino.runtime import cpus_with_driver_headroom, dashboard_url, default_tracking_uri, init_ray
+    from reddino.runtime import cpus_with_driver_headroom, default_tracking_uri, init_ray
 
     if resume is not None:
         sweep_dir = Path(resume).expanduser().resolve()
@@ -212,9 +212,6 @@ def sweep(
         cfg.data = [str(Path(p).expanduser().resolve()) for p in cfg.data] if cfg.data else cfg.data
         cfg.eval_data = str(Path(cfg.eval_data).expanduser().resolve()) if cfg.eval_data else None
     init_ray(num_cpus=cpus_with_driver_headroom())  # a local Ray; ignored when connecting to a cluster
-    dashboard = dashboard_url()
-    if dashboard:
-        print(f"[reddino] Ray dashboard (trials, Train and Data views): {dashboard}", flush=True)
     data, eval_data, mode, seed = cfg.data, cfg.eval_data, cfg.mode, cfg.seed
     space = load_space(cfg.space)
     extra = list(cfg.overrides)
@@ -291,6 +288,10 @@ def sweep(
     from reddino.runtime import verbose
 
     lines = _trial_lines(space.metric, space.mode, len(variants) if mode == "ablation" else cfg.trials)
+    if not verbose():
+        # Tune's new output engine prints its experiment box and result paths even at verbose=0; the legacy
+        # one at verbosity 0 prints nothing, and our own trial lines say what a user needs.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),
                                 callbacks=[lines] + ([interrupt] if interrupt else []),

@@ -39,7 +39,9 @@ def test_pretrain_console_has_no_ray_chatter_and_no_repeats(tmp_path):
     assert "Execution plan" not in out and "Starting execution of Dataset" not in out
     assert "Requesting resources" not in out and "Started training worker group" not in out  # Ray Train INFO
     assert "Progress bars disabled" not in out and "DeprecationWarning" not in out
-    assert "Token authentication is enabled" not in out
+    assert "Token authentication is enabled" not in out and "Started a local Ray instance" not in out
+    assert "MLflow database tables" not in out
+    assert out.count("[reddino] Ray dashboard") == 1, out  # Ray's own line for it is off the console
     steps = [line for line in out.splitlines() if "[reddino] step " in line]
     assert len(steps) == 3 and len(set(steps)) == 3, steps  # steps 2, 4, 6, each once
     assert len(out.splitlines()) < 60, out

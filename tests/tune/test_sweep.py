@@ -54,6 +54,7 @@ def test_two_trial_sweep_writes_results_study_and_mlflow_children(ray_fresh, dat
     scored = [line for line in out.splitlines() if "eval_knn20_balanced_accuracy" in line]
     assert scored and all(int(line.split(" step ")[1].split(":")[0]) % 2 == 0 for line in scored), scored
     assert "Trial status:" not in out and "Trial name" not in out
+    assert "Configuration for experiment" not in out and "View detailed results" not in out
     assert len(table) == 2 and (table["error"] == "").all()
     best = yaml.safe_load(result.best_config_path.read_text())
     assert best["optim"]["base_lr"] == pytest.approx(result.best_params["optim.base_lr"])
