@@ -91,6 +91,35 @@ def ablation_summary(table: pd.DataFrame, space: SweepSpace) -> pd.DataFrame:
     return summary
 
 
+def check_claims(summary: pd.DataFrame, space: SweepSpace) -> pd.DataFrame:
+    """The space's ``claims`` against :func:`ablation_summary`: a ``claim`` column and per headline score a
+    ``<score>_verdict`` (see :func:`_verdict`); the summary unchanged when the space states no claims."""
+    if not space.claims:
+        return summary
+    summary = summary.copy()
+    summary["claim"] = [space.claims.get(a, {}).get("claim", "") for a in summary["axis"]]
+    for col in [c[: -len("_delta")] for c in summary.columns if str(c).endswith("_delta")]:
+        summary[f"{col}_verdict"] = [_verdict(row, col, space.claims.get(row["axis"]), space.recipe.get(row["axis"]))
+                                     for _, row in summary.iterrows()]
+    return summary
+
+
+def _verdict(row, col: str, claim: dict[str, Any] | None, recipe_value: Any) -> str:
+    """Does this arm's Δ vs the recipe bear out the claim on its axis? "confirmed" / "contradicted" when the Δ is
+    beyond noise in / against the claimed direction; "within noise"; "n/a" with one seed or no claimed direction."""
+    if claim is None or row["variant"] == "recipe":
+        return ""
+    noise, delta = row.get(f"{col}_noise"), row.get(f"{col}_delta")
+    if noise != "beyond noise" or delta is None or pd.isna(delta):
+        return noise or "n/a"
+    better = str(claim["better"]) if "better" in claim else None
+    if better == str(row["value"]):
+        return "confirmed" if delta > 0 else "contradicted"
+    if better == str(recipe_value):
+        return "confirmed" if delta < 0 else "contradicted"
+    return "beyond noise (no claimed direction)"
+
+
 def ablation_table(summary: pd.DataFrame, eval_data: str | None = None) -> str:
     """Markdown of :func:`ablation_summary`: axis, value, seeds, every score as mean ± std, Δ vs the recipe."""
     final = any(str(c).startswith("final_") for c in summary.columns)
@@ -126,6 +155,19 @@ def ablation_table(summary: pd.DataFrame, eval_data: str | None = None) -> str:
             cells.append("—" if row["variant"] == "recipe" or d is None or pd.isna(d)
                          else f"{d:+.3f} ({row.get(f'{c}_noise') or 'n/a'})")
         lines.append("| " + " | ".join(cells) + " |")
+    if "claim" in summary:
+        lines += ["", "The claims on each axis against this table ('confirmed' / 'contradicted': the Δ is beyond "
+                  "noise, in / against the claimed direction):", ""]
+        head = ["axis", "arm", "claim"] + [f"{labels.get(c, c)}: Δ, verdict" for c in headline]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for _, row in summary.iterrows():
+            if row["variant"] == "recipe" or not row["claim"]:
+                continue
+            cells = [str(row["axis"]), str(row["value"]), str(row["claim"])]
+            for c in headline:
+                d = row.get(f"{c}_delta")
+                cells.append("n/a" if d is None or pd.isna(d) else f"{d:+.3f}, {row.get(f'{c}_verdict') or 'n/a'}")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -177,6 +219,9 @@ def sweep_plots(table: pd.DataFrame, space: SweepSpace, out_dir: Path) -> list[P
     return paths
 
 
+_STYLE_NAMES = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
+
+
 def trial_curves(table: pd.DataFrame, space: SweepSpace, out: Path, client=None) -> Path | None:
     """``learning_curves.png``: every trial's in-training score (the sweep metric) by step, one line per trial
     (ablation: labelled by arm), read back from the trials' MLflow runs. None when no trial logged it."""
@@ -190,10 +235,8 @@ def trial_curves(table: pd.DataFrame, space: SweepSpace, out: Path, client=None)
             continue
         hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, space.metric))
         if hist:
-            label = str(row.get("variant") or row.get("trial"))
-            if pd.notna(row.get("seed")) and "seed" in row and len(table["seed"].dropna().unique()) > 1:
-                label += f" (seed {int(row['seed'])})"
-            curves.append((label, hist))
+            seed = int(row["seed"]) if "seed" in row and pd.notna(row.get("seed")) else None
+            curves.append((str(row.get("variant") or row.get("trial")), seed, hist))
     if not curves:
         return None
     import matplotlib
@@ -201,13 +244,25 @@ def trial_curves(table: pd.DataFrame, space: SweepSpace, out: Path, client=None)
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    # One colour per arm (ablation) or trial; the seeds of an arm differ by line style, its name is shown once.
+    names = list(dict.fromkeys(c[0] for c in curves))
+    cmap = plt.cm.tab10 if len(names) <= 10 else plt.cm.tab20
+    colours = {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+    seeds = sorted({c[1] for c in curves if c[1] is not None})
+    styles = ["-", "--", ":", "-."]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for label, hist in curves:
+    named = set()
+    for name, seed, hist in curves:
         steps, values = zip(*hist)
-        ax.plot(steps, values, marker="o", ms=3, label=label, lw=2.2 if label == "recipe" else 1.2)
+        style = styles[seeds.index(seed) % len(styles)] if seed is not None and len(seeds) > 1 else "-"
+        ax.plot(steps, values, marker="o", ms=3, color=colours[name], ls=style,
+                label=None if name in named else name, lw=2.2 if name == "recipe" else 1.2)
+        named.add(name)
     ax.set_xlabel("step")
     ax.set_ylabel(space.metric.removeprefix("eval_").replace("_", " "))
-    ax.set_title("in-training score of every trial")
+    ax.set_title("in-training score of every trial"
+                 + (" (" + ", ".join(f"seed {s} {_STYLE_NAMES[styles[i % len(styles)]]}" for i, s in enumerate(seeds))
+                    + ")" if len(seeds) > 1 else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

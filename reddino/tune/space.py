@@ -22,6 +22,8 @@ class SweepSpace:
     overrides: list[str] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
+    # ablation only: per axis, a published finding to check ({claim: text, better: the value it found better})
+    claims: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: str = ""
 
     def optuna_space(self) -> dict[str, Any]:
@@ -102,6 +104,15 @@ def load_space(name: str | Path) -> SweepSpace:
         kind, arg = next(iter(spec.items()))
         for value in arg if kind == "choice" else arg[:1]:
             load_config(raw["base"], list(raw.get("overrides") or []) + [f"{key}={yaml.safe_dump(value).strip().removesuffix('...').strip()}"])
+    claims = dict(raw.get("claims") or {})
+    for key, spec in claims.items():
+        if key not in space:
+            raise ConfigError(f"{path}: claims.{key} is not an axis of the space")
+        if not isinstance(spec, dict) or not isinstance(spec.get("claim"), str) or set(spec) - {"claim", "better"}:
+            raise ConfigError(f"{path}: claims.{key} must be {{claim: <text>, better: <one of its values>}}")
+        choices = next(iter(space[key].values()))
+        if "better" in spec and spec["better"] not in choices:
+            raise ConfigError(f"{path}: claims.{key}.better={spec['better']!r} is not one of {choices}")
     return SweepSpace(
         base=raw["base"],
         metric=raw.get("metric", "eval_knn20_balanced_accuracy"),
@@ -110,6 +121,7 @@ def load_space(name: str | Path) -> SweepSpace:
         overrides=list(raw.get("overrides") or []),
         recipe=dict(raw.get("recipe") or {}),
         scheduler=dict(raw.get("scheduler") or {}),
+        claims=claims,
         path=str(path),
     )
 

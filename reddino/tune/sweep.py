@@ -372,7 +372,8 @@ def _find_parent_run(experiment: str, sweep_dir: Path) -> str | None:
 
 def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_id: str | None, base_cfg,
                cfg: SweepConfig | None = None) -> SweepResult:
-    from reddino.tune.report import ablation_summary, ablation_table, sweep_plots, trial_curves, write_best_config
+    from reddino.tune.report import (ablation_summary, ablation_table, check_claims, sweep_plots, trial_curves,
+                                     write_best_config)
 
     cfg = cfg or SweepConfig()
 
@@ -411,7 +412,7 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
         best_path = write_best_config(space, best_params, sweep_dir / "best_config.yaml")
     markdown, summary = None, None
     if mode == "ablation" and len(table):
-        summary = ablation_summary(table, space)
+        summary = check_claims(ablation_summary(table, space), space)
         markdown = ablation_table(summary, eval_data=base_cfg.eval.data)
         write_text_atomic(sweep_dir / "ablation.md", markdown)
         with atomic_path(sweep_dir / "ablation.csv") as tmp:

@@ -167,6 +167,41 @@ def test_ablation_summary_says_which_differences_are_within_noise():
     assert "0.500 ± 0.020" in md and "+0.015 (n/a)" in md and "std over folds" in md  # one seed: the folds' std
 
 
+def test_ablation_table_checks_each_published_claim_against_the_noise(tmp_path):
+    """The shipped space names RedDino's finding per axis; an arm beyond noise in the claimed direction confirms
+    it, against it contradicts it, and a within-noise Δ is said to be so."""
+    import pandas as pd
+
+    from reddino.config import ConfigError
+    from reddino.tune.report import ablation_summary, ablation_table, check_claims
+    from reddino.tune.space import load_space
+
+    def rows(name, values):
+        return [{"variant": name, "seed": s, "final_knn20_balanced_accuracy": v,
+                 "final_probe_balanced_accuracy": v} for s, v in enumerate(values)]
+
+    table = pd.DataFrame(rows("recipe", [0.50, 0.52]) + rows("loss.koleo_weight=0.0", [0.60, 0.62])
+                         + rows("loss.centering=sinkhorn_knopp", [0.40, 0.42]) + rows("crops.policy=dinov2", [0.60, 0.62])
+                         + rows("data.unit=patch", [0.515, 0.525]) + rows("crops.local_crops_number=0", [0.6, 0.62]))
+    space = load_space("ablation")
+    summary = check_claims(ablation_summary(table, space), space).set_index("variant")
+    verdict = summary["final_knn20_balanced_accuracy_verdict"]
+    assert verdict["loss.koleo_weight=0.0"] == "confirmed"  # KoLeo off is better: RedDino's claim
+    assert verdict["loss.centering=sinkhorn_knopp"] == "contradicted"
+    assert verdict["crops.policy=dinov2"] == "contradicted"  # the claim favours the recipe's rbc policy
+    assert verdict["data.unit=patch"] == "within noise"
+    assert verdict["crops.local_crops_number=0"].startswith("beyond noise")  # no claimed direction
+    assert summary.loc["data.unit=patch", "claim"] == "smear patches beat single cells"
+    md = ablation_table(summary.reset_index())
+    assert "| loss.koleo_weight | 0.0 | KoLeo hurts" in md and "+0.100, confirmed" in md
+    # A claim must name an axis and one of its values.
+    bad = yaml.safe_load(Path(load_space("ablation").path).read_text())
+    bad["claims"]["loss.centering"]["better"] = "sinkhorn"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="claims.loss.centering.better"):
+        load_space(tmp_path / "bad.yaml")
+
+
 @pytest.mark.slow
 def test_two_seed_ablation_evaluates_every_arm_writes_its_table_and_resumes_only_missing_trials(
         ray_fresh, data, tmp_path, mlflow_uri, capfd):
