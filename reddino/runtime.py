@@ -159,7 +159,7 @@ def _filter_worker_output() -> None:
         for line in lines:
             if "[reddino]" in line:
                 (sys.stderr if data.get("is_err") else sys.stdout).write(line[line.index("[reddino]"):] + "\n")
-            elif not any(n in line for n in _RAY_NOTICES):
+            elif line.strip() and not any(n in line for n in _RAY_NOTICES):  # a blank line gets no prefix line
                 rest.append(line)
         if rest:
             original({**data, "lines": rest})

@@ -292,6 +292,10 @@ def sweep(
         # Tune's new output engine prints its experiment box and result paths even at verbose=0; the legacy
         # one at verbosity 0 prints nothing, and our own trial lines say what a user needs.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # "The `process_trial_result` operation took 0.6 s": Tune timing its own driver, nothing a user can act on.
+        import logging
+
+        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),
                                 callbacks=[lines] + ([interrupt] if interrupt else []),
