@@ -136,6 +136,15 @@ _RAY_NOTICES = (
 _RAY_DATA_INTERNAL_TASKS = ("ListFiles", "ReadFiles")
 
 
+# reddino's own worker lines kept off the console by the command that runs them (a sweep: its trials' step lines).
+_HIDDEN_WORKER_LINES: set[str] = set()
+
+
+def hide_worker_lines(*prefixes: str) -> None:
+    """Worker lines starting with one of `prefixes` stay in the workers' log files, off this driver's console."""
+    _HIDDEN_WORKER_LINES.update(prefixes)
+
+
 def _filter_worker_output() -> None:
     """Worker output on the driver's console: reddino's own lines as printed (no `(RayTrainWorker pid=...)`
     prefix), Ray's notices above dropped, everything else (errors, tracebacks, user prints) as Ray prints it."""
@@ -158,7 +167,9 @@ def _filter_worker_output() -> None:
         rest = []
         for line in lines:
             if "[reddino]" in line:
-                (sys.stderr if data.get("is_err") else sys.stdout).write(line[line.index("[reddino]"):] + "\n")
+                own = line[line.index("[reddino]"):]
+                if not own.startswith(tuple(_HIDDEN_WORKER_LINES)):
+                    (sys.stderr if data.get("is_err") else sys.stdout).write(own + "\n")
             elif line.strip() and not any(n in line for n in _RAY_NOTICES):  # a blank line gets no prefix line
                 rest.append(line)
         if rest:

@@ -67,3 +67,31 @@ def test_raylet_notices_that_need_no_action_stay_off_the_console():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "a line the user needs" in out.stdout + out.stderr
     assert "PYTHON worker processes have been started" not in out.stdout + out.stderr
+
+
+WORKER_PROBE = r"""
+import time, ray
+from reddino.runtime import hide_worker_lines, init_ray
+init_ray(num_cpus=1)
+hide_worker_lines("[reddino] step ")  # what a sweep does with its trials' step lines
+
+@ray.remote(num_cpus=0)
+def work():
+    for line in ("[reddino] step 2/6 loss 6.1", "[reddino] WARNING collapse: kept", "", "a user print"):
+        print(line, flush=True)
+
+ray.get(work.remote())
+time.sleep(3)  # the log monitor forwards worker output about once a second
+ray.shutdown()
+"""
+
+
+def test_worker_lines_on_the_console_are_reddinos_own_minus_hidden_ones_and_ray_start_is_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "REDDINO_VERBOSE"}
+    out = subprocess.run([sys.executable, "-c", WORKER_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "[reddino] WARNING collapse: kept" in out.stdout and "a user print" in text
+    assert "[reddino] step 2/6" not in text
+    assert text.count("(work pid=") == 1, text  # the user's print; the blank line printed nothing
+    assert "Started a local Ray instance" not in text and text.count("[reddino] Ray dashboard") == 1, text

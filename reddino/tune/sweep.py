@@ -285,7 +285,7 @@ def sweep(
     trainable = tune.with_resources(tune.with_parameters(_trial, settings=settings),
                                     {"cpu": trial_cpus, "gpu": cfg.gpus_per_trial})
     interrupt = _interrupt_after_trials(stop_after_trials) if stop_after_trials else None
-    from reddino.runtime import verbose
+    from reddino.runtime import hide_worker_lines, verbose
 
     lines = _trial_lines(space.metric, space.mode, len(variants) if mode == "ablation" else cfg.trials)
     if not verbose():
@@ -296,6 +296,9 @@ def sweep(
         import logging
 
         logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
+        # The trials' own step and evaluation lines (interleaved, without a trial id) stay in their workers' logs
+        # and MLflow runs; the console gets one line per trial event from _trial_lines.
+        hide_worker_lines("[reddino] step ")
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),
                                 callbacks=[lines] + ([interrupt] if interrupt else []),
