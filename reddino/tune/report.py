@@ -171,6 +171,46 @@ def ablation_table(summary: pd.DataFrame, eval_data: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+_VERDICT_COLOURS = {"confirmed": "tab:green", "contradicted": "tab:red", "beyond noise": "tab:blue"}
+
+
+def ablation_effects_plot(summary: pd.DataFrame, out: Path) -> Path | None:
+    """``ablation_effects.png``: every arm's Δ vs the recipe per headline score, the bar the noise the verdict
+    used (the larger of the two arms' std over seeds), coloured by the claim's verdict (grey: within noise)."""
+    headline = [c[: -len("_delta")] for c in summary.columns if str(c).endswith("_delta")]
+    arms = summary[summary["variant"] != "recipe"]
+    if not headline or not len(arms):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    ref = summary[summary["variant"] == "recipe"]
+    labels = {f"final_{k}_balanced_accuracy": f"{n} balanced accuracy" for k, n in
+              (("knn1", "kNN-1"), ("knn20", "kNN-20"), ("probe", "probe"))}
+    fig, axes = plt.subplots(1, len(headline), figsize=(4.5 * len(headline), 0.45 * len(arms) + 1.6), sharey=True,
+                             squeeze=False)
+    ys = list(range(len(arms)))[::-1]
+    for ax, col in zip(axes[0], headline):
+        base_std = float(ref.iloc[0][f"{col}_std"]) if len(ref) and f"{col}_std" in ref else float("nan")
+        for y, (_, row) in zip(ys, arms.iterrows()):
+            noise = max(float(row.get(f"{col}_std", float("nan"))), base_std)
+            verdict = str(row.get(f"{col}_verdict") or row.get(f"{col}_noise") or "")
+            colour = next((c for k, c in _VERDICT_COLOURS.items() if verdict.startswith(k)), "grey")
+            ax.errorbar(row[f"{col}_delta"], y, xerr=None if pd.isna(noise) else noise, fmt="o", color=colour,
+                        capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel(f"Δ {labels.get(col, col)} vs recipe")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(ys, [f"{r['axis']}={r['value']}" for _, r in arms.iterrows()], fontsize=8)
+    fig.suptitle("ablation: arm − recipe (bar: noise; green/red: claim confirmed/contradicted)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
 def sweep_plots(table: pd.DataFrame, space: SweepSpace, out_dir: Path) -> list[Path]:
     """Optuna's own plots (history, importances, parallel coordinates) from the finished trials."""
     import matplotlib

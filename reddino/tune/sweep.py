@@ -379,8 +379,8 @@ def _find_parent_run(experiment: str, sweep_dir: Path) -> str | None:
 
 def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_id: str | None, base_cfg,
                cfg: SweepConfig | None = None) -> SweepResult:
-    from reddino.tune.report import (ablation_summary, ablation_table, check_claims, sweep_plots, trial_curves,
-                                     write_best_config)
+    from reddino.tune.report import (ablation_effects_plot, ablation_summary, ablation_table, check_claims,
+                                     sweep_plots, trial_curves, write_best_config)
 
     cfg = cfg or SweepConfig()
 
@@ -425,6 +425,9 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
         with atomic_path(sweep_dir / "ablation.csv") as tmp:
             summary.to_csv(tmp, index=False)
     pngs = sweep_plots(table, space, sweep_dir) if len(scored) else []
+    if summary is not None:
+        effects = ablation_effects_plot(summary, sweep_dir / "ablation_effects.png")
+        pngs += [effects] if effects is not None else []
     if parent_run_id and len(scored):  # the trials' runs are in MLflow
         curves = trial_curves(table, space, sweep_dir / "learning_curves.png")
         pngs += [curves] if curves is not None else []

@@ -173,7 +173,7 @@ def test_ablation_table_checks_each_published_claim_against_the_noise(tmp_path):
     import pandas as pd
 
     from reddino.config import ConfigError
-    from reddino.tune.report import ablation_summary, ablation_table, check_claims
+    from reddino.tune.report import ablation_effects_plot, ablation_summary, ablation_table, check_claims
     from reddino.tune.space import load_space
 
     def rows(name, values):
@@ -194,6 +194,8 @@ def test_ablation_table_checks_each_published_claim_against_the_noise(tmp_path):
     assert summary.loc["data.unit=patch", "claim"] == "smear patches beat single cells"
     md = ablation_table(summary.reset_index())
     assert "| loss.koleo_weight | 0.0 | KoLeo hurts" in md and "+0.100, confirmed" in md
+    png = ablation_effects_plot(summary.reset_index(), tmp_path / "effects.png")
+    assert png.stat().st_size > 10_000
     # A claim must name an axis and one of its values.
     bad = yaml.safe_load(Path(load_space("ablation").path).read_text())
     bad["claims"]["loss.centering"]["better"] = "sinkhorn"
@@ -255,7 +257,8 @@ def test_two_seed_ablation_evaluates_every_arm_writes_its_table_and_resumes_only
     parent = client.get_run(result.parent_run_id)
     assert "ablation.recipe.final_knn20_balanced_accuracy_mean" in parent.data.metrics
     assert "ablation.loss.koleo_weight_0.0.final_probe_balanced_accuracy_std" in parent.data.metrics
-    assert {"ablation.md", "ablation.csv"} <= {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"ablation.md", "ablation.csv", "ablation_effects.png"} <= {
+        a.path for a in client.list_artifacts(result.parent_run_id)}
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     assert len(children) == 4
