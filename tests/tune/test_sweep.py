@@ -94,7 +94,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_fresh, 
     first = sweep(space_file, **args, stop_after_trials=2)
     done_first = first.table.dropna(subset=["mlflow_run_id"])
     done_first = done_first[done_first["mlflow_run_id"] != ""]
-    assert 2 <= len(done_first) < 4
+    assert 2 <= len(done_first) < 6
     resumed = sweep(space_file, resume=first.sweep_dir)
     table = resumed.table
     assert len(table) == 4 and (table["error"] == "").all()
@@ -207,20 +207,22 @@ def test_ablation_table_checks_each_published_claim_against_the_noise(tmp_path):
 @pytest.mark.slow
 def test_two_seed_ablation_evaluates_every_arm_writes_its_table_and_resumes_only_missing_trials(
         ray_fresh, data, tmp_path, mlflow_uri, capfd):
-    """`--mode ablation --seeds 2` around a recipe: the recipe + one arm per other value of the axis, each run
-    with seeds 0 and 1, interrupted after two trials and resumed. Every trial's backbone gets the full evaluation;
-    the table (markdown + CSV + MLflow parent run) has one row per arm with mean ± std over seeds."""
+    """`--mode ablation --seeds 2` around a recipe: the recipe + one arm per other value of two axes (3 arms),
+    each run with seeds 0 and 1, interrupted after two trials and resumed. Every trial's backbone gets the full
+    evaluation; the table (markdown + CSV + MLflow parent run) has one row per arm with mean ± std over seeds, and
+    the space's claim is checked against it."""
     space = tmp_path / "ablation.yaml"
     space.write_text(yaml.safe_dump({
         "base": TINY_CONFIG, "metric": "eval_knn20_balanced_accuracy", "mode": "max", "overrides": TINY,
-        "recipe": {"loss.koleo_weight": 0.1},
-        "space": {"loss.koleo_weight": {"choice": [0.1, 0.0]}},
+        "recipe": {"loss.koleo_weight": 0.1, "loss.centering": "ema"},
+        "space": {"loss.koleo_weight": {"choice": [0.1, 0.0]}, "loss.centering": {"choice": ["ema", "sinkhorn_knopp"]}},
+        "claims": {"loss.koleo_weight": {"claim": "KoLeo hurts", "better": 0.0}},
     }))
     args = dict(data=[data / "patches"], eval_data=data / "cells", out=tmp_path, name="abl", mode="ablation",
                 seeds=2)
     first = sweep(space, **args, stop_after_trials=2)
     done_first = set(first.table.dropna(subset=["mlflow_run_id"])["mlflow_run_id"]) - {""}
-    assert 2 <= len(done_first) < 4
+    assert 2 <= len(done_first) < 6
     capfd.readouterr()
     result = sweep(resume=first.sweep_dir)
     captured = capfd.readouterr()
@@ -228,21 +230,24 @@ def test_two_seed_ablation_evaluates_every_arm_writes_its_table_and_resumes_only
     for noise in ("Execution plan", "Starting execution", "Registered dataset logger"):  # final evals: no Ray Data
         assert noise not in out + captured.err, noise
     table = result.table
-    assert sorted(zip(table["variant"], table["seed"])) == [("loss.koleo_weight=0.0", 0), ("loss.koleo_weight=0.0", 1),
-                                                          ("recipe", 0), ("recipe", 1)]
+    assert sorted(zip(table["variant"], table["seed"])) == [
+        ("loss.centering=sinkhorn_knopp", 0), ("loss.centering=sinkhorn_knopp", 1),
+        ("loss.koleo_weight=0.0", 0), ("loss.koleo_weight=0.0", 1), ("recipe", 0), ("recipe", 1)]
     assert (table["error"] == "").all() and (table["steps"] == 6).all()  # every trial the same budget
     assert done_first <= set(table["mlflow_run_id"])  # finished trials were not run again ...
-    assert out.count("[reddino] final evaluation of ") == 4 - len(done_first)  # ... nor evaluated again
+    assert out.count("[reddino] final evaluation of ") == 6 - len(done_first)  # ... nor evaluated again
     client = MlflowClient(tracking_uri=mlflow_uri)
     for _, row in table.iterrows():
         params = client.get_run(row["mlflow_run_id"]).data.params
         assert params["train.seed"] == str(row["seed"])
-        assert params["loss.koleo_weight"] == ("0.1" if row["variant"] == "recipe" else "0.0")
+        assert params["loss.koleo_weight"] == ("0.0" if row["variant"] == "loss.koleo_weight=0.0" else "0.1")
+        assert params["loss.centering"] == ("sinkhorn_knopp" if row["variant"].startswith("loss.centering") else "ema")
     # The full evaluation of every trial's backbone (5 grouped folds), not only the in-training kNN.
     assert table["final_knn20_balanced_accuracy"].notna().all() and table["final_probe_f1_weighted_std"].notna().all()
-    assert len(list((result.sweep_dir / "final_eval").glob("*/results.json"))) == 4
+    assert len(list((result.sweep_dir / "final_eval").glob("*/results.json"))) == 6
     summary = result.ablation
-    assert list(summary["variant"]) == ["recipe", "loss.koleo_weight=0.0"] and (summary["seeds"] == 2).all()
+    assert list(summary["variant"]) == ["recipe", "loss.centering=sinkhorn_knopp", "loss.koleo_weight=0.0"]  # file order
+    assert (summary["seeds"] == 2).all()
     for col in ("final_knn20_balanced_accuracy", "final_probe_balanced_accuracy", "final_knn20_f1_weighted",
                 "final_probe_f1_weighted"):
         assert summary[f"{col}_mean"].notna().all() and summary[f"{col}_std"].notna().all()
@@ -251,9 +256,12 @@ def test_two_seed_ablation_evaluates_every_arm_writes_its_table_and_resumes_only
     assert list(csv["variant"]) == list(summary["variant"])
     md = (result.sweep_dir / "ablation.md").read_text()
     assert result.ablation_markdown == md and "kNN-20 bal. acc." in md and "probe F1w" in md
-    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| axis")]
-    assert [r.split("|")[1].strip() for r in rows] == ["recipe", "loss.koleo_weight"]
+    scores_md, claims_md = md.split("The claims on each axis")
+    rows = [line for line in scores_md.splitlines() if line.startswith("| ") and not line.startswith("| axis")]
+    assert [r.split("|")[1].strip() for r in rows] == ["recipe", "loss.centering", "loss.koleo_weight"]
     assert all(r.count(" ± ") >= 6 for r in rows)
+    verdict = summary["final_knn20_balanced_accuracy_verdict"].iloc[2]
+    assert verdict in ("confirmed", "contradicted", "within noise") and "| KoLeo hurts | " in claims_md
     parent = client.get_run(result.parent_run_id)
     assert "ablation.recipe.final_knn20_balanced_accuracy_mean" in parent.data.metrics
     assert "ablation.loss.koleo_weight_0.0.final_probe_balanced_accuracy_std" in parent.data.metrics
@@ -261,7 +269,7 @@ def test_two_seed_ablation_evaluates_every_arm_writes_its_table_and_resumes_only
         a.path for a in client.list_artifacts(result.parent_run_id)}
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
-    assert len(children) == 4
+    assert len(children) == 6
 
 
 def test_full_scale_ablation_space_is_around_reddino_vits14():
