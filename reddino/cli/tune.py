@@ -12,15 +12,17 @@ from reddino.config import SweepConfig
 
 
 def _run(updates: dict[str, Any], *, config: Optional[Path], out: Optional[str], name: Optional[str],
-         resume: Optional[str], overrides: Optional[List[str]]) -> None:
+         resume: Optional[str], report_only: bool, overrides: Optional[List[str]]) -> None:
     """Ray Tune + Optuna sweep over a config space, early-stopped by ASHA on in-training kNN."""
     from reddino.config import load_section
     from reddino.tune import sweep as run_sweep
 
     if overrides:
         updates["overrides"] = list(overrides)
+    if report_only and not resume:
+        raise typer.BadParameter("--report-only needs --resume <sweep dir>")
     if resume:
-        result = run_sweep(resume=resume)
+        result = run_sweep(resume=resume, report_only=report_only)
     else:
         result = run_sweep(config=load_section(SweepConfig, config, updates), out=out, name=name)
     typer.echo(f"sweep: {result.sweep_dir}")
@@ -37,6 +39,7 @@ sweep = config_command(
         param("out", Optional[str], typer.Option(None, "--out", help="Folder for sweep results (default $REDDINO_HOME/sweeps).")),
         param("name", Optional[str], typer.Option(None, "--name", help="Sweep dir name (default sweep-<space>-<time>).")),
         param("resume", Optional[str], typer.Option(None, "--resume", help="Resume the sweep in this folder (its sweep.yaml).")),
+        param("report_only", bool, typer.Option(False, "--report-only", help="With --resume: no new trials; rewrite the report from the finished ones.")),
         param("overrides", Optional[List[str]], typer.Argument(None, help="key=value overrides for every trial.")),
     ],
     skip=("overrides",),

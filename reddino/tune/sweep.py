@@ -183,11 +183,16 @@ def sweep(
     name: str | None = None,
     resume: str | Path | None = None,
     stop_after_trials: int | None = None,
+    report_only: bool = False,
     **settings: Any,
 ) -> SweepResult:
     """Run (or resume) a sweep. ``config`` (:class:`reddino.config.SweepConfig`) holds the settings, keyword
     ``settings`` override its fields (``sweep("ablation", data=[...], trials=4)``). ``mode="search"``: Optuna TPE +
-    ASHA; ``mode="ablation"``: one factor at a time. ``resume``: a sweep dir; its ``sweep.yaml`` is the config."""
+    ASHA; ``mode="ablation"``: one factor at a time. ``resume``: a sweep dir; its ``sweep.yaml`` is the config.
+    ``report_only`` (with ``resume``): no new trials; the report (table, claims, plots) rewritten from the trials
+    finished so far (``trials.parquet``), e.g. after a sweep was stopped or its space's claims edited."""
+    if report_only and resume is None:
+        raise ValueError("report_only needs the sweep dir to report on (resume=...)")
     from reddino.runtime import quiet_ray_logs
 
     quiet_ray_logs()  # before `ray.tune` imports Ray Data, which reads its logging config once, at import
@@ -248,6 +253,11 @@ def sweep(
             mlflow.log_params({"space": space.path, "mode": mode, "trials": cfg.trials, "seed": seed,
                                "concurrency": cfg.concurrency, "metric": space.metric,
                                **({"seeds": cfg.seeds, "final_eval": cfg.final_eval} if mode == "ablation" else {})})
+    if report_only:
+        trials = sweep_dir / "trials.parquet"
+        if not trials.is_file():
+            raise FileNotFoundError(f"{trials} is missing: no trial of this sweep has been summarised yet")
+        return _report(pd.read_parquet(trials), space, sweep_dir, mode, parent_run_id, base_cfg, cfg)
     # The Optuna study lives in an RDB (sqlite in the sweep dir by default): `optuna-dashboard <url>` watches it
     # live, `optuna.load_study(study_name=<sweep name>, storage=<url>)` reads it, and a resume continues it.
     optuna_storage = cfg.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
@@ -379,9 +389,6 @@ def _find_parent_run(experiment: str, sweep_dir: Path) -> str | None:
 
 def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_id: str | None, base_cfg,
                cfg: SweepConfig | None = None) -> SweepResult:
-    from reddino.tune.report import (ablation_effects_plot, ablation_summary, ablation_table, check_claims,
-                                     sweep_plots, trial_curves, write_best_config)
-
     cfg = cfg or SweepConfig()
 
     rows = []
@@ -402,7 +409,16 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
         row["backbone_path"] = str(backbone) if backbone is not None and backbone.exists() else ""
         row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
         rows.append(row)
-    table = pd.DataFrame(rows)
+    return _report(pd.DataFrame(rows), space, sweep_dir, mode, parent_run_id, base_cfg, cfg)
+
+
+def _report(table: pd.DataFrame, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_id: str | None, base_cfg,
+            cfg: SweepConfig) -> SweepResult:
+    """The trial table → final evaluations (ablation), trials.csv/parquet, best config, ablation table and
+    claims, plots, and all of it on the MLflow parent run."""
+    from reddino.tune.report import (ablation_effects_plot, ablation_summary, ablation_table, check_claims,
+                                     sweep_plots, trial_curves, write_best_config)
+
     if mode == "ablation" and cfg.final_eval and len(table):
         table = final_evaluation(table, sweep_dir, base_cfg, seed=cfg.seed)
     with atomic_path(sweep_dir / "trials.csv") as tmp:

@@ -202,6 +202,8 @@ def test_ablation_table_checks_each_published_claim_against_the_noise(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError, match="claims.loss.centering.better"):
         load_space(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="report_only needs the sweep dir"):
+        sweep("ablation", report_only=True)
 
 
 @pytest.mark.slow
@@ -270,6 +272,12 @@ def test_two_seed_ablation_evaluates_every_arm_writes_its_table_and_resumes_only
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     assert len(children) == 6
+    # --report-only: the report rewritten from the finished trials, nothing trained or evaluated again.
+    capfd.readouterr()
+    again = sweep(resume=result.sweep_dir, report_only=True)
+    out = capfd.readouterr().out
+    assert again.ablation_markdown == md and len(again.table) == 6
+    assert "final evaluation of" not in out and " started: " not in out
 
 
 def test_full_scale_ablation_space_is_around_reddino_vits14():
