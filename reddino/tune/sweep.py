@@ -419,6 +419,12 @@ def _report(table: pd.DataFrame, space: SweepSpace, sweep_dir: Path, mode: str, 
     from reddino.tune.report import (ablation_effects_plot, ablation_summary, ablation_table, check_claims,
                                      sweep_plots, trial_curves, write_best_config)
 
+    if mode == "ablation":
+        total = len(seeded_arms(space.ablation_variants(), cfg.seed, cfg.seeds))
+        done = int((table["backbone_path"].fillna("") != "").sum()) if "backbone_path" in table else 0
+        if done < total:
+            print(f"[reddino] {done} of {total} ablation trials finished: the report covers those; "
+                  f"`reddino sweep --resume {sweep_dir}` runs the rest", flush=True)
     if mode == "ablation" and cfg.final_eval and len(table):
         table = final_evaluation(table, sweep_dir, base_cfg, seed=cfg.seed)
     with atomic_path(sweep_dir / "trials.csv") as tmp:

@@ -225,7 +225,7 @@ def test_two_seed_ablation_evaluates_every_arm_writes_its_table_and_resumes_only
     first = sweep(space, **args, stop_after_trials=2)
     done_first = set(first.table.dropna(subset=["mlflow_run_id"])["mlflow_run_id"]) - {""}
     assert 2 <= len(done_first) < 6
-    capfd.readouterr()
+    assert f"of 6 ablation trials finished: the report covers those; `reddino sweep --resume" in capfd.readouterr().out
     result = sweep(resume=first.sweep_dir)
     captured = capfd.readouterr()
     out = captured.out
