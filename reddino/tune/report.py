@@ -91,6 +91,11 @@ def ablation_summary(table: pd.DataFrame, space: SweepSpace) -> pd.DataFrame:
     return summary
 
 
+def _headline(summary: pd.DataFrame) -> list[str]:
+    """The scores :func:`ablation_summary` gave a Δ vs the recipe."""
+    return [c[: -len("_delta")] for c in summary.columns if str(c).endswith("_delta")]
+
+
 def check_claims(summary: pd.DataFrame, space: SweepSpace) -> pd.DataFrame:
     """The space's ``claims`` against :func:`ablation_summary`: a ``claim`` column and per headline score a
     ``<score>_verdict`` (see :func:`_verdict`); the summary unchanged when the space states no claims."""
@@ -98,7 +103,7 @@ def check_claims(summary: pd.DataFrame, space: SweepSpace) -> pd.DataFrame:
         return summary
     summary = summary.copy()
     summary["claim"] = [space.claims.get(a, {}).get("claim", "") for a in summary["axis"]]
-    for col in [c[: -len("_delta")] for c in summary.columns if str(c).endswith("_delta")]:
+    for col in _headline(summary):
         summary[f"{col}_verdict"] = [_verdict(row, col, space.claims.get(row["axis"]), space.recipe.get(row["axis"]))
                                      for _, row in summary.iterrows()]
     return summary
@@ -124,7 +129,7 @@ def ablation_table(summary: pd.DataFrame, eval_data: str | None = None) -> str:
     """Markdown of :func:`ablation_summary`: axis, value, seeds, every score as mean ± std, Δ vs the recipe."""
     final = any(str(c).startswith("final_") for c in summary.columns)
     scores = [c[: -len("_mean")] for c in summary.columns if str(c).endswith("_mean")]
-    headline = [c[: -len("_delta")] for c in summary.columns if str(c).endswith("_delta")]
+    headline = _headline(summary)
     many = bool(len(summary)) and int(summary["seeds"].max()) > 1
     labels = {f"{col}_{metric}": f"{label} {mlabel}" for mlabel, metric in _METRICS for label, col in _FINAL}
     labels.update({col: f"{label} (in-training)" for label, col in _SCORES})
@@ -177,7 +182,7 @@ _VERDICT_COLOURS = {"confirmed": "tab:green", "contradicted": "tab:red", "beyond
 def ablation_effects_plot(summary: pd.DataFrame, out: Path) -> Path | None:
     """``ablation_effects.png``: every arm's Δ vs the recipe per headline score, the bar the noise the verdict
     used (the larger of the two arms' std over seeds), coloured by the claim's verdict (grey: within noise)."""
-    headline = [c[: -len("_delta")] for c in summary.columns if str(c).endswith("_delta")]
+    headline = _headline(summary)
     arms = summary[summary["variant"] != "recipe"]
     if not headline or not len(arms):
         return None
@@ -187,8 +192,7 @@ def ablation_effects_plot(summary: pd.DataFrame, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     ref = summary[summary["variant"] == "recipe"]
-    labels = {f"final_{k}_balanced_accuracy": f"{n} balanced accuracy" for k, n in
-              (("knn1", "kNN-1"), ("knn20", "kNN-20"), ("probe", "probe"))}
+    labels = {f"{col}_balanced_accuracy": f"{label} balanced accuracy" for label, col in _FINAL}
     fig, axes = plt.subplots(1, len(headline), figsize=(4.5 * len(headline), 0.45 * len(arms) + 1.6), sharey=True,
                              squeeze=False)
     ys = list(range(len(arms)))[::-1]
