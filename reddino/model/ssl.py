@@ -21,6 +21,7 @@ zero masked tokens), so ``find_unused_parameters`` is not needed. Call ``update_
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -133,7 +134,9 @@ class DINOv2SSL(nn.Module):
         gram_teacher = None
         if loss_cfg.gram_enabled and loss_cfg.gram_teacher == "frozen" and loss_cfg.gram_teacher_path:
             gram_teacher = create_backbone(model_cfg.arch, model_cfg.img_size, model_cfg.patch_size)
-            load_pretrained(gram_teacher, loss_cfg.gram_teacher_path)
+            with warnings.catch_warnings():  # "no mask_token": the Gram teacher is never masked
+                warnings.filterwarnings("ignore", message=".*mask_token")
+                load_pretrained(gram_teacher, loss_cfg.gram_teacher_path)
         return cls(backbone, dino_head, ibot_head, loss_cfg, mask_token=mask_token, gram_teacher=gram_teacher)
 
     def train(self, mode: bool = True) -> "DINOv2SSL":
