@@ -96,6 +96,9 @@ class ModelConfig(_Section):
     img_size: int = 224
     patch_size: int | None = None  # None: the architecture's own
     drop_path_rate: float = 0.0
+    # extra timm constructor kwargs of the backbone (e.g. {depth: 2}, ConvNeXt {dims: [...], ls_init_value: 0.1}),
+    # recorded by the export so load_backbone builds the same module
+    timm_kwargs: dict[str, Any] | None = None
     pretrained: str | None = None  # local file: timm or original DINOv2 state dict, or a reddino export
     head_prototypes: int = 131072
     head_hidden_dim: int = 2048

@@ -25,10 +25,10 @@ import warnings
 from typing import Any
 
 import torch
-from timm.models import group_parameters
 from torch import nn
 
 from reddino.config import LossConfig, ModelConfig, OptimConfig
+from reddino.model import family
 from reddino.model.backbone import backbone_tokens, create_backbone, load_pretrained
 from reddino.model.gram import GramAnchoringLoss
 from reddino.model.heads import DINOHead
@@ -60,7 +60,10 @@ class DINOv2SSL(nn.Module):
     ) -> None:
         super().__init__()
         self.loss_cfg = loss_cfg or LossConfig()
-        embed_dim = int(backbone.embed_dim)
+        if self.loss_cfg.ibot_weight > 0:
+            family.require_ibot(backbone)  # a ConvNeXt has no patch tokens to mask
+        self.masking = family.family_of(backbone).mask
+        embed_dim = family.embed_dim(backbone)
         student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head})
         if ibot_head is not None:
             student["ibot_head"] = ibot_head
@@ -116,9 +119,12 @@ class DINOv2SSL(nn.Module):
         copy of the warm-started backbone.
         """
         loss_cfg = loss_cfg or LossConfig()
-        backbone = create_backbone(model_cfg.arch, model_cfg.img_size, model_cfg.patch_size, model_cfg.drop_path_rate)
+        backbone = create_backbone(model_cfg.arch, model_cfg.img_size, model_cfg.patch_size, model_cfg.drop_path_rate,
+                                   model_cfg.timm_kwargs)
+        if loss_cfg.ibot_weight > 0:
+            family.require_ibot(backbone)
         mask_token = load_pretrained(backbone, model_cfg.pretrained) if model_cfg.pretrained else None
-        dim = int(backbone.embed_dim)
+        dim = family.embed_dim(backbone)
         head_kw = dict(
             hidden_dim=model_cfg.head_hidden_dim,
             bottleneck_dim=model_cfg.head_bottleneck_dim,
@@ -152,7 +158,7 @@ class DINOv2SSL(nn.Module):
 
     @property
     def patch_size(self) -> int:
-        return int(self.student["backbone"].patch_embed.patch_size[0])
+        return family.token_stride(self.student["backbone"])
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -179,7 +185,7 @@ class DINOv2SSL(nn.Module):
         x_l = local_crops.transpose(0, 1).flatten(0, 1) if L else None
         ps = self.patch_size
         n_tokens = (x_g.shape[-2] // ps) * (x_g.shape[-1] // ps)
-        if masks is None:
+        if masks is None or not self.masking:  # ConvNeXt: nothing to mask (iBOT is refused at construction)
             m = torch.zeros(G * B, n_tokens, dtype=torch.bool, device=x_g.device)
         else:
             if tuple(masks.shape) != (B, G, n_tokens):
@@ -281,9 +287,12 @@ class DINOv2SSL(nn.Module):
         backbone = self.student["backbone"]
         # timm's own layer grouping (stem 0, block i → i + 1) and no-weight-decay list. timm folds the final norm
         # into the last block; the official DINOv2 puts it with the heads (multiplier 1), and so do we.
-        layer_of = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
-        top = len(backbone.blocks) + 1
-        no_wd_names = set(backbone.no_weight_decay()) | {"mask_token"}
+        layer_of = family.layer_ids(backbone)
+        top = max(layer_of.values(), default=0)
+        if family.family_of(backbone).name != "convnext":
+            top = len(backbone.blocks) + 1
+        no_wd_names = set(getattr(backbone, "no_weight_decay", lambda: ())()) | {"mask_token"}
+        stem = family.stem_prefixes(backbone)
         groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
         named = [("mask_token", "mask_token", self.mask_token)] + [
             ("student." + n, n[len("backbone."):] if n.startswith("backbone.") else None, p)
@@ -293,10 +302,9 @@ class DINOv2SSL(nn.Module):
                 continue
             lr_mult = 1.0
             if sub is not None:  # a backbone parameter (or the mask token, an embedding)
-                layer = 0 if sub == "mask_token" else layer_of.get(sub, top) if sub.startswith(("blocks.",)) or \
-                    layer_of.get(sub) == 0 else top
+                layer = 0 if sub == "mask_token" else layer_of.get(sub, top)
                 lr_mult = oc.layerwise_decay ** (top - layer)
-                if sub.startswith("patch_embed"):
+                if sub.startswith(stem):
                     lr_mult *= oc.patch_embed_lr_mult
             no_wd = p.ndim <= 1 or (sub is not None and sub in no_wd_names)  # biases, norms, gammas, tokens
             key = (float(lr_mult), 0.0 if no_wd else 1.0, DINOHead.is_last_layer(name))
