@@ -200,6 +200,7 @@ def test_mlflow_server_outage_mid_run_loses_no_metrics(ray_train, synth, tmp_pat
             os.killpg(server["proc"].pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # two Ray Train runs of 2 workers (the exact-resume check itself is in-process: test_gram_train)
 def test_gram_anchoring_across_a_kill_resumes_teacher_refreshes_and_metrics(ray_train, synth, tmp_path):
     # 2 workers, Gram anchoring with the Gram teacher at twice the crop size (112 px: 8×8 tokens resized to 4×4),
     # refreshed after steps 4 and 8; a worker crashes at step 7, between the refreshes, and the run resumes.
