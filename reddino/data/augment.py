@@ -17,6 +17,12 @@ Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` in 
 
 All end with ImageNet mean/std normalisation (done once per batch, vectorised) and stay RGB throughout.
 Randomness is a pure function of (seed, epoch, row sha256), so a resumed run sees the same augmentations.
+
+Gram-teacher crops (DINOv3's higher-resolution Gram teacher, ``gram_crops_size``): each global crop is cut at that
+size with the policy's geometric transforms (crop, flips, rotations), which is the Gram teacher's view (no
+distortions); the student's global crop is that view resized bicubically (antialiased) to the global size, then
+given the policy's pixel transforms. So both see the same region, the teacher at more pixels. The geometric
+transforms then run before the pixel ones (which commute with them up to direction-symmetric noise).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any, Callable
 import albumentations as A
 import cv2
 import numpy as np
+from PIL import Image
 
 from reddino.config import CropConfig, MaskConfig
 from reddino.data.images import normalize_chw, resize_square, to_rgb_image
@@ -168,6 +175,21 @@ def build_policy(crops: CropConfig) -> CropPipelines:
         return POLICIES[crops.policy](crops)
 
 
+def split_geometry(pipe: A.Compose) -> tuple[A.Compose, A.Compose]:
+    """A policy pipeline → (its geometric transforms, its pixel transforms), each in the original order. Geometric
+    ones are albumentations ``DualTransform``s (they move pixels: crops, flips, rotations); a nested group must be
+    all pixel-level."""
+    geom, pixel = [], []
+    for t in pipe.transforms:
+        if isinstance(t, A.DualTransform):
+            geom.append(t)
+        elif isinstance(t, A.BaseCompose) and any(isinstance(x, A.DualTransform) for x in t.transforms):
+            raise ValueError(f"{type(t).__name__} mixes geometric and pixel transforms: cannot make Gram-teacher crops")
+        else:
+            pixel.append(t)
+    return _compose(geom), _compose(pixel)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # iBOT block masks
 # --------------------------------------------------------------------------------------------------------------
@@ -243,6 +265,8 @@ class MultiCropTransform:
     * ``global_crops`` float32 [B, G, 3, S, S]
     * ``local_crops`` float32 [B, L, 3, s, s] — the key is **omitted** when L = 0
     * ``masks`` bool [B, G, (S // patch_size)²] (iBOT block masks)
+    * ``gram_crops`` [B, G, 3, T, T] with ``gram_crops_size`` T: the Gram teacher's views of the global crops
+      (see the module docstring), normalised like the others
     * ``sha256`` passed through when given.
 
     ``normalize=False`` leaves the crops as they come out of the pipelines, uint8 [B, G, S, S, 3] (RGB,
@@ -263,6 +287,7 @@ class MultiCropTransform:
         seed: int = 0,
         epoch: int = 0,
         normalize: bool = True,
+        gram_crops_size: int | None = None,
     ) -> None:
         self.normalize = bool(normalize)
         self.crops = crops
@@ -271,7 +296,13 @@ class MultiCropTransform:
         self.resize = resize
         self.seed = int(seed)
         self.epoch = int(epoch)
-        self.pipelines = build_policy(crops)
+        self.gram_size = int(gram_crops_size) if gram_crops_size else None
+        if self.gram_size is None:
+            self.pipelines = build_policy(crops)
+            self.gram_split = None
+        else:  # global crops cut at the Gram teacher's size, then split into geometry + pixel transforms
+            self.pipelines = build_policy(crops.model_copy(update={"global_crops_size": self.gram_size}))
+            self.gram_split = [split_geometry(p) for p in self.pipelines.global_crops]
         side = crops.global_crops_size // self.patch_size
         self.grid = (side, side)
 
@@ -296,6 +327,8 @@ class MultiCropTransform:
         g_u8 = np.empty((n, G, S, S, 3), dtype=np.uint8)
         l_u8 = np.empty((n, L, s, s, 3), dtype=np.uint8)
         masks = np.zeros((n, G, self.grid[0] * self.grid[1]), dtype=bool)
+        T = self.gram_size
+        t_u8 = np.empty((n, G, T, T, 3), dtype=np.uint8) if T else None
         default_epoch = self.epoch if epoch is None else int(epoch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -310,8 +343,14 @@ class MultiCropTransform:
                 ep = int(epochs[r]) if epochs is not None else default_epoch
                 seed = self.row_seed(key, ep)
                 rng, py = np.random.default_rng(seed), random.Random(seed)
-                for i, pipe in enumerate(self.pipelines.global_crops):
-                    g_u8[r, i] = self._apply(pipe, img, rng, py)
+                if self.gram_split is None:
+                    for i, pipe in enumerate(self.pipelines.global_crops):
+                        g_u8[r, i] = self._apply(pipe, img, rng, py)
+                else:
+                    for i, (geom, pixel) in enumerate(self.gram_split):
+                        t_u8[r, i] = self._apply(geom, img, rng, py)
+                        small = np.asarray(Image.fromarray(t_u8[r, i]).resize((S, S), Image.BICUBIC))
+                        g_u8[r, i] = self._apply(pixel, small, rng, py)
                 for j in range(L):
                     l_u8[r, j] = self._apply(self.pipelines.local_crops, img, rng, py)
                 masks[r] = sample_masks(np.random.default_rng([seed, 1]), G, self.grid, self.mask)
@@ -319,6 +358,8 @@ class MultiCropTransform:
         out: dict[str, np.ndarray] = {"global_crops": finish(g_u8), "masks": masks}
         if L > 0:
             out["local_crops"] = finish(l_u8)
+        if T:
+            out["gram_crops"] = finish(t_u8)
         if shas is not None:
             out["sha256"] = np.asarray(shas)
         return out
