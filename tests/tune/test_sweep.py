@@ -290,3 +290,14 @@ def test_full_scale_ablation_space_is_around_reddino_vits14():
     arms = {v["name"] for v in space.ablation_variants()}
     assert {"loss.koleo_weight=0.1", "loss.centering=ema", "loss.ibot_weight=0.0", "data.unit=cell",
             "crops.policy=dinov2", "crops.rbc_pick=2", "crops.local_crops_number=0"} <= arms
+    # the backbone family axis: each arm carries its family's weights and what the family needs (tied values)
+    by_name = {v["name"]: v["params"] for v in space.ablation_variants()}
+    recipe = by_name["recipe"]
+    assert recipe["model.arch"] == "vit_small_patch14_dinov2" and recipe["model.pretrained"].endswith("dinov2_vits14_pretrain.pth")
+    v3 = by_name["model.arch=vit_small_patch16_dinov3_qkvb"]
+    assert "dinov3_vits16" in v3["model.pretrained"] and v3["loss.ibot_weight"] == 1.0
+    conv = by_name["model.arch=convnext_tiny"]
+    assert "convnext_tiny" in conv["model.pretrained"] and conv["loss.ibot_weight"] == 0.0  # iBOT refused there
+    assert by_name["loss.ibot_weight=0.0"]["model.arch"] == "vit_small_patch14_dinov2"
+    with pytest.raises(Exception, match="tied.*--mode ablation"):
+        space.optuna_space()
