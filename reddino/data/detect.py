@@ -427,8 +427,8 @@ class ClassicalDetector:
                 dropped[reason] = dropped.get(reason, 0) + 1
                 continue
             flags = []
-            if sl[0].start == 0 or sl[1].start == 0 or sl[0].stop >= h or sl[1].stop >= w:
-                flags.append(BORDER_CUT)
+            if sl[0].start <= 1 or sl[1].start <= 1 or sl[0].stop >= h - 1 or sl[1].stop >= w - 1:  # opening can
+                flags.append(BORDER_CUT)  # leave a 1 px gap between a cut cell and the edge
             if a > p.clump_area * area1:
                 flags.append(CLUMP)
             cells.append(Cell(float(sx[li] / a), float(sy[li] / a), int(sl[1].start), int(sl[0].start), int(sl[1].stop),
@@ -470,7 +470,7 @@ class ClassicalDetector:
                         continue
                     flags = [f for f in c.flags if f != BORDER_CUT]
                     bx0, by0, bx1, by1 = c.x0 + xa, c.y0 + ya, c.x1 + xa, c.y1 + ya
-                    if bx0 == 0 or by0 == 0 or bx1 >= w or by1 >= h:
+                    if bx0 <= 1 or by0 <= 1 or bx1 >= w - 1 or by1 >= h - 1:
                         flags.insert(0, BORDER_CUT)
                     cells.append(Cell(gx, gy, bx0, by0, bx1, by1, c.area, tuple(flags)))
                     if labels is not None:
