@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from reddino.train.data import crops_to_device
+from reddino.train.data import crops_from_batch
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -90,9 +90,7 @@ class TrainStep:
         loss_value, images = 0.0, 0
         for micro in range(self.accum):
             batch = next_batch()
-            g = crops_to_device(batch["global_crops"], self.device)
-            lc = batch.get("local_crops")
-            lc = crops_to_device(lc, self.device) if lc is not None else None
+            g, lc = crops_from_batch(batch, self.device, self.cfg.crops)  # crops.on_device: made here
             masks = batch["masks"].to(self.device, non_blocking=True)
             last = micro == self.accum - 1
             sync = nullcontext() if (last or self.world == 1) else self.forward.no_sync()
