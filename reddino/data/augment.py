@@ -19,6 +19,12 @@ Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` (al
 
 All end with ImageNet mean/std normalisation (done once per batch, vectorised) and stay RGB throughout.
 Randomness is a pure function of (seed, epoch, row sha256), so a resumed run sees the same augmentations.
+
+Gram-teacher crops (DINOv3's higher-resolution Gram teacher, ``gram_crops_size``): each global crop is cut at that
+size with the policy's geometric transforms (crop, flips, rotations), which is the Gram teacher's view (no
+distortions); the student's global crop is that view resized bicubically (antialiased) to the global size, then
+given the policy's pixel transforms. So both see the same region, the teacher at more pixels. The geometric
+transforms then run before the pixel ones (which commute with them up to direction-symmetric noise).
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ from typing import Any, Callable
 import albumentations as A
 import cv2
 import numpy as np
+from PIL import Image
 
 from reddino.config import CropConfig, MaskConfig
-from reddino.data.fastaug import N_PARAMS, CropRecipe, apply_cpu, dinov2_recipes, draw_params, none_recipes
+from reddino.data.fastaug import (
+    N_PARAMS, CropRecipe, apply_cpu, blur_cpu, colour_cpu, crop_resize_cpu, dinov2_recipes, draw_params, none_recipes,
+    solarize_cpu,
+)
 from reddino.data.images import decode_for_size, normalize_chw, resize_square
 
 
@@ -154,6 +164,21 @@ def build_policy(crops: CropConfig) -> CropPipelines | list[CropRecipe]:
         return POLICIES[crops.policy](crops)
 
 
+def split_geometry(pipe: A.Compose) -> tuple[A.Compose, A.Compose]:
+    """A policy pipeline → (its geometric transforms, its pixel transforms), each in the original order. Geometric
+    ones are albumentations ``DualTransform``s (they move pixels: crops, flips, rotations); a nested group must be
+    all pixel-level."""
+    geom, pixel = [], []
+    for t in pipe.transforms:
+        if isinstance(t, A.DualTransform):
+            geom.append(t)
+        elif isinstance(t, A.BaseCompose) and any(isinstance(x, A.DualTransform) for x in t.transforms):
+            raise ValueError(f"{type(t).__name__} mixes geometric and pixel transforms: cannot make Gram-teacher crops")
+        else:
+            pixel.append(t)
+    return _compose(geom), _compose(pixel)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # iBOT block masks
 # --------------------------------------------------------------------------------------------------------------
@@ -229,6 +254,8 @@ class MultiCropTransform:
     * ``global_crops`` float32 [B, G, 3, S, S]
     * ``local_crops`` float32 [B, L, 3, s, s] — the key is **omitted** when L = 0
     * ``masks`` bool [B, G, (S // patch_size)²] (iBOT block masks)
+    * ``gram_crops`` [B, G, 3, T, T] with ``gram_crops_size`` T: the Gram teacher's views of the global crops
+      (see the module docstring), normalised like the others
     * ``sha256`` passed through when given.
 
     ``normalize=False`` leaves the crops as they come out of the pipelines, uint8 [B, G, S, S, 3] (RGB,
@@ -254,6 +281,7 @@ class MultiCropTransform:
         seed: int = 0,
         epoch: int = 0,
         normalize: bool = True,
+        gram_crops_size: int | None = None,
         on_device: bool | None = None,
     ) -> None:
         self.normalize = bool(normalize)
@@ -264,13 +292,21 @@ class MultiCropTransform:
         self.seed = int(seed)
         self.epoch = int(epoch)
         self.on_device = bool(crops.on_device if on_device is None else on_device)
+        self.gram_size = int(gram_crops_size) if gram_crops_size else None
         self.pipelines = build_policy(crops)
         self.recipes = self.pipelines if isinstance(self.pipelines, list) else None
+        self.gram_split = None
         if self.on_device and self.recipes is None:
             raise ValueError(f"crops.on_device runs the {' and '.join(PARAM_POLICIES)} policies on the training "
                              f"device; {crops.policy!r} is an albumentations pipeline and runs on the CPU")
         if self.on_device and not resize:
             raise ValueError("crops.on_device needs data.resize (the images of a batch are stacked at one size)")
+        if self.on_device and self.gram_size:
+            raise ValueError("crops.on_device does not make Gram-teacher crops yet: set crops.on_device=false")
+        if self.gram_size and self.recipes is None:
+            # global crops cut at the Gram teacher's size, then split into geometry + pixel transforms
+            self.pipelines = build_policy(crops.model_copy(update={"global_crops_size": self.gram_size}))
+            self.gram_split = [split_geometry(p) for p in self.pipelines.global_crops]
         side = crops.global_crops_size // self.patch_size
         self.grid = (side, side)
 
@@ -299,6 +335,8 @@ class MultiCropTransform:
             g_u8 = np.empty((n, G, S, S, 3), dtype=np.uint8)
             l_u8 = np.empty((n, L, s, s, 3), dtype=np.uint8)
         masks = np.zeros((n, G, self.grid[0] * self.grid[1]), dtype=bool)
+        T = self.gram_size
+        t_u8 = np.empty((n, G, T, T, 3), dtype=np.uint8) if T else None
         default_epoch = self.epoch if epoch is None else int(epoch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -319,15 +357,26 @@ class MultiCropTransform:
                         decoded[r], params[r] = img, p
                     else:
                         for k, recipe in enumerate(self.recipes):
-                            crop = apply_cpu(img, p[k], recipe.size)
+                            if k < G and T:  # the Gram teacher's view: the geometry only, at its size
+                                t_u8[r, k] = crop_resize_cpu(img, p[k], T)
+                                small = np.asarray(Image.fromarray(t_u8[r, k]).resize((S, S), Image.BICUBIC))
+                                crop = solarize_cpu(blur_cpu(colour_cpu(small, p[k]), p[k]), p[k])
+                            else:
+                                crop = apply_cpu(img, p[k], recipe.size)
                             if k < G:
                                 g_u8[r, k] = crop
                             else:
                                 l_u8[r, k - G] = crop
                 else:
                     py = random.Random(seed)
-                    for i, pipe in enumerate(self.pipelines.global_crops):
-                        g_u8[r, i] = self._apply(pipe, img, rng, py)
+                    if self.gram_split is None:
+                        for i, pipe in enumerate(self.pipelines.global_crops):
+                            g_u8[r, i] = self._apply(pipe, img, rng, py)
+                    else:
+                        for i, (geom, pixel) in enumerate(self.gram_split):
+                            t_u8[r, i] = self._apply(geom, img, rng, py)
+                            small = np.asarray(Image.fromarray(t_u8[r, i]).resize((S, S), Image.BICUBIC))
+                            g_u8[r, i] = self._apply(pixel, small, rng, py)
                     for j in range(L):
                         l_u8[r, j] = self._apply(self.pipelines.local_crops, img, rng, py)
                 masks[r] = sample_masks(np.random.default_rng([seed, 1]), G, self.grid, self.mask)
@@ -339,6 +388,8 @@ class MultiCropTransform:
             out["global_crops"] = finish(g_u8)
             if L > 0:
                 out["local_crops"] = finish(l_u8)
+            if T:
+                out["gram_crops"] = finish(t_u8)
         if shas is not None:
             out["sha256"] = np.asarray(shas)
         return out

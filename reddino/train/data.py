@@ -120,7 +120,7 @@ class Augment:
             # crops.on_device, decoded images + crop parameters, the crops made there (crops_from_batch)
             self._transform = MultiCropTransform(
                 cfg.crops, cfg.mask, patch_size=self.patch_size, resize=cfg.data.resize, seed=cfg.train.seed,
-                normalize=False,
+                normalize=False, gram_crops_size=gram_crops_size(cfg),
             )
         batch = self.drop(batch)
         out = self._transform({"image": batch["image"], "sha256": batch["sha256"], "epoch": batch["epoch"]})
@@ -131,7 +131,15 @@ class Augment:
         local = out.get("local_crops")
         if local is not None and local.shape[1] > 0:
             result["local_crops"] = local
+        if "gram_crops" in out:
+            result["gram_crops"] = out["gram_crops"]
         return result
+
+
+def gram_crops_size(cfg: RunConfig) -> int | None:
+    """Size of the Gram teacher's own crops, when the run makes them (Gram on, frozen teacher, a size set)."""
+    lc = cfg.loss
+    return lc.gram_teacher_crops_size if lc.gram_enabled and lc.gram_teacher == "frozen" else None
 
 
 def crops_to_device(crops, device):

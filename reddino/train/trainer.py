@@ -133,16 +133,16 @@ def _data_hash(paths: list[str]) -> str:
 
 
 def _patch_size(cfg: RunConfig) -> int:
-    from reddino.model import create_backbone
+    """The backbone's token stride: the grid the data stream draws iBOT masks on."""
+    from reddino.model import create_backbone, family
 
     if cfg.model.patch_size:
         return cfg.model.patch_size
     import torch
 
     with torch.device("meta"):  # the architecture only: no memory, no init cost (ViT-g is 1.1B params)
-        backbone = create_backbone(cfg.model.arch, img_size=cfg.model.img_size)
-    size = backbone.patch_embed.patch_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+        backbone = create_backbone(cfg.model.arch, img_size=cfg.model.img_size, timm_kwargs=cfg.model.timm_kwargs)
+    return family.token_stride(backbone)
 
 
 def _rows_per_pass(cfg: RunConfig) -> int | None:
