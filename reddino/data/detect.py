@@ -121,8 +121,8 @@ class ClassicalParams:
     peak_min_height: float = 0.45  # ... and at least this many radii from the background
     min_area: float = 0.15  # drop pieces under this many cell areas (platelets, debris)
     min_thickness: float = 0.35  # drop pieces whose inscribed radius is under this many cell radii (text, lines)
-    nucleus_rel: float = 1.9  # a pixel is nuclear-stained when its score is this x the median cell pixel's ...
-    nucleus_hue: float = 0.2  # ... or 1.1 x and its OD_red / OD_green exceeds the cells' median by this (purple)
+    nucleus_rel: float = 1.1  # a pixel is nuclear-stained when its score is this x the median cell pixel's ...
+    nucleus_hue: float = 0.3  # ... and its OD_blue / OD_green is this much below the cells' median (purple)
     nucleus_min_area: float = 0.04  # nuclear blobs of at least this many cell areas are nuclei (white cells)
     nucleus_frac: float = 0.15  # drop pieces with more nuclear pixels than this fraction ...
     nucleus_near: float = 0.5  # ... or more than half inside a nucleus grown by this many radii
@@ -384,14 +384,15 @@ class ClassicalDetector:
         n = int(labels.max())
         if n == 0:
             return Detection([], self.name, self.version, float(r), dropped, labels if keep_labels else None)
-        odr, odg = self._channel_od(stain, 0), self._channel_od(stain, 1)
+        odg = self._channel_od(stain, 1)
         inside = labels > 0
         sub = max(1, int(inside.sum()) // 100_000)
         med_score = float(np.median(score[inside][::sub]))
-        ratio = odr / np.maximum(odg, 1e-3)
-        med_ratio = float(np.median(ratio[inside][::sub]))
-        nuclear = ((score >= p.nucleus_rel * med_score) & (ratio >= med_ratio)) | (
-            (score >= 1.1 * med_score) & (ratio >= med_ratio + p.nucleus_hue))
+        # nuclei (white cells) are purple: they let blue through where red cells absorb it, so their blue/green
+        # density ratio sits well below the cells' median; a grey pointer shadow or dirt sits above it
+        blue = self._channel_od(stain, 2) / np.maximum(odg, 1e-3)
+        med_blue = float(np.median(blue[inside][::sub]))
+        nuclear = (score >= p.nucleus_rel * med_score) & (blue <= med_blue - p.nucleus_hue)
         nuclear = cv2.morphologyEx(nuclear.astype(np.uint8), cv2.MORPH_OPEN, _disk(max(1.0, 0.06 * r)))
         nn, nlab, nst, _ = cv2.connectedComponentsWithStats(nuclear, connectivity=8)
         big = np.zeros(nn, np.uint8)
