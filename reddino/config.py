@@ -73,6 +73,9 @@ class CropConfig(_Section):
     # `cell` policy's colour: mild (small hue/saturation shifts) or strong (DINO's ColorJitter + 20 % grayscale, so
     # a stain's colour cannot identify a cell's other views; pallor is luminance and survives both)
     cell_colour: Literal["mild", "strong"] = "mild"
+    # Crops made on the training device, a batch at a time (dinov2 / none policies): the data workers only decode
+    # and draw each crop's parameters (benchmarks/augment_cost.py: CPU per image, worker side)
+    on_device: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "CropConfig":
@@ -80,6 +83,9 @@ class CropConfig(_Section):
             raise ValueError("crops.global_crops_number must be >= 1")
         if self.local_crops_number < 0:
             raise ValueError("crops.local_crops_number must be >= 0 (0 = no local crops)")
+        if self.on_device and self.policy not in ("dinov2", "none"):
+            raise ValueError(f"crops.on_device supports the dinov2 and none policies, not {self.policy!r} "
+                             "(an albumentations pipeline, CPU only)")
         return self
 
 

@@ -170,6 +170,7 @@ def _absolute_local_paths(cfg: RunConfig) -> RunConfig:
     cfg.data.paths = [absolute(p) for p in cfg.data.paths]
     cfg.eval.data = absolute(cfg.eval.data)
     cfg.model.pretrained = absolute(cfg.model.pretrained)
+    cfg.loss.gram_teacher_path = absolute(cfg.loss.gram_teacher_path)
     cfg.train.export_path = absolute(cfg.train.export_path)
     return cfg
 
