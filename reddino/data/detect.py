@@ -128,7 +128,7 @@ class ClassicalParams:
     nucleus_near: float = 0.5  # ... or more than half inside a nucleus grown by this many radii
     clump_cell_area: float = 1.1  # a clump with fewer distance maxima than area / (this x cell area) is k-means split
     clump_area: float = 2.2  # flag pieces still bigger than this many cell areas
-    tile: int = 2048  # process images larger than this (either side) in tiles
+    tile: int = 1024  # process images larger than this (either side) in tiles (memory grows with the tile)
     tile_overlap: float = 3.0  # tile margin, in cell radii
 
 
@@ -354,9 +354,11 @@ class ClassicalDetector:
                 if k_area >= 2 and k_area > len(pk):
                     centres = _kmeans_seeds(m, k_area, pk)
                     yy, xx = np.nonzero(m)
-                    d2 = (yy[:, None] - centres[None, :, 0]) ** 2 + (xx[:, None] - centres[None, :, 1]) ** 2
                     seg = np.zeros(m.shape, np.int32)
-                    seg[yy, xx] = d2.argmin(1) + 1
+                    for j in range(0, len(yy), 65536):  # in chunks: bounded memory for huge clumps
+                        y_, x_ = yy[j:j + 65536, None], xx[j:j + 65536, None]
+                        d2 = (y_ - centres[None, :, 0]) ** 2 + (x_ - centres[None, :, 1]) ** 2
+                        seg[y_[:, 0], x_[:, 0]] = d2.argmin(1) + 1
                     pk = centres
                 elif len(pk) >= 2:
                     markers = np.zeros(m.shape, np.int32)
@@ -402,8 +404,7 @@ class ClassicalDetector:
         idx = labels.ravel()
         close = np.bincount(idx, weights=near.ravel().astype(np.float64), minlength=n + 1)
         area = np.bincount(idx, minlength=n + 1).astype(np.float64)
-        sx = np.bincount(idx, weights=np.broadcast_to(np.arange(w, dtype=np.float64), (h, w)).ravel(), minlength=n + 1)
-        sy = np.bincount(idx, weights=np.broadcast_to(np.arange(h, dtype=np.float64)[:, None], (h, w)).ravel(), minlength=n + 1)
+        com = np.asarray(ndi.center_of_mass(labels > 0, labels, np.arange(1, n + 1)), np.float64).reshape(-1, 2)
         nuc = np.bincount(idx, weights=nuclear.ravel().astype(np.float64), minlength=n + 1)
         # each piece's thickness (inscribed radius): distance to the background or to a neighbouring piece
         inner = labels > 0
@@ -432,7 +433,7 @@ class ClassicalDetector:
                 flags.append(BORDER_CUT)  # leave a 1 px gap between a cut cell and the edge
             if a > p.clump_area * area1:
                 flags.append(CLUMP)
-            cells.append(Cell(float(sx[li] / a), float(sy[li] / a), int(sl[1].start), int(sl[0].start), int(sl[1].stop),
+            cells.append(Cell(float(com[li - 1, 1]), float(com[li - 1, 0]), int(sl[1].start), int(sl[0].start), int(sl[1].stop),
                               int(sl[0].stop), int(a), tuple(flags)))
             remap[li] = len(cells)
         return Detection(cells, self.name, self.version, float(r), dropped, remap[labels] if keep_labels else None)
