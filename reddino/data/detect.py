@@ -2,21 +2,26 @@
 
 The default detector (``classical``) needs no weights and runs anywhere:
 
-1. **Stain-robust foreground.** The background colour is the median of the bright Otsu class; every pixel becomes
-   an optical density per channel (Beer-Lambert, ``log(bg / I)``) and the cell score is the largest of them, so a
-   pink, purple or grey stain on a white, grey or blue field all give "dense = cell". Threshold: Otsu on the
-   score, never below ``min_od`` (an empty or all-white field has no cells, not noise cells).
-2. **Scale.** The typical cell radius is estimated per image from the compact (solidity ≥ 0.9) components,
-   or fixed with ``cell_radius``; every size rule below is relative to it, so 50 px (Chula) and 100 px (BCCD)
-   cells need no retuning.
-3. **Clean-up.** Holes smaller than a cell are filled (central pallor, target cells); an opening with a disc of
-   ``open_frac`` × radius removes thin structures: text, scale bars, pointer shadows, crenation spikes' glue.
+1. **Stain-robust foreground.** Every pixel becomes an optical density per channel (Beer-Lambert, ``log(bg / I)``)
+   against the *local* background (the empty-field pixels, normal-convolved at ``bg_sigma`` px, so uneven
+   illumination does not matter), projected on the stain's own colour direction (the mean density vector of the
+   dense pixels): a pink, purple or grey stain on a white, grey or blue field all give "dense = cell". Threshold:
+   above the empty-field peak by ``noise_k`` noise sigmas, ``min_od`` and ``thr_frac`` of the way to a clipped
+   Otsu cut (pale, hypochromic cells stay in); an empty or all-white field has no cells, not noise cells.
+2. **Scale.** The typical cell radius is estimated per image (distance-transform maxima, then the compact whole
+   components' equivalent radius), or fixed with ``cell_radius``; every size rule below is relative to it, so
+   40 px (Chula) and 100 px (BCCD) cells need no retuning.
+3. **Clean-up.** Holes smaller than ``hole_frac`` cells are filled (central pallor, target cells); an opening with
+   a disc of ``open_frac`` x radius removes thin structures: text, scale bars, the glue between crenation spikes.
 4. **Splitting touching cells.** Components bigger than ``split_area`` cells or less convex than
    ``split_solidity`` are split by a marker watershed on the distance transform (markers: its maxima at least
-   ``peak_min_dist`` radii apart and ``peak_min_height`` radii deep).
+   ``peak_min_dist`` radii apart and ``peak_min_height`` radii deep). A tight clump of round cells can have fewer
+   maxima than cells: when its area holds more cells (area / ``clump_cell_area`` cell areas) it is cut into
+   that many nearest-centre regions around k-means centres of its pixels (seeded at the maxima).
 5. **Filters.** Pieces smaller than ``min_area`` cell areas (platelets, debris), thinner than ``min_thickness``
-   radii (lines, text), or whose stain is nuclear (white cells, platelets: the red channel absorbs nearly as
-   much as the green one over ``nucleus_frac`` of the piece) are dropped and counted by reason.
+   radii (lines, text), or nucleated (white cells: more than ``nucleus_frac`` of the piece, or half of it near a
+   nucleus, is dense purple stain - blue passes where red cells absorb it; a grey pointer shadow does not count)
+   are dropped and counted by reason.
 6. **Flags.** ``border_cut`` (the mask touches the image edge), ``clump`` (a piece still bigger than
    ``clump_area`` cells after splitting: possibly merged cells).
 
