@@ -119,8 +119,9 @@ class ModelConfig(_Section):
 
 
 class GramWeightSchedule(_Section):
-    """DINOv3's Gram ``loss_weight_schedule``: ``start → peak`` linearly over ``warmup_epochs``, then a half cosine
-    ``peak → end`` over ``cosine_epochs`` (None: the rest of the run), then ``end`` (epochs of ``iters_per_epoch``)."""
+    """DINOv3's Gram ``loss_weight_schedule``, as a factor on ``loss.gram_weight`` (the official values with
+    gram_weight 1): ``start → peak`` linearly over ``warmup_epochs``, then a half cosine ``peak → end`` over
+    ``cosine_epochs`` (None: the rest of the run), then ``end`` (epochs of ``iters_per_epoch``)."""
 
     start: float = 0.0
     peak: float = 0.0
@@ -149,9 +150,9 @@ class LossConfig(_Section):
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30
-    # Gram anchoring (DINOv3; reddino.model.gram): on when gram_weight > 0 or a gram_weight_schedule is set.
-    gram_weight: float = 0.0  # constant weight of the Gram term (DINOv3 gram.loss_weight); 0 = off
-    gram_weight_schedule: GramWeightSchedule | None = None  # the weight per step instead (gram_weight stays 0)
+    # Gram anchoring (DINOv3; reddino.model.gram): on when gram_weight > 0.
+    gram_weight: float = 0.0  # weight of the Gram term (DINOv3 gram.loss_weight); 0 = off
+    gram_weight_schedule: GramWeightSchedule | None = None  # per-step factor on gram_weight; None: constant
     # frozen: a separate backbone, the model at step 0 (or gram_teacher_path), refreshed from the EMA teacher on
     # the schedule below; ema: the EMA teacher itself on the same crops (DINOv3 gram.ema_teacher)
     gram_teacher: Literal["frozen", "ema"] = "frozen"
@@ -172,15 +173,12 @@ class LossConfig(_Section):
 
     @property
     def gram_enabled(self) -> bool:
-        return self.gram_weight > 0 or self.gram_weight_schedule is not None
+        return self.gram_weight > 0
 
     @model_validator(mode="after")
     def _check_gram(self) -> "LossConfig":
         if self.gram_weight < 0:
             raise ValueError("loss.gram_weight must be >= 0 (0 = no Gram anchoring)")
-        if self.gram_weight > 0 and self.gram_weight_schedule is not None:
-            raise ValueError("loss.gram_weight and loss.gram_weight_schedule both set: the schedule gives the weight, "
-                             "leave gram_weight at 0")
         if self.gram_remove_neg and self.gram_remove_only_teacher_neg:
             raise ValueError("loss.gram_remove_neg and loss.gram_remove_only_teacher_neg exclude each other")
         if self.gram_tokens_used != "all" and self.gram_img_level:
