@@ -42,6 +42,9 @@ def resolve_teacher(ref: str, arch: str | None = None):
             path = Path(ref).expanduser().resolve()
             info = {"kind": "file", "path": str(path), "hash": file_sha256(path), "arch": arch}
         else:
+            looks_like_path = "/" in str(ref) or Path(str(ref)).suffix in (".safetensors", ".pt", ".pth", ".bin")
+            if looks_like_path and ":/" not in str(ref) and not Path(str(ref)).expanduser().exists():
+                raise FileNotFoundError(f"no such file or directory: {ref}")
             model, info = resolve_ref(ref)
             if info.get("kind") in ("handcrafted", "random"):
                 raise ValueError(f"a {info['kind']} model has no trained weights to distil (use an export, a run "
@@ -51,8 +54,8 @@ def resolve_teacher(ref: str, arch: str | None = None):
         for p in model.parameters():
             p.requires_grad_(False)
     except Exception as exc:  # noqa: BLE001 - any failure to load is the same user-facing error
-        msg = str(exc).split("\n")[0] if not isinstance(exc, FileNotFoundError) else str(exc)
-        raise DistillInputError(f"teacher {ref!r} does not load: {type(exc).__name__}: {msg}") from None
+        msg = str(exc).split("\n")[0]
+        raise DistillInputError(f"teacher {str(ref)!r} does not load: {type(exc).__name__}: {msg}") from None
     name = info.get("model_name") or info.get("run_name") or Path(info["path"]).parent.name
     lineage = {"ref": str(ref), "path": str(info["path"]), "name": str(name),
                "version": str(info.get("model_version", "")), "hash": str(info["hash"]),
