@@ -1,9 +1,11 @@
-"""timm ViT backbones: creation, warm start from local checkpoints, iBOT-masked token forward, export.
+"""timm backbones: creation, warm start from local checkpoints, iBOT-masked token forward, export.
 
-Everything here works on a plain ``timm.models.VisionTransformer`` (no registers needed, but they are
-handled). Weights are only ever read from local files: timm is always called with ``pretrained=False``.
+Three families share one contract (:mod:`reddino.model.family`): timm ``VisionTransformer`` (DINOv2 layouts),
+timm ``Eva`` built as a DINOv3 ViT, and timm ``ConvNeXt``. Weights are only ever read from local files: timm is
+always called with ``pretrained=False``. The ViT-specific conversion lives here; the DINOv3 layouts (official ViT
+and ConvNeXt files) in :mod:`reddino.model.convert`.
 
-Checkpoint layouts understood by :func:`load_pretrained`:
+ViT checkpoint layouts understood by :func:`load_pretrained`:
 
 * a timm state dict (``pos_embed``, ``patch_embed.proj.weight``, ``blocks.N.*``, ``norm.*``);
 * the original DINOv2 layout (facebookresearch/dinov2 ``dinov2_vits14_pretrain.pth``): the same names as
@@ -150,7 +152,6 @@ def create_backbone(
         model.pretrained_cfg = {**(model.pretrained_cfg or {}), "architecture": arch,
                                 "input_size": (3, int(img_size), int(img_size))}
     family.keep_rope_periods(model)
-    model.reddino_kwargs = {k: v for k, v in (timm_kwargs or {}).items()}
     return model
 
 

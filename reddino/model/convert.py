@@ -27,6 +27,8 @@ from reddino.model import family
 log = logging.getLogger(__name__)
 
 # key (suffix) that marks where a backbone starts inside a checkpoint, per layout
+_MARKERS = ("storage_tokens", "rope_embed.periods", "downsample_layers.0.0.weight", "stem.0.weight", "rope.periods",
+            "reg_token", "pos_embed", "cls_token")
 _ANCHORS = ("patch_embed.proj.weight", "downsample_layers.0.0.weight", "stem.0.weight")
 
 
@@ -86,7 +88,8 @@ def check_layout(state: Any, model: nn.Module) -> None:
     own = family.family_of(model)
     if fam != own.name:
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-        marks = ", ".join(sorted(sd)[:6])
+        markers = [k for k in _MARKERS if k in sd]
+        marks = ", ".join(markers + [k for k in sorted(sd) if k not in markers][: max(0, 6 - len(markers))])
         raise ValueError(
             f"this is a{'n' if name[0] in 'aeiou' else ''} {name} checkpoint (keys {marks} ...) but the model {arch} "
             f"is a {own.module} ({own.name} family): choose an arch of the file's family"

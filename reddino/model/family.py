@@ -163,8 +163,13 @@ def rebuild_kwargs(model: nn.Module) -> dict[str, Any]:
         kw: dict[str, Any] = {}
     else:
         kw = {"patch_size": token_stride(model)}
-    extra = getattr(model, "reddino_kwargs", None) or {}
-    return {**extra, **kw}
+    # timm records the constructor kwargs it was called with; the ones an export re-supplies itself are dropped
+    args = {k: v for k, v in (getattr(model, "_model_args", None) or {}).items() if k not in _NOT_REBUILT}
+    return {**args, **kw}
+
+
+_NOT_REBUILT = {"num_classes", "img_size", "dynamic_img_size", "drop_path_rate", "pretrained_cfg",
+                "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"}
 
 
 # --------------------------------------------------------------------------------------------------------------

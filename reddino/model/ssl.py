@@ -139,7 +139,8 @@ class DINOv2SSL(nn.Module):
                                  **{**head_kw, "use_bn": False})
         gram_teacher = None
         if loss_cfg.gram_enabled and loss_cfg.gram_teacher == "frozen" and loss_cfg.gram_teacher_path:
-            gram_teacher = create_backbone(model_cfg.arch, model_cfg.img_size, model_cfg.patch_size)
+            gram_teacher = create_backbone(model_cfg.arch, model_cfg.img_size, model_cfg.patch_size,
+                                           timm_kwargs=model_cfg.timm_kwargs)
             with warnings.catch_warnings():  # "no mask_token": the Gram teacher is never masked
                 warnings.filterwarnings("ignore", message=".*mask_token")
                 load_pretrained(gram_teacher, loss_cfg.gram_teacher_path)

@@ -133,15 +133,17 @@ def _data_hash(paths: list[str]) -> str:
 
 
 def _patch_size(cfg: RunConfig) -> int:
-    """The backbone's token stride: the grid the data stream draws iBOT masks on."""
+    """The backbone's token stride: the grid the data stream draws iBOT masks on. Checks here, before any worker
+    starts, that the backbone family supports what the config asks of it (iBOT needs maskable patch tokens)."""
     from reddino.model import create_backbone, family
 
-    if cfg.model.patch_size:
-        return cfg.model.patch_size
     import torch
 
     with torch.device("meta"):  # the architecture only: no memory, no init cost (ViT-g is 1.1B params)
-        backbone = create_backbone(cfg.model.arch, img_size=cfg.model.img_size, timm_kwargs=cfg.model.timm_kwargs)
+        backbone = create_backbone(cfg.model.arch, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
+                                   timm_kwargs=cfg.model.timm_kwargs)
+    if cfg.loss.ibot_weight > 0:
+        family.require_ibot(backbone)
     return family.token_stride(backbone)
 
 
@@ -169,6 +171,7 @@ def _absolute_local_paths(cfg: RunConfig) -> RunConfig:
     cfg.eval.data = absolute(cfg.eval.data)
     cfg.model.pretrained = absolute(cfg.model.pretrained)
     cfg.distill.teacher = absolute(cfg.distill.teacher)
+    cfg.loss.gram_teacher_path = absolute(cfg.loss.gram_teacher_path)
     cfg.train.export_path = absolute(cfg.train.export_path)
     return cfg
 
@@ -199,6 +202,7 @@ def pretrain(
 
     from reddino.runtime import default_tracking_uri, init_ray, quiet_data_progress, verbose
 
+    patch = _patch_size(cfg)  # also refuses a config the backbone family cannot train, before Ray starts
     init_ray()
     quiet_data_progress()
     _quiet_train_console()
@@ -220,7 +224,6 @@ def pretrain(
 
     data_hash = _data_hash(cfg.data.paths) if cfg.data.paths else None
     use_gpu = _use_gpu(cfg)
-    patch = _patch_size(cfg)
 
     # --- MLflow: the driver owns the run; rank 0 logs metrics into it by id ---
     tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri()

@@ -21,7 +21,7 @@ TINY = Path(__file__).parents[1] / "tiny.yaml"
 # 28 px global crops (2×2 tokens of 14 px), Gram teacher at 56 px (4×4 tokens, resized to 2×2)
 GRAM = ["model.img_size=28", "crops.global_crops_size=28", "crops.local_crops_size=14", "model.head_prototypes=32",
         "model.head_hidden_dim=32", "model.head_bottleneck_dim=16", "train.iters_per_epoch=10", "train.epochs=1",
-        "loss.gram_teacher_crops_size=56", "loss.gram_weight_schedule.start=0", "loss.gram_weight_schedule.peak=1",
+        "loss.gram_teacher_crops_size=56", "loss.gram_weight=1", "loss.gram_weight_schedule.start=0", "loss.gram_weight_schedule.peak=1",
         "loss.gram_weight_schedule.end=2", "loss.gram_weight_schedule.warmup_epochs=0.2",
         "loss.gram_first_refresh=2", "loss.gram_refresh_every=2", "loss.gram_max_refreshes=2"]
 
