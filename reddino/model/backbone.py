@@ -95,6 +95,14 @@ def vit_mini_patch8_reddino(pretrained: bool = False, **kwargs: Any) -> VisionTr
                      {"img_size": 56, "patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 2}, kwargs)
 
 
+@register_model
+def vit_micro_patch8_reddino(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Micro/8 at 56 px (dim 96, depth 3, 2 heads; 7×7 tokens): the distill_cpu student, ~0.4x ViT-Mini/8's
+    compute per image (half the depth-width product or less is what distillation into "half the cost" asks)."""
+    return _tiny_vit("vit_micro_patch8_reddino", pretrained,
+                     {"img_size": 56, "patch_size": 8, "embed_dim": 96, "depth": 3, "num_heads": 2}, kwargs)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Creation
 # --------------------------------------------------------------------------------------------------------------
