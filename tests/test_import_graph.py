@@ -77,3 +77,13 @@ def test_features_sits_below_its_consumers():
 def test_the_checker_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_function_in_reddino_is_longer_than_100_lines():
+    """Long drivers hide their steps: pretrain, sweep, evaluate and the worker loop are split into named ones."""
+    long = []
+    for f in ROOT.rglob("*.py"):
+        for n in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 100:
+                long.append(f"{f.relative_to(ROOT.parent)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)")
+    assert not long, long

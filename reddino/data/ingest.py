@@ -570,35 +570,10 @@ def ingest(
     image, labelled where the source's labels match a detected cell; ``detect_crop_size`` fixes the crop side
     (default: 3.2 cell radii of each smear).
     """
-    if format not in FORMATS:
-        raise IngestError(f"unknown format {format!r} (expected one of {FORMATS})")
-    if unit not in ("cell", "patch"):
-        raise IngestError(f"unknown unit {unit!r} (expected cell or patch)")
     src_p = Path(src).expanduser()
-    if not src_p.is_dir():
-        raise IngestError(f"source {src_p} does not exist or is not a directory")
-    if encode is None:
-        encode = "keep" if (format == "folder" and unit == "cell") else "png"
-    if encode not in ("keep", "png", "jpeg"):
-        raise IngestError(f"unknown encoding {encode!r} (expected keep, png or jpeg)")
-    if encode == "keep" and not (format == "folder" and unit == "cell"):
-        raise IngestError("--encode keep only applies to folder cell ingest (crops and tiles are new images: use png or jpeg)")
-    if pad not in ("reflect", "constant"):
-        raise IngestError(f"unknown pad mode {pad!r} (expected reflect or constant)")
-    if crop_size < 2 or patch_size < 2:
-        raise IngestError("crop and patch sizes must be >= 2 px")
+    encode = _checked_args(format, unit, src_p, encode, pad, crop_size, patch_size)
     class_list = _parse_classes(classes)
-    spec = None
-    if detect:
-        from reddino.data.detect import DetectError
-        from reddino.data.detect_ingest import DetectSpec
-
-        if unit != "cell":
-            raise IngestError("--detect makes one row per detected cell: use it with --unit cell")
-        try:
-            spec = DetectSpec.make(detector, detector_params, detect_crop_size)
-        except (DetectError, TypeError) as exc:
-            raise IngestError(str(exc)) from exc
+    spec = _detect_spec(unit, detector, detector_params, detect_crop_size) if detect else None
     source = source or DEFAULT_SOURCES.get(format) or src_p.resolve().name
     opts = _Opts(unit=unit, crop_size=int(crop_size), patch_size=int(patch_size), source=source, encode=encode, pad=pad)
     config = {
@@ -652,17 +627,55 @@ def ingest(
     )
     if manifest.num_rows == 0:
         raise IngestError(f"nothing ingested from {src_p}: all inputs were skipped ({len(skips)} skip(s))")
+    _report_skips(manifest, src_p, Path(out), report)
+    return manifest
+
+
+def _checked_args(format: str, unit: str, src_p: Path, encode: str | None, pad: str, crop_size: int,
+                  patch_size: int) -> str:
+    """One clear error for a bad argument, before any work; the encoding to use."""
+    if format not in FORMATS:
+        raise IngestError(f"unknown format {format!r} (expected one of {FORMATS})")
+    if unit not in ("cell", "patch"):
+        raise IngestError(f"unknown unit {unit!r} (expected cell or patch)")
+    if not src_p.is_dir():
+        raise IngestError(f"source {src_p} does not exist or is not a directory")
+    if encode is None:
+        encode = "keep" if (format == "folder" and unit == "cell") else "png"
+    if encode not in ("keep", "png", "jpeg"):
+        raise IngestError(f"unknown encoding {encode!r} (expected keep, png or jpeg)")
+    if encode == "keep" and not (format == "folder" and unit == "cell"):
+        raise IngestError("--encode keep only applies to folder cell ingest (crops and tiles are new images: use png or jpeg)")
+    if pad not in ("reflect", "constant"):
+        raise IngestError(f"unknown pad mode {pad!r} (expected reflect or constant)")
+    if crop_size < 2 or patch_size < 2:
+        raise IngestError("crop and patch sizes must be >= 2 px")
+    return encode
+
+
+def _detect_spec(unit: str, detector: str | None, detector_params: dict | None, detect_crop_size: int | None):
+    from reddino.data.detect import DetectError
+    from reddino.data.detect_ingest import DetectSpec
+
+    if unit != "cell":
+        raise IngestError("--detect makes one row per detected cell: use it with --unit cell")
+    try:
+        return DetectSpec.make(detector, detector_params, detect_crop_size)
+    except (DetectError, TypeError) as exc:
+        raise IngestError(str(exc)) from exc
+
+
+def _report_skips(manifest: Manifest, src_p: Path, out: Path, report: Callable[[str], None]) -> None:
     recorded = manifest.get("skipped", [])
     if recorded:
         lines = [f"skipped {len(recorded)} input(s) from {src_p}:"]
         lines += [f"  {s['file']}: {s['reason']}" for s in recorded[:SKIP_REPORT_N]]
         if len(recorded) > SKIP_REPORT_N:
-            lines.append(f"  … and {len(recorded) - SKIP_REPORT_N} more (see {Path(out) / '_manifest.json'} 'skipped')")
+            lines.append(f"  … and {len(recorded) - SKIP_REPORT_N} more (see {out / '_manifest.json'} 'skipped')")
         report("\n".join(lines))
     dups = manifest.get("duplicates", {}).get("count", 0)
     if dups:
         report(f"dropped {dups} duplicate image(s) (identical bytes), e.g. {manifest['duplicates']['examples'][:3]}")
-    return manifest
 
 
 def _default_command() -> str:
