@@ -73,6 +73,9 @@ class CropConfig(_Section):
     # `cell` policy's colour: mild (small hue/saturation shifts) or strong (DINO's ColorJitter + 20 % grayscale, so
     # a stain's colour cannot identify a cell's other views; pallor is luminance and survives both)
     cell_colour: Literal["mild", "strong"] = "mild"
+    # Crops made on the training device, a batch at a time (dinov2 / none policies): the data workers only decode
+    # and draw each crop's parameters (benchmarks/augment_cost.py: CPU per image, worker side)
+    on_device: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "CropConfig":
@@ -80,6 +83,9 @@ class CropConfig(_Section):
             raise ValueError("crops.global_crops_number must be >= 1")
         if self.local_crops_number < 0:
             raise ValueError("crops.local_crops_number must be >= 0 (0 = no local crops)")
+        if self.on_device and self.policy not in ("dinov2", "none"):
+            raise ValueError(f"crops.on_device supports the dinov2 and none policies, not {self.policy!r} "
+                             "(an albumentations pipeline, CPU only)")
         return self
 
 
@@ -113,8 +119,9 @@ class ModelConfig(_Section):
 
 
 class GramWeightSchedule(_Section):
-    """DINOv3's Gram ``loss_weight_schedule``: ``start → peak`` linearly over ``warmup_epochs``, then a half cosine
-    ``peak → end`` over ``cosine_epochs`` (None: the rest of the run), then ``end`` (epochs of ``iters_per_epoch``)."""
+    """DINOv3's Gram ``loss_weight_schedule``, as a factor on ``loss.gram_weight`` (the official values with
+    gram_weight 1): ``start → peak`` linearly over ``warmup_epochs``, then a half cosine ``peak → end`` over
+    ``cosine_epochs`` (None: the rest of the run), then ``end`` (epochs of ``iters_per_epoch``)."""
 
     start: float = 0.0
     peak: float = 0.0
@@ -143,9 +150,9 @@ class LossConfig(_Section):
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30
-    # Gram anchoring (DINOv3; reddino.model.gram): on when gram_weight > 0 or a gram_weight_schedule is set.
-    gram_weight: float = 0.0  # constant weight of the Gram term (DINOv3 gram.loss_weight); 0 = off
-    gram_weight_schedule: GramWeightSchedule | None = None  # the weight per step instead (gram_weight stays 0)
+    # Gram anchoring (DINOv3; reddino.model.gram): on when gram_weight > 0.
+    gram_weight: float = 0.0  # weight of the Gram term (DINOv3 gram.loss_weight); 0 = off
+    gram_weight_schedule: GramWeightSchedule | None = None  # per-step factor on gram_weight; None: constant
     # frozen: a separate backbone, the model at step 0 (or gram_teacher_path), refreshed from the EMA teacher on
     # the schedule below; ema: the EMA teacher itself on the same crops (DINOv3 gram.ema_teacher)
     gram_teacher: Literal["frozen", "ema"] = "frozen"
@@ -166,15 +173,12 @@ class LossConfig(_Section):
 
     @property
     def gram_enabled(self) -> bool:
-        return self.gram_weight > 0 or self.gram_weight_schedule is not None
+        return self.gram_weight > 0
 
     @model_validator(mode="after")
     def _check_gram(self) -> "LossConfig":
         if self.gram_weight < 0:
             raise ValueError("loss.gram_weight must be >= 0 (0 = no Gram anchoring)")
-        if self.gram_weight > 0 and self.gram_weight_schedule is not None:
-            raise ValueError("loss.gram_weight and loss.gram_weight_schedule both set: the schedule gives the weight, "
-                             "leave gram_weight at 0")
         if self.gram_remove_neg and self.gram_remove_only_teacher_neg:
             raise ValueError("loss.gram_remove_neg and loss.gram_remove_only_teacher_neg exclude each other")
         if self.gram_tokens_used != "all" and self.gram_img_level:
@@ -262,6 +266,30 @@ class EvalHookConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # feature extraction; auto: bf16 where native
 
 
+class DistillConfig(_Section):
+    """Feature distillation from a frozen teacher (`reddino distill`; reddino.model.distill). Off while teacher
+    is None (then the run is DINOv2 pretraining)."""
+
+    teacher: str | None = None  # local weights file: a reddino export, or an official file with teacher_arch
+    teacher_arch: str | None = None  # timm arch of an official DINOv2/DINOv3 (non-export) teacher file
+    teacher_img_size: int | None = None  # the teacher sees the student's view resized to this; None: the same view
+    teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device computes it natively
+    loss: Literal["mse", "cosine"] = "mse"  # see reddino.model.distill for why MSE
+    weight: float = Field(1.0, ge=0)  # weight of the distillation term
+    patch_weight: float = Field(1.0, ge=0)  # patch-feature term relative to the global one; 0 = global only
+    ssl_weight: float = Field(0.0, ge=0)  # weight of the DINOv2 objective (loss.*) added to it; 0 = pure distillation
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if self.teacher and self.weight == 0 and self.ssl_weight == 0:
+            raise ValueError("distill.weight and distill.ssl_weight are both 0: nothing to train")
+        return self
+
+
 class MLflowConfig(_Section):
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under ~/.reddino
     experiment: str = "reddino-pretrain"
@@ -280,6 +308,7 @@ class RunConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalHookConfig = Field(default_factory=EvalHookConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
 
     @property

@@ -90,18 +90,19 @@ class WarmupCosineDecay:
 
 
 def gram_weight_schedule(cfg: RunConfig) -> WarmupCosineDecay | None:
-    """The Gram term's weight per step: ``loss.gram_weight_schedule`` (epochs × ``iters_per_epoch``, as DINOv3's
-    epochs × its epoch length), else the constant ``loss.gram_weight``; None when Gram anchoring is off."""
+    """The Gram term's weight per step: ``loss.gram_weight`` × ``loss.gram_weight_schedule`` (epochs ×
+    ``iters_per_epoch``, as DINOv3's epochs × its epoch length), or the constant ``gram_weight`` without a
+    schedule; None when Gram anchoring is off."""
     lc = cfg.loss
     if not lc.gram_enabled:
         return None
     total = int(cfg.total_steps)
-    ws = lc.gram_weight_schedule
+    w, ws = lc.gram_weight, lc.gram_weight_schedule
     if ws is None:
-        return WarmupCosineDecay(lc.gram_weight, lc.gram_weight, lc.gram_weight, 0, total)
+        return WarmupCosineDecay(w, w, w, 0, total)
     ipe = int(cfg.train.iters_per_epoch)
     cosine = None if ws.cosine_epochs is None else round(ws.cosine_epochs * ipe)
-    return WarmupCosineDecay(ws.start, ws.peak, ws.end, round(ws.warmup_epochs * ipe), total, cosine)
+    return WarmupCosineDecay(w * ws.start, w * ws.peak, w * ws.end, round(ws.warmup_epochs * ipe), total, cosine)
 
 
 def gram_refresh_due(cfg: RunConfig, steps_done: int) -> bool:

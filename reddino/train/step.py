@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from reddino.train.data import crops_to_device
+from reddino.train.data import crops_from_batch, crops_to_device
 from reddino.train.schedules import gram_refresh_due
 
 
@@ -78,7 +78,7 @@ class TrainStep:
     loss_hook: Callable | None = None
 
     def __post_init__(self) -> None:
-        self.forward = self.forward or self.model
+        self.forward = self.model if self.forward is None else self.forward  # (a compiled module has no bool)
         self.accum = int(self.cfg.optim.grad_accum_steps)
         self.freeze_until = int(self.cfg.optim.freeze_last_layer_epochs * self.cfg.train.iters_per_epoch)
 
@@ -100,9 +100,7 @@ class TrainStep:
         loss_value, images = 0.0, 0
         for micro in range(self.accum):
             batch = next_batch()
-            g = crops_to_device(batch["global_crops"], self.device)
-            lc = batch.get("local_crops")
-            lc = crops_to_device(lc, self.device) if lc is not None else None
+            g, lc = crops_from_batch(batch, self.device, self.cfg.crops)  # crops.on_device: made here
             masks = batch["masks"].to(self.device, non_blocking=True)
             gram = {}
             if gram_weight is not None:

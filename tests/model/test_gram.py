@@ -92,14 +92,17 @@ def test_gram_weight_schedule_from_the_config_counts_epochs_of_iters_per_epoch()
     # The official gram-anchor recipe's schedule at 1000 iterations per epoch, 1200 epochs: reddino's config
     # gives the same weights (start 0, peak 0, end 2, warm-up 1000 epochs, cosine 1 epoch).
     ref = REF["weight_schedules"]["dinov3_vit7b16_gram_anchor"]
-    cfg = load_config(None, ["train.epochs=1200", "train.iters_per_epoch=1000", "loss.gram_weight_schedule.start=0",
-                             "loss.gram_weight_schedule.peak=0", "loss.gram_weight_schedule.end=2.0",
-                             "loss.gram_weight_schedule.warmup_epochs=1000",
-                             "loss.gram_weight_schedule.cosine_epochs=1"])
-    sched = build_schedules(cfg, 1024)["gram_weight"]
+    recipe = ["train.epochs=1200", "train.iters_per_epoch=1000", "loss.gram_weight_schedule.start=0",
+              "loss.gram_weight_schedule.peak=0", "loss.gram_weight_schedule.end=2.0",
+              "loss.gram_weight_schedule.warmup_epochs=1000", "loss.gram_weight_schedule.cosine_epochs=1"]
+    sched = build_schedules(load_config(None, recipe + ["loss.gram_weight=1"]), 1024)["gram_weight"]
     got = torch.tensor([sched(int(i)) for i in ref["iterations"]], dtype=torch.float64)
     assert torch.allclose(got, ref["values"], rtol=1e-12, atol=1e-12)
     assert "gram_weight" not in build_schedules(load_config(None, []), 1024)  # off: no schedule
+    # gram_weight scales the schedule (0.5 × the official 2.0 at the end)
+    half = build_schedules(load_config(None, recipe + ["loss.gram_weight=0.5"]), 1024)["gram_weight"]
+    assert half(1_100_000) == 1.0 and half(1_000_500) == 0.5 * sched(1_000_500)
+    assert "gram_weight" not in build_schedules(load_config(None, recipe), 1024)  # a schedule alone: still off
 
 
 def test_tokens_used_masked_keeps_only_the_masked_rows_over_the_batch():
@@ -117,7 +120,7 @@ def test_tokens_used_masked_keeps_only_the_masked_rows_over_the_batch():
 def test_resize_needs_square_grids_and_config_errors_name_the_field():
     with pytest.raises(ValueError, match="square"):
         resize_patch_tokens(torch.zeros(1, 10, 4), 4)
-    for bad, field in ((["loss.gram_weight=1", "loss.gram_weight_schedule.end=2"], "gram_weight_schedule"),
+    for bad, field in ((["loss.gram_weight=1", "loss.gram_weight_schedule.end=-2"], "gram_weight_schedule"),
                        (["loss.gram_weight=1", "loss.gram_teacher=ema", "loss.gram_teacher_crops_size=64"],
                         "gram_teacher_crops_size"),
                        (["loss.gram_weight=-1"], "gram_weight"),
