@@ -120,6 +120,9 @@ def chula(root: Path, args) -> dict:
     labels = sorted((root / "Label").glob("*.txt"), key=lambda p: int(p.stem))
     if args.quick:
         labels = labels[:: max(1, len(labels) // 30)][:30]
+    if args.images:
+        want = set(args.images.split(","))
+        labels = [p for p in labels if p.stem in want]
     tasks = [(str(root / "Dataset" / f"{p.stem}.jpg"), str(p), args.detector, args.params) for p in labels]
     t = time.perf_counter()
     res = _run(_chula_one, tasks, args.workers)
@@ -256,6 +259,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--full-ratio", type=float, default=0.8)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--images", help="Chula only these image ids (comma-separated)")
+    ap.add_argument("--chula-only", action="store_true", help="skip BCCD and speed")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     ap.add_argument("--big", type=int, default=0, help="also detect on one BIG x BIG mosaic (e.g. 10000): memory, time")
@@ -269,7 +274,10 @@ def main() -> None:
     if args.big_only:
         big_image(ch, args)
         return
-    res = {"chula": chula(ch, args), "bccd": bccd(bc, args)}
+    res = {"chula": chula(ch, args)}
+    if args.chula_only:
+        return
+    res["bccd"] = bccd(bc, args)
     if args.big:
         res["big"] = big_image(ch, args)
     if not args.skip_speed:
