@@ -1,5 +1,6 @@
-"""Each backbone family through the normal pretraining path on real local Ray: 2 Train workers (DDP), a worker
-crash after a checkpoint, resume from it at the exact step and data position, then export → load_backbone."""
+"""Each backbone family through the normal pretraining path on real local Ray: 2 Train workers (DDP), Gram anchoring
+on (a frozen Gram teacher refreshed during the run), a worker crash after a checkpoint, resume from it at the exact
+step and data position, then export → load_backbone."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def synth(tmp_path_factory):
 
 def _cfg(synth, tmp_path, steps, fam, *extra):
     return load_config(TINY_CONFIG, [
-        f"data.paths=[{synth}]", "data.resize=56", "crops.global_crops_size=56", "crops.local_crops_number=1",
-        "model.img_size=56", "model.head_prototypes=256", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
+        f"data.paths=[{synth}]", "data.resize=64", "crops.global_crops_size=64", "crops.local_crops_number=1",
+        "model.img_size=64", "loss.gram_weight=1.0", "loss.gram_first_refresh=2", "loss.gram_refresh_every=2", "model.head_prototypes=256", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
         "train.epochs=1", f"train.iters_per_epoch={steps}", "train.batch_size_per_worker=4", "train.num_workers=2",
         "train.torch_threads=1", "train.checkpoint_every=2", "train.keep_checkpoints=10", "train.log_every=1",
         "train.monitor_every=2", "train.max_failures=1", f"train.storage_path={tmp_path / 'runs'}",
@@ -68,7 +69,8 @@ def test_family_trains_on_two_workers_and_resumes_after_a_crash(ray_train, synth
     after = np.load(result.checkpoint_dir / DATA_STATE_FILE)["consumed"]
     assert set(before.tolist()) <= set(after.tolist())
     assert len(np.unique(after)) == len(after) == 6 * 8  # the rows of 6 steps of 2 workers, none twice
-    assert np.isfinite(result.metrics["loss"])
+    assert np.isfinite(result.metrics["loss"]) and "loss_gram" in result.metrics
+    assert result.metrics["gram_refreshes"] >= 2  # refreshed at steps 2 and 4, across the resume
 
     back = load_backbone(result.backbone_path)
     assert family.family_of(back).name == fam
@@ -76,7 +78,7 @@ def test_family_trains_on_two_workers_and_resumes_after_a_crash(ray_train, synth
     teacher = {k[len("teacher.backbone."):]: v for k, v in state.items() if k.startswith("teacher.backbone.")}
     assert teacher.keys() == back.state_dict().keys()
     assert all(torch.equal(teacher[k], v) for k, v in back.state_dict().items())  # the export is the teacher
-    x = torch.randn(2, 3, 56, 56)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         t = family.tokens(back, x)
     assert t["cls"].shape == (2, family.embed_dim(back)) and t["patch"].shape[1] >= 1
