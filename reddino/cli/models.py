@@ -79,10 +79,13 @@ def list_cmd() -> None:
 
     from reddino.registry import list_models
 
-    table = Table("name", "version", "aliases", "kind", "arch / backbone", "metrics")
-    for row in list_models():
+    rows = list_models()
+    distilled = any(row["teacher"] for row in rows)
+    table = Table("name", "version", "aliases", "kind", "arch / backbone", *(["distilled from"] if distilled else []),
+                  "metrics")
+    for row in rows:
         table.add_row(row["name"], str(row["version"]), ",".join(row["aliases"]), row["kind"],
-                      row["arch"] or row["backbone"],
+                      row["arch"] or row["backbone"], *([row["teacher"]] if distilled else []),
                       " ".join(f"{k}={v:.3f}" for k, v in row["metrics"].items()))
     Console().print(table)
 
