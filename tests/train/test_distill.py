@@ -46,6 +46,7 @@ def _cfg(synth, tmp_path, teacher, steps, workers=2, **extra):
     return load_config("distill_cpu", overrides)
 
 
+@pytest.mark.slow  # two Ray Train fits (kill + resume) and a registration: ~12 min on the loaded 2-core machine
 def test_two_workers_learn_the_teacher_survive_a_kill_and_register_with_lineage(ray_train, synth, tmp_path,
                                                                                 teacher_file, monkeypatch):
     cfg = _cfg(synth, tmp_path, teacher_file, steps=14, **{"eval.data": synth})
