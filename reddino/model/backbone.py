@@ -232,7 +232,9 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
 
 def _backbone_prefix(keys: list[str]) -> str:
     """The prefix in front of ``pos_embed``; the teacher's if several backbones are present."""
-    prefixes = [k[: -len("pos_embed")] for k in keys if k.endswith("pos_embed") and "ibot" not in k]
+    # never a Gram run's frozen Gram teacher (an older copy of the teacher)
+    prefixes = [k[: -len("pos_embed")] for k in keys
+                if k.endswith("pos_embed") and "ibot" not in k and not k.startswith("gram_teacher.")]
     if not prefixes:
         raise ValueError("no 'pos_embed' key: not a ViT checkpoint")
     for wanted in ("teacher", "backbone", ""):
