@@ -289,7 +289,7 @@ def phase_pretrain(out: Path, cells: Path, device, fed_img_s: float | None, seco
 
 
 def phase_embed(out: Path, backbone: str, cells: Path, device) -> dict:
-    from reddino.infer.embed import embed
+    from reddino.features import embed
 
     on_gpu = device.type == "cuda"
     dest = out / "embed"
