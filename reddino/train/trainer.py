@@ -279,9 +279,12 @@ def pretrain(
     _warn_missing_resources({**(cfg.train.worker_resources or {}), **(cfg.data.map_resources or {})})
     from reddino.train.loop import train_loop_per_worker
 
+    from reddino.train.distributed import BoundTorchConfig
+
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        torch_config=BoundTorchConfig(),  # the process group's store listens on the node's address, not on *
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(
