@@ -194,8 +194,10 @@ def pretrain(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from reddino.preflight import check_run
     from reddino.runtime import default_tracking_uri, init_ray, quiet_data_progress, verbose
 
+    check_run(cfg)  # data, eval data, weights, MLflow: one clear error before Ray or any folder starts
     init_ray()
     quiet_data_progress()
     _quiet_train_console()
@@ -245,7 +247,7 @@ def pretrain(
                              "reddino.run_name": run_name, "reddino.arch": cfg.model.arch})
             if run_dir is not None:
                 mlflow.log_artifact(str(run_dir / "run_config.yaml"))
-        mlflow.end_run()
+        mlflow.end_run(status="RUNNING")  # the workers log into it by id; the end of the run sets its outcome
 
     # --- data: Ray Data does decode + multi-crop + masks on CPU tasks ---
     from reddino.train.data import build_train_dataset, dataset_slots, run_state_actor
@@ -300,11 +302,14 @@ def pretrain(
         ),
         datasets=datasets,
     )
-    if live:
-        with LiveProgress(run_dir / PROGRESS_FILE, cfg.total_steps, f"pretrain {run_name}"):
+    from reddino.train.failure import failure_recorded
+
+    with failure_recorded(run_dir, tracking_uri, mlflow_run_id):  # FAILED in MLflow + error.txt, then raise
+        if live:
+            with LiveProgress(run_dir / PROGRESS_FILE, cfg.total_steps, f"pretrain {run_name}"):
+                result = trainer.fit()
+        else:
             result = trainer.fit()
-    else:
-        result = trainer.fit()
     metrics = dict(result.metrics or {})
     latest = _latest_checkpoint(result)
     stopped = ray.get(run_state.stop_reason.remote())

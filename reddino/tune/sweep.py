@@ -16,6 +16,8 @@ from typing import Any
 import pandas as pd
 
 from reddino.config import SweepConfig, load_section
+from reddino.errors import PreflightError
+from reddino.preflight import check_run
 from reddino.paths import atomic_path, write_text_atomic
 
 from reddino.tune.space import SweepSpace, load_space, params_to_overrides, seeded_arms
@@ -216,7 +218,6 @@ def sweep(
         # absolute paths in sweep.yaml: a resume may start from another directory
         cfg.data = [str(Path(p).expanduser().resolve()) for p in cfg.data] if cfg.data else cfg.data
         cfg.eval_data = str(Path(cfg.eval_data).expanduser().resolve()) if cfg.eval_data else None
-    init_ray(num_cpus=cpus_with_driver_headroom())  # a local Ray; ignored when connecting to a cluster
     data, eval_data, mode, seed = cfg.data, cfg.eval_data, cfg.mode, cfg.seed
     space = load_space(cfg.space)
     extra = list(cfg.overrides)
@@ -227,7 +228,9 @@ def sweep(
     extra.append(f"train.seed={seed}")
     base_cfg = space.base_config(extra)
     if base_cfg.eval.data is None:
-        raise ValueError("a sweep needs a labelled eval set (--eval-data): trials are ranked on kNN, not on the loss")
+        raise PreflightError("a sweep needs a labelled eval set (--eval-data): trials are ranked on kNN, not on the loss")
+    check_run(base_cfg, units=space.units(base_cfg))  # every arm's data, before Ray starts or a folder is made
+    init_ray(num_cpus=cpus_with_driver_headroom())  # a local Ray; ignored when connecting to a cluster
 
     if resume is None:
         name = name or f"sweep-{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -408,8 +411,24 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
         backbone = sweep_dir / "trials" / run_name / "backbone.safetensors" if run_name else None
         row["backbone_path"] = str(backbone) if backbone is not None and backbone.exists() else ""
         row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
+        row["error_file"] = str(Path(res.path) / "error.txt") if res.error and res.path else ""
         rows.append(row)
-    return _report(pd.DataFrame(rows), space, sweep_dir, mode, parent_run_id, base_cfg, cfg)
+    table = pd.DataFrame(rows)
+    if rows and all(r["error"] for r in rows):  # nothing to report on: the table only, and the CLI says why
+        table.to_csv(sweep_dir / "trials.csv", index=False)
+        return SweepResult(sweep_dir=sweep_dir, table=table, best_params={}, best_config_path=None,
+                           parent_run_id=parent_run_id)
+    return _report(table, space, sweep_dir, mode, parent_run_id, base_cfg, cfg)
+
+
+def failed_trials(result: SweepResult) -> tuple[int, int, list[str]]:
+    """(failed, total, error files) of a sweep's trials."""
+    table = result.table
+    if table is None or table.empty or "error" not in table:
+        return 0, 0 if table is None else len(table), []
+    failed = table[table["error"].fillna("").astype(str) != ""]
+    files = [f for f in failed.get("error_file", pd.Series(dtype=str)).fillna("").tolist() if f]
+    return len(failed), len(table), files
 
 
 def _report(table: pd.DataFrame, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_id: str | None, base_cfg,
