@@ -124,3 +124,45 @@ def check_run(cfg: "RunConfig", tracking_uri: str | None = None, units: Iterable
         from reddino.runtime import default_tracking_uri
 
         check_tracking(tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri())
+
+
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".json")
+
+
+def check_model_ref(ref) -> None:
+    """A `reddino evaluate` / `embed` model reference names something that exists: a file or dir, a registered
+    model version (server reachable), a timm arch; each miss is one line saying which."""
+    if not isinstance(ref, (str, Path)):  # an nn.Module
+        return
+    text = str(ref)
+    if text == "handcrafted" or text.startswith(("runs:/", "mlflow-artifacts:", "dbfs:/")):
+        return
+    if text.startswith("models:/"):
+        from reddino.registry.core import model_version
+
+        model_version(text)  # reachable server, existing model / version / alias, or one line
+        return
+    path = Path(text).expanduser()
+    if path.exists():
+        return
+    if "/" in text or text.startswith((".", "~")) or text.endswith(_FILE_SUFFIXES):
+        raise PreflightError(f"--model {text}: no such file or directory")
+    import timm
+
+    arch = text.split(":", 1)[1] if text.startswith("random:") else text
+    if not timm.is_model(arch):
+        raise PreflightError(f"--model {text}: not a file, a models:/ or runs:/ URI, 'handcrafted' or a timm "
+                             f"architecture (random:<arch>)")
+
+
+def check_labelled_data(paths: Iterable[str], role: str = "--data") -> None:
+    """Every dataset an evaluation reads exists and holds labelled rows."""
+    for p in paths:
+        check_eval_data(str(p), role=role)
+
+
+def check_eval_inputs(models: Iterable, data: Iterable[str]) -> None:
+    """Everything `reddino evaluate` reads, before its output folder exists."""
+    for ref in models:
+        check_model_ref(ref)
+    check_labelled_data(data)

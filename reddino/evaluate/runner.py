@@ -97,6 +97,9 @@ def evaluate(
         variants.append(sorted(set(excl) | set(both)))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(c.out_dir) if c.out_dir else Path("eval") / stamp
+    from reddino.preflight import check_eval_inputs  # noqa: PLC0415
+
+    check_eval_inputs(models, paths)  # models and data exist: one line, and no empty output folder, otherwise
     out.mkdir(parents=True, exist_ok=True)
     clfs = classifier_names(c.ks, cosine=c.cosine_knn, probe=c.probe)
     names = _data_names(paths)
