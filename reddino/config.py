@@ -76,6 +76,9 @@ class CropConfig(_Section):
     # `cell` policy's colour: mild (small hue/saturation shifts) or strong (DINO's ColorJitter + 20 % grayscale, so
     # a stain's colour cannot identify a cell's other views; pallor is luminance and survives both)
     cell_colour: Literal["mild", "strong"] = "mild"
+    # Crops made on the training device, a batch at a time (dinov2 / none policies): the data workers only decode
+    # and draw each crop's parameters (benchmarks/augment_cost.py: CPU per image, worker side)
+    on_device: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "CropConfig":
@@ -83,6 +86,9 @@ class CropConfig(_Section):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1:
                 raise FieldError(f"crops.{name}", f"must be [min, max] with 0 < min <= max <= 1, got {[lo, hi]}")
+        if self.on_device and self.policy not in ("dinov2", "none"):
+            raise FieldError("crops.on_device", f"supports the dinov2 and none policies, not {self.policy!r} "
+                             "(an albumentations pipeline, CPU only)", related=("crops.policy",))
         return self
 
 
@@ -105,6 +111,9 @@ class ModelConfig(_Section):
     img_size: int = Field(224, ge=1)
     patch_size: int | None = Field(None, ge=1)  # None: the architecture's own
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    # extra timm constructor kwargs of the backbone (e.g. {depth: 2}, ConvNeXt {dims: [...], ls_init_value: 0.1}),
+    # recorded by the export so load_backbone builds the same module
+    timm_kwargs: dict[str, Any] | None = None
     pretrained: str | None = None  # local file: timm or original DINOv2 state dict, or a reddino export
     head_prototypes: int = Field(131072, ge=1)
     head_hidden_dim: int = Field(2048, ge=1)
@@ -116,6 +125,26 @@ class ModelConfig(_Section):
     head_use_bn: bool = False
     ibot_separate_head: bool = False
     ibot_head_prototypes: int | None = Field(None, ge=1)  # only with a separate head; None = head_prototypes
+
+
+class GramWeightSchedule(_Section):
+    """DINOv3's Gram ``loss_weight_schedule``, as a factor on ``loss.gram_weight`` (the official values with
+    gram_weight 1): ``start → peak`` linearly over ``warmup_epochs``, then a half cosine ``peak → end`` over
+    ``cosine_epochs`` (None: the rest of the run), then ``end`` (epochs of ``iters_per_epoch``)."""
+
+    start: float = 0.0
+    peak: float = 0.0
+    end: float = 1.0
+    warmup_epochs: float = 0.0
+    cosine_epochs: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "GramWeightSchedule":
+        if min(self.start, self.peak, self.end) < 0:
+            raise ValueError("loss.gram_weight_schedule: start, peak and end must be >= 0")
+        if self.warmup_epochs < 0 or (self.cosine_epochs is not None and self.cosine_epochs < 0):
+            raise ValueError("loss.gram_weight_schedule: warmup_epochs and cosine_epochs must be >= 0")
+        return self
 
 
 class LossConfig(_Section):
@@ -131,6 +160,56 @@ class LossConfig(_Section):
     warmup_teacher_temp: float = Field(0.04, gt=0)
     # May exceed the run (RedDino: 30 epochs of warm-up, 10 trained): the run then ends inside the warm-up.
     warmup_teacher_temp_epochs: float = Field(30, ge=0)
+    # Gram anchoring (DINOv3; reddino.model.gram): on when gram_weight > 0.
+    gram_weight: float = 0.0  # weight of the Gram term (DINOv3 gram.loss_weight); 0 = off
+    gram_weight_schedule: GramWeightSchedule | None = None  # per-step factor on gram_weight; None: constant
+    # frozen: a separate backbone, the model at step 0 (or gram_teacher_path), refreshed from the EMA teacher on
+    # the schedule below; ema: the EMA teacher itself on the same crops (DINOv3 gram.ema_teacher)
+    gram_teacher: Literal["frozen", "ema"] = "frozen"
+    gram_teacher_path: str | None = None  # frozen teacher's starting weights: a backbone file (as model.pretrained)
+    gram_first_refresh: int | None = None  # step at which the frozen teacher first becomes the EMA teacher; None: never
+    gram_refresh_every: int = 10000  # steps between refreshes (DINOv3 update_frequency)
+    gram_max_refreshes: int | None = None  # DINOv3 max_updates; None: no limit
+    # Gram teacher's crops: the global crops' geometry at this size, geometric augmentation only; its token grid
+    # is resized to the student's. None: the student's global crops (DINOv3 crops.gram_teacher_crops_size)
+    gram_teacher_crops_size: int | None = None
+    gram_normalized: bool = True  # L2-normalise the features first (DINOv3 gram.normalized)
+    gram_img_level: bool = True  # one Gram matrix per image (DINOv3's Gram recipes); False: over the local batch
+    gram_remove_neg: bool = False  # clip negative entries of both Gram matrices to 0
+    gram_remove_only_teacher_neg: bool = False  # clip the teacher's only (excludes gram_remove_neg)
+    gram_tokens_used: Literal["all", "masked", "unmasked"] = "all"  # masked/unmasked need gram_img_level false
+    gram_resize_method: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    gram_resize_antialias: bool = False
+
+    @property
+    def gram_enabled(self) -> bool:
+        return self.gram_weight > 0
+
+    @model_validator(mode="after")
+    def _check_gram(self) -> "LossConfig":
+        if self.gram_weight < 0:
+            raise ValueError("loss.gram_weight must be >= 0 (0 = no Gram anchoring)")
+        if self.gram_remove_neg and self.gram_remove_only_teacher_neg:
+            raise ValueError("loss.gram_remove_neg and loss.gram_remove_only_teacher_neg exclude each other")
+        if self.gram_tokens_used != "all" and self.gram_img_level:
+            raise ValueError(f"loss.gram_tokens_used={self.gram_tokens_used!r} needs loss.gram_img_level=false")
+        if self.gram_teacher == "ema":
+            set_ = [n for n in ("gram_teacher_path", "gram_first_refresh", "gram_teacher_crops_size")
+                    if getattr(self, n) is not None]
+            if set_:
+                raise ValueError(f"loss.gram_teacher=ema uses the EMA teacher on the global crops; "
+                                 f"{', '.join('loss.' + n for n in set_)} apply to the frozen teacher only")
+        if self.gram_first_refresh is not None and self.gram_first_refresh < 1:
+            raise ValueError("loss.gram_first_refresh must be >= 1 (a step count), or null for no refresh")
+        if self.gram_refresh_every < 1:
+            raise ValueError("loss.gram_refresh_every must be >= 1")
+        if self.gram_max_refreshes is not None and self.gram_max_refreshes < 0:
+            raise ValueError("loss.gram_max_refreshes must be >= 0, or null for no limit")
+        if self.gram_teacher_crops_size is not None and self.gram_teacher_crops_size < 1:
+            raise ValueError("loss.gram_teacher_crops_size must be a positive size in pixels")
+        if self.gram_resize_antialias and self.gram_resize_method == "nearest":
+            raise ValueError("loss.gram_resize_antialias needs gram_resize_method bicubic or bilinear")
+        return self
 
 
 class OptimConfig(_Section):

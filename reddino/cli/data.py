@@ -38,6 +38,16 @@ class Pad(str, Enum):
     constant = "constant"
 
 
+def _detector_params(text: Optional[str]) -> dict:
+    from reddino.data.detect import DetectError
+    from reddino.data.detect_ingest import parse_params
+
+    try:
+        return parse_params(text)
+    except (DetectError, ValueError) as exc:
+        _fail(exc)
+
+
 def _command() -> str:
     return " ".join(["reddino", *sys.argv[1:]])
 
@@ -91,7 +101,7 @@ def register(app: typer.Typer) -> None:
         src: Path = typer.Argument(..., help="Source directory."),
         out: Path = typer.Option(..., "--out", "-o", help="Output dataset directory (Parquet shards + _manifest.json)."),
         unit: Unit = typer.Option(Unit.cell, help="cell: one row per annotated cell / crop file; patch: tile whole smears."),
-        crop_size: int = typer.Option(80, help="Chula: square crop size (px) centred on each annotated cell."),
+        crop_size: Optional[int] = typer.Option(None, help="Chula: square crop size (px) centred on each annotated cell (default 80); --detect: crop side for every cell (default 3.2 cell radii per smear)."),
         patch_size: int = typer.Option(224, help="--unit patch: tile size (px); grid centred, remainders dropped."),
         source: Optional[str] = typer.Option(None, help="Source name (default: chula-rbc-12 / bccd / the folder name)."),
         workers: Optional[int] = typer.Option(None, help="Worker processes (default: all CPUs; 1 = in-process)."),
@@ -100,6 +110,9 @@ def register(app: typer.Typer) -> None:
         pad: Pad = typer.Option(Pad.reflect, help="Chula border padding: reflect or constant (median colour)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing different dataset in --out."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        detect: bool = typer.Option(False, "--detect", help="--unit cell: find the cells in every smear photo with a detector (one row per detected cell; labels attached where the source's labels match)."),
+        detector: str = typer.Option("classical", help="--detect: which detector (see reddino.data.detect.register_detector)."),
+        detector_params: Optional[str] = typer.Option(None, help="--detect: detector parameters, key=value,... or JSON (e.g. cell_radius=48)."),
     ) -> None:
         """Ingest raw images/annotations into a reddino Parquet dataset."""
         import logging
@@ -115,14 +128,22 @@ def register(app: typer.Typer) -> None:
         t0 = time.perf_counter()
         try:
             m = ingest(
-                format.value, src, out, unit=unit.value, crop_size=crop_size, patch_size=patch_size, source=source,
+                format.value, src, out, unit=unit.value, crop_size=80 if crop_size is None else crop_size,
+                patch_size=patch_size, source=source,
                 workers=workers, encode=encode.value if encode else None, classes=classes, pad=pad.value,
                 overwrite=overwrite, progress=progress, command=_command(),
                 report=lambda msg: err.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
+                detect=detect, detector=detector, detector_params=_detector_params(detector_params) if detect else None,
+                detect_crop_size=crop_size if detect else None,
             )
         except (IngestError, DatasetExistsError, ManifestError, FileNotFoundError) as exc:
             _fail(exc)
         _print_summary(m, title=f"{out} ({time.perf_counter() - t0:.1f} s)")
+        if detect and (m.get("meta") or {}).get("detection"):
+            d = m["meta"]["detection"]
+            err.print(f"detected {d['cells']:,} cells in {d['smears']:,} smears (median {d['cells_per_smear_median']:.0f} "
+                      f"per smear; dropped: {d['dropped'] or 'none'}; labelled points/boxes without a detected cell: "
+                      f"{d['labels_unmatched']})", markup=False, highlight=False)
 
     @app.command("synth")
     def synth_cmd(

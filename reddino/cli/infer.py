@@ -106,6 +106,12 @@ def classify_cmd(
     concurrency: int = typer.Option(1, help="Model actors for the embedding pass."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs of the local Ray (default: all)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute embeddings made with other settings."),
+    detect: bool = typer.Option(False, "--detect", help="--data is a folder of smear photos (flat, Chula or VOC tree): find the cells first, then classify them; adds overlays/ and report.html."),
+    detector: str = typer.Option("classical", help="--detect: which detector."),
+    detector_params: Optional[str] = typer.Option(None, help="--detect: detector parameters, key=value,... or JSON."),
+    crop_size: Optional[int] = typer.Option(None, help="--detect: crop side (px; default 3.2 cell radii per smear)."),
+    overlays: int = typer.Option(12, help="--detect: smears drawn with their cells' outlines coloured by class."),
+    workers: Optional[int] = typer.Option(None, help="--detect: detection processes (default: all CPUs)."),
 ) -> None:
     """Per-cell morphology predictions and per-smear / per-source fractions (CSV, markdown, bar chart)."""
     from rich.console import Console  # noqa: PLC0415
@@ -113,6 +119,10 @@ def classify_cmd(
     from reddino.infer.classify import classify  # noqa: PLC0415
     from reddino.infer.embed import EmbedError  # noqa: PLC0415
 
+    if detect:
+        _classify_smears(model, probe, data, out, detector, detector_params, crop_size, overlays, workers, batch_size,
+                         concurrency, num_cpus, overwrite)
+        return
     try:
         res = classify(model, probe, data, out, batch_size=batch_size, concurrency=concurrency, num_cpus=num_cpus,
                        overwrite=overwrite)
@@ -120,6 +130,33 @@ def classify_cmd(
         _fail(exc)
     Console().print(Path(res.files["markdown"]).read_text(), markup=False, highlight=False, soft_wrap=True)
     typer.echo(f"per cell: {res.files['csv']}\nper smear: {res.files['by_smear']}\nchart: {res.files['plot']}")
+
+
+def _classify_smears(model, probe, data, out, detector, detector_params, crop_size, overlays, workers, batch_size,
+                     concurrency, num_cpus, overwrite) -> None:
+    import logging  # noqa: PLC0415
+
+    from rich.console import Console  # noqa: PLC0415
+
+    from reddino.data.detect import DetectError  # noqa: PLC0415
+    from reddino.data.detect_ingest import parse_params  # noqa: PLC0415
+    from reddino.data.ingest import IngestError  # noqa: PLC0415
+    from reddino.data.shards import DatasetExistsError  # noqa: PLC0415
+    from reddino.infer.embed import EmbedError  # noqa: PLC0415
+    from reddino.infer.smears import classify_smears  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    err = Console(stderr=True)
+    try:
+        res = classify_smears(model, probe, data, out, detector=detector, detector_params=parse_params(detector_params),
+                              crop_size=crop_size, overlays=overlays, workers=workers, batch_size=batch_size,
+                              concurrency=concurrency, num_cpus=num_cpus, overwrite=overwrite,
+                              report=lambda msg: err.print(msg, style="yellow", markup=False, highlight=False))
+    except (EmbedError, IngestError, DetectError, DatasetExistsError, FileNotFoundError) as exc:
+        _fail(exc)
+    Console().print(Path(res.files["markdown"]).read_text(), markup=False, highlight=False, soft_wrap=True)
+    typer.echo(f"per cell: {res.files['csv']}\nper smear: {res.files['by_smear']}\nchart: {res.files['plot']}\n"
+               f"overlays: {len(res.files['overlays'])} in {Path(out) / 'overlays'}\nreport: {res.files['report']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,10 +1,12 @@
 """Multi-crop augmentation and iBOT block masks, on CPU inside Ray Data ``map_batches`` (numpy in, numpy out).
 
-Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` in :data:`POLICIES`:
+Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` (albumentations) or ``→ list[CropRecipe]``
+(explicit parameters, :mod:`reddino.data.fastaug`) in :data:`POLICIES`:
 
 * ``dinov2``: the DINOv2 recipe (Oquab et al. 2024, after BYOL/DINO): RandomResizedCrop (bicubic),
   HorizontalFlip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, ToGray p=0.2, GaussianBlur (p=1.0 on global
-  crop 1; 0.1 + Solarize 0.2 on global crop 2; 0.5 on local crops).
+  crop 1; 0.1 + Solarize 0.2 on global crop 2; 0.5 on local crops). Explicit parameters drawn as torchvision
+  draws them, applied with cv2 (:mod:`reddino.data.fastaug`), or on the training device (``crops.on_device``).
 * ``rbc``: RedDino (Zedda et al., MICCAI 2025): RandomResizedCrop → ``rbc_pick`` of 33 pixel-level
   albumentations transforms (each with p=``rbc_p``) → HorizontalFlip, VerticalFlip, RandomRotate90 (each
   p=``flip_rotate_p``).
@@ -13,10 +15,16 @@ Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` in 
   drift) vary. Square crops (aspect 1) at ``*_crops_scale`` → any-angle rotation (reflect border) → flips →
   mild blur / noise → mild brightness-contrast / hue-saturation, or with ``cell_colour=strong`` DINO's colour
   jitter + grayscale.
-* ``none``: crops only.
+* ``none``: crops only (also fastaug, so ``crops.on_device`` runs it too).
 
 All end with ImageNet mean/std normalisation (done once per batch, vectorised) and stay RGB throughout.
 Randomness is a pure function of (seed, epoch, row sha256), so a resumed run sees the same augmentations.
+
+Gram-teacher crops (DINOv3's higher-resolution Gram teacher, ``gram_crops_size``): each global crop is cut at that
+size with the policy's geometric transforms (crop, flips, rotations), which is the Gram teacher's view (no
+distortions); the student's global crop is that view resized bicubically (antialiased) to the global size, then
+given the policy's pixel transforms. So both see the same region, the teacher at more pixels. The geometric
+transforms then run before the pixel ones (which commute with them up to direction-symmetric noise).
 """
 
 from __future__ import annotations
@@ -30,13 +38,22 @@ from typing import Any, Callable
 import albumentations as A
 import cv2
 import numpy as np
+from PIL import Image
 
 from reddino.config import CropConfig, MaskConfig
-from reddino.data.images import normalize_chw, resize_square, to_rgb_image
+from reddino.data.fastaug import (
+    N_PARAMS, CropRecipe, apply_cpu, blur_cpu, colour_cpu, crop_resize_cpu, dinov2_recipes, draw_params, none_recipes,
+    solarize_cpu,
+)
+from reddino.data.images import decode_for_size, normalize_chw, resize_square
 
 
 #: Bump a policy's version whenever its output distribution changes (recorded with each run).
-POLICY_VERSIONS = {"dinov2": 1, "rbc": 1, "cell": 1, "none": 1}
+POLICY_VERSIONS = {"dinov2": 2, "rbc": 1, "cell": 1, "none": 2}  # dinov2/none 2: fastaug (torchvision's draws)
+
+#: Policies made of explicit per-crop parameters (:mod:`reddino.data.fastaug`), which ``crops.on_device`` can run on
+#: the training device; the others are albumentations pipelines and run on the CPU.
+PARAM_POLICIES = ("dinov2", "none")
 
 #: RedDino's 33 pixel-level transforms (albumentations class names, default arguments).
 RBC_TRANSFORMS = (
@@ -70,37 +87,16 @@ def _crop(size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3
     return A.RandomResizedCrop(size=(size, size), scale=tuple(scale), ratio=ratio, interpolation=cv2.INTER_CUBIC, p=1.0)
 
 
-def build_none(crops: CropConfig) -> CropPipelines:
+def build_none(crops: CropConfig) -> list[CropRecipe]:
     """Random-resized crops only."""
-    return CropPipelines(
-        [_compose([_crop(crops.global_crops_size, crops.global_crops_scale)])
-         for _ in range(crops.global_crops_number)],
-        _compose([_crop(crops.local_crops_size, crops.local_crops_scale)]),
-    )
+    return none_recipes(crops)
 
 
-def build_dinov2(crops: CropConfig) -> CropPipelines:
-    """DINOv2's augmentations. With more than two global crops, odd crops use crop 1's blur and even crops
+def build_dinov2(crops: CropConfig) -> list[CropRecipe]:
+    """DINOv2's augmentations as explicit per-crop parameters (:mod:`reddino.data.fastaug`: cv2 on the CPU, or
+    torch on the training device). With more than two global crops, odd crops use crop 1's blur and even crops
     crop 2's blur + solarize."""
-
-    def colour() -> list[Any]:
-        return [
-            A.HorizontalFlip(p=0.5),
-            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8),
-            A.ToGray(num_output_channels=3, p=0.2),
-        ]
-
-    def blur(p: float) -> A.GaussianBlur:
-        return A.GaussianBlur(blur_limit=(9, 9), sigma_limit=(0.1, 2.0), p=p)
-
-    gs, gscale = crops.global_crops_size, crops.global_crops_scale
-    first = lambda: _compose([_crop(gs, gscale), *colour(), blur(1.0)])  # noqa: E731
-    second = lambda: _compose(  # noqa: E731
-        [_crop(gs, gscale), *colour(), blur(0.1), A.Solarize(threshold_range=(0.5, 0.5), p=0.2)]
-    )
-    globals_ = [first() if i % 2 == 0 else second() for i in range(crops.global_crops_number)]
-    local = _compose([_crop(crops.local_crops_size, crops.local_crops_scale), *colour(), blur(0.5)])
-    return CropPipelines(globals_, local)
+    return dinov2_recipes(crops)
 
 
 def rbc_pixel_transforms(p: float) -> list[A.BasicTransform]:
@@ -152,7 +148,7 @@ def build_cell(crops: CropConfig) -> CropPipelines:
 
 
 #: ``crops.policy`` name → builder.
-POLICIES: dict[str, Callable[[CropConfig], CropPipelines]] = {
+POLICIES: dict[str, Callable[[CropConfig], CropPipelines | list[CropRecipe]]] = {
     "dinov2": build_dinov2,
     "rbc": build_rbc,
     "cell": build_cell,
@@ -160,12 +156,27 @@ POLICIES: dict[str, Callable[[CropConfig], CropPipelines]] = {
 }
 
 
-def build_policy(crops: CropConfig) -> CropPipelines:
+def build_policy(crops: CropConfig) -> CropPipelines | list[CropRecipe]:
     if crops.policy not in POLICIES:
         raise ValueError(f"unknown augmentation policy {crops.policy!r}; valid: {', '.join(sorted(POLICIES))}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # albumentations' advisory warnings about defaults
         return POLICIES[crops.policy](crops)
+
+
+def split_geometry(pipe: A.Compose) -> tuple[A.Compose, A.Compose]:
+    """A policy pipeline → (its geometric transforms, its pixel transforms), each in the original order. Geometric
+    ones are albumentations ``DualTransform``s (they move pixels: crops, flips, rotations); a nested group must be
+    all pixel-level."""
+    geom, pixel = [], []
+    for t in pipe.transforms:
+        if isinstance(t, A.DualTransform):
+            geom.append(t)
+        elif isinstance(t, A.BaseCompose) and any(isinstance(x, A.DualTransform) for x in t.transforms):
+            raise ValueError(f"{type(t).__name__} mixes geometric and pixel transforms: cannot make Gram-teacher crops")
+        else:
+            pixel.append(t)
+    return _compose(geom), _compose(pixel)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,11 +254,18 @@ class MultiCropTransform:
     * ``global_crops`` float32 [B, G, 3, S, S]
     * ``local_crops`` float32 [B, L, 3, s, s] — the key is **omitted** when L = 0
     * ``masks`` bool [B, G, (S // patch_size)²] (iBOT block masks)
+    * ``gram_crops`` [B, G, 3, T, T] with ``gram_crops_size`` T: the Gram teacher's views of the global crops
+      (see the module docstring), normalised like the others
     * ``sha256`` passed through when given.
 
     ``normalize=False`` leaves the crops as they come out of the pipelines, uint8 [B, G, S, S, 3] (RGB,
     channels last): a quarter of the bytes to move, and the normalisation happens on the training device
     instead, with :func:`reddino.data.images.normalize_on_device`.
+
+    ``on_device=True`` (``crops.on_device``; policies in :data:`PARAM_POLICIES`) makes no crops: it returns the
+    decoded, resized images ``images`` uint8 [B, R, R, 3] and every crop's random parameters ``crop_params``
+    float32 [B, G + L, N_PARAMS] (plus ``masks``, ``sha256``); :func:`reddino.data.fastaug.augment_on_device`
+    makes the crops on the training device from them, equal in distribution to the CPU path.
 
     Each row's randomness (crops, pixel transforms, masks) is seeded from (``seed``, epoch, sha256); the epoch
     comes from an ``epoch`` column, else the ``epoch`` argument of the call, else ``self.epoch``
@@ -263,6 +281,8 @@ class MultiCropTransform:
         seed: int = 0,
         epoch: int = 0,
         normalize: bool = True,
+        gram_crops_size: int | None = None,
+        on_device: bool | None = None,
     ) -> None:
         self.normalize = bool(normalize)
         self.crops = crops
@@ -271,7 +291,22 @@ class MultiCropTransform:
         self.resize = resize
         self.seed = int(seed)
         self.epoch = int(epoch)
+        self.on_device = bool(crops.on_device if on_device is None else on_device)
+        self.gram_size = int(gram_crops_size) if gram_crops_size else None
         self.pipelines = build_policy(crops)
+        self.recipes = self.pipelines if isinstance(self.pipelines, list) else None
+        self.gram_split = None
+        if self.on_device and self.recipes is None:
+            raise ValueError(f"crops.on_device runs the {' and '.join(PARAM_POLICIES)} policies on the training "
+                             f"device; {crops.policy!r} is an albumentations pipeline and runs on the CPU")
+        if self.on_device and not resize:
+            raise ValueError("crops.on_device needs data.resize (the images of a batch are stacked at one size)")
+        if self.on_device and self.gram_size:
+            raise ValueError("crops.on_device does not make Gram-teacher crops yet: set crops.on_device=false")
+        if self.gram_size and self.recipes is None:
+            # global crops cut at the Gram teacher's size, then split into geometry + pixel transforms
+            self.pipelines = build_policy(crops.model_copy(update={"global_crops_size": self.gram_size}))
+            self.gram_split = [split_geometry(p) for p in self.pipelines.global_crops]
         side = crops.global_crops_size // self.patch_size
         self.grid = (side, side)
 
@@ -293,15 +328,21 @@ class MultiCropTransform:
         epochs = batch.get("epoch")
         c = self.crops
         G, L, S, s = c.global_crops_number, c.local_crops_number, c.global_crops_size, c.local_crops_size
-        g_u8 = np.empty((n, G, S, S, 3), dtype=np.uint8)
-        l_u8 = np.empty((n, L, s, s, 3), dtype=np.uint8)
+        if self.on_device:
+            decoded = np.empty((n, self.resize, self.resize, 3), dtype=np.uint8)
+            params = np.empty((n, G + L, N_PARAMS), dtype=np.float32)
+        else:
+            g_u8 = np.empty((n, G, S, S, 3), dtype=np.uint8)
+            l_u8 = np.empty((n, L, s, s, 3), dtype=np.uint8)
         masks = np.zeros((n, G, self.grid[0] * self.grid[1]), dtype=bool)
+        T = self.gram_size
+        t_u8 = np.empty((n, G, T, T, 3), dtype=np.uint8) if T else None
         default_epoch = self.epoch if epoch is None else int(epoch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             for r in range(n):
                 item = images[r]
-                img = resize_square(to_rgb_image(item), self.resize)
+                img = resize_square(decode_for_size(item, self.resize), self.resize)
                 if shas is not None:
                     key = str(shas[r])
                 else:
@@ -309,16 +350,46 @@ class MultiCropTransform:
                     key = hashlib.sha256(raw).hexdigest()
                 ep = int(epochs[r]) if epochs is not None else default_epoch
                 seed = self.row_seed(key, ep)
-                rng, py = np.random.default_rng(seed), random.Random(seed)
-                for i, pipe in enumerate(self.pipelines.global_crops):
-                    g_u8[r, i] = self._apply(pipe, img, rng, py)
-                for j in range(L):
-                    l_u8[r, j] = self._apply(self.pipelines.local_crops, img, rng, py)
+                rng = np.random.default_rng(seed)
+                if self.recipes is not None:
+                    p = draw_params(rng, img.shape[0], img.shape[1], self.recipes)
+                    if self.on_device:
+                        decoded[r], params[r] = img, p
+                    else:
+                        for k, recipe in enumerate(self.recipes):
+                            if k < G and T:  # the Gram teacher's view: the geometry only, at its size
+                                t_u8[r, k] = crop_resize_cpu(img, p[k], T)
+                                small = np.asarray(Image.fromarray(t_u8[r, k]).resize((S, S), Image.BICUBIC))
+                                crop = solarize_cpu(blur_cpu(colour_cpu(small, p[k]), p[k]), p[k])
+                            else:
+                                crop = apply_cpu(img, p[k], recipe.size)
+                            if k < G:
+                                g_u8[r, k] = crop
+                            else:
+                                l_u8[r, k - G] = crop
+                else:
+                    py = random.Random(seed)
+                    if self.gram_split is None:
+                        for i, pipe in enumerate(self.pipelines.global_crops):
+                            g_u8[r, i] = self._apply(pipe, img, rng, py)
+                    else:
+                        for i, (geom, pixel) in enumerate(self.gram_split):
+                            t_u8[r, i] = self._apply(geom, img, rng, py)
+                            small = np.asarray(Image.fromarray(t_u8[r, i]).resize((S, S), Image.BICUBIC))
+                            g_u8[r, i] = self._apply(pixel, small, rng, py)
+                    for j in range(L):
+                        l_u8[r, j] = self._apply(self.pipelines.local_crops, img, rng, py)
                 masks[r] = sample_masks(np.random.default_rng([seed, 1]), G, self.grid, self.mask)
-        finish = normalize_chw if self.normalize else (lambda x: x)
-        out: dict[str, np.ndarray] = {"global_crops": finish(g_u8), "masks": masks}
-        if L > 0:
-            out["local_crops"] = finish(l_u8)
+        out: dict[str, np.ndarray] = {"masks": masks}
+        if self.on_device:
+            out.update(images=decoded, crop_params=params)
+        else:
+            finish = normalize_chw if self.normalize else (lambda x: x)
+            out["global_crops"] = finish(g_u8)
+            if L > 0:
+                out["local_crops"] = finish(l_u8)
+            if T:
+                out["gram_crops"] = finish(t_u8)
         if shas is not None:
             out["sha256"] = np.asarray(shas)
         return out

@@ -242,10 +242,17 @@ def _task_voc_image(img_path: str, rel: str, stem: str, xml_rel: str, boxes: lis
     return rows, skips
 
 
+def _task_detect(*args):  # --detect: cells found by a detector (reddino.data.detect_ingest)
+    from reddino.data.detect_ingest import task_detect
+
+    return task_detect(*args)
+
+
 _TASKS: dict[str, Callable] = {
     "folder": _task_folder_files,
     "chula": _task_chula_image,
     "voc": _task_voc_image,
+    "detect": _task_detect,
 }
 
 
@@ -546,6 +553,10 @@ def ingest(
     max_rows_per_shard: int = DEFAULT_MAX_ROWS_PER_SHARD,
     max_bytes_per_shard: int = DEFAULT_MAX_BYTES_PER_SHARD,
     report: Callable[[str], None] | None = None,
+    detect: bool = False,
+    detector: str | None = None,
+    detector_params: dict | None = None,
+    detect_crop_size: int | None = None,
 ) -> Manifest:
     """Ingest ``src`` (layout ``format``: folder | chula | voc) into the dataset dir ``out``.
 
@@ -555,6 +566,9 @@ def ingest(
     (list, comma-separated string or a file with one name per line). ``workers``: processes
     (default ``os.cpu_count()``, 1 = in-process). Returns the written (or unchanged) manifest.
     Skipped inputs are reported through ``report`` (default: logging) and recorded in the manifest.
+    ``detect``: one row per cell found by ``detector`` (see :mod:`reddino.data.detect_ingest`) in every smear
+    image, labelled where the source's labels match a detected cell; ``detect_crop_size`` fixes the crop side
+    (default: 3.2 cell radii of each smear).
     """
     if format not in FORMATS:
         raise IngestError(f"unknown format {format!r} (expected one of {FORMATS})")
@@ -574,6 +588,17 @@ def ingest(
     if crop_size < 2 or patch_size < 2:
         raise IngestError("crop and patch sizes must be >= 2 px")
     class_list = _parse_classes(classes)
+    spec = None
+    if detect:
+        from reddino.data.detect import DetectError
+        from reddino.data.detect_ingest import DetectSpec
+
+        if unit != "cell":
+            raise IngestError("--detect makes one row per detected cell: use it with --unit cell")
+        try:
+            spec = DetectSpec.make(detector, detector_params, detect_crop_size)
+        except (DetectError, TypeError) as exc:
+            raise IngestError(str(exc)) from exc
     source = source or DEFAULT_SOURCES.get(format) or src_p.resolve().name
     opts = _Opts(unit=unit, crop_size=int(crop_size), patch_size=int(patch_size), source=source, encode=encode, pad=pad)
     config = {
@@ -587,12 +612,19 @@ def ingest(
         "pad": pad if (format == "chula" and unit == "cell") else None,
         "classes": class_list,
     }
+    if spec is not None:
+        config.update(crop_size=None, pad=pad, detect=spec.config())
     meta = {"command": command or _default_command(), "config": config}
     check_output_dir(out, meta, overwrite)  # fail before the work, not after
 
     report = report or (lambda msg: log.warning("%s", msg))
     skips: list[dict[str, str]] = []
-    tasks, class_table, groups = _PLANNERS[format](src_p, opts, class_list, skips)
+    if spec is not None:
+        from reddino.data.detect_ingest import plan, summarise
+
+        tasks, class_table, groups = plan(format, src_p, opts, class_list, skips, spec)
+    else:
+        tasks, class_table, groups = _PLANNERS[format](src_p, opts, class_list, skips)
     if unit == "patch":
         class_table = {}  # tiles are unlabelled
     same = {k: v for k, v in groups.items() if k != v}
@@ -602,10 +634,17 @@ def ingest(
                + ", ".join(f"{k}={v}" for k, v in list(same.items())[:10]) + (" …" if len(same) > 10 else ""))
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
 
+    per_smear: dict[str, dict] = {}
+
     def rows() -> Iterator[dict]:
-        for task_rows, task_skips in _execute(tasks, workers, progress, f"ingest {format} → {unit} rows"):
-            skips.extend(task_skips)
-            yield from task_rows
+        desc = f"ingest {format} → {unit} rows" + (f" (detect: {spec.name})" if spec else "")
+        for res in _execute(tasks, workers, progress, desc):
+            skips.extend(res[1])
+            if len(res) > 2:  # --detect: per-smear detection summaries
+                per_smear.update(res[2])
+            yield from res[0]
+        if spec is not None:
+            meta["detection"] = summarise(per_smear, spec)
 
     manifest = write_dataset(
         rows(), out, meta, classes=class_table, skipped=skips, overwrite=overwrite,

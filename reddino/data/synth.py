@@ -214,6 +214,59 @@ def render_patch(style: SourceStyle, rng: np.random.Generator, size: int = 224, 
     return _render(od, style, rng, jit), classes
 
 
+def render_smear(style: SourceStyle, rng: np.random.Generator, height: int = 480, width: int = 640, cell_size: int = 64,
+                 n_cells: int = 40, touching: int = 6, classes: Sequence[int] | None = None,
+                 slide_jitter: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+    """A whole smear photo with ``n_cells`` single cells and ``touching`` touching pairs: ``(RGB, cells)``.
+
+    Cells (``{"x", "y", "r", "cls", "pair"}``, centre in pixels, nominal radius) are placed without overlap, except
+    ``touching`` pairs drawn with their rims touching (centres 1.9-2.0 radii apart; ``pair`` = the pair's index,
+    -1 for single cells). Classes cycle through ``classes`` (default: the round-ish ones, so every cell is one
+    connected blob of about a cell's area)."""
+    radius = 0.3 * cell_size * style.scale
+    cls_ids = list(classes) if classes is not None else [0, 1, 3, 4, 7]  # normal, sphero, target, echino, stomato
+    od = np.zeros((height, width), np.float32)
+    placed: list[dict] = []
+    win = int(math.ceil(radius * 3.6)) | 1
+    half = win // 2
+
+    def free(x: float, y: float, ignore: int = -1) -> bool:
+        return all(math.hypot(x - c["x"], y - c["y"]) > 2.25 * radius for i, c in enumerate(placed) if i != ignore)
+
+    tries = 0
+    while len(placed) < n_cells + 2 * touching and tries < 20000:
+        tries += 1
+        x, y = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
+        if not free(x, y):
+            continue
+        n_pairs = sum(c["pair"] >= 0 for c in placed) // 2
+        pair = n_pairs if n_pairs < touching else -1
+        if pair >= 0:
+            ang = rng.uniform(0, 2 * math.pi)
+            d = radius * rng.uniform(1.9, 2.0)
+            x2, y2 = x + d * math.cos(ang), y + d * math.sin(ang)
+            if not (radius <= x2 < width - radius and radius <= y2 < height - radius) or not free(x2, y2):
+                continue
+            placed.append({"x": x, "y": y, "pair": pair})
+            placed.append({"x": x2, "y": y2, "pair": pair})
+        else:
+            placed.append({"x": x, "y": y, "pair": -1})
+    for i, c in enumerate(placed):
+        c["cls"] = int(cls_ids[i % len(cls_ids)])
+        iy, ix = int(round(c["y"])), int(round(c["x"]))
+        # a pair's cells are drawn round and full-size so that their rims really touch
+        local = _cell_density(0 if c["pair"] >= 0 else c["cls"], rng, radius, win, win, half + (c["y"] - iy), half + (c["x"] - ix))
+        if c["pair"] >= 0:
+            c["cls"] = 0
+        y0, x0 = iy - half, ix - half
+        ys, xs = max(y0, 0), max(x0, 0)
+        ye, xe = min(y0 + win, height), min(x0 + win, width)
+        od[ys:ye, xs:xe] = np.maximum(od[ys:ye, xs:xe], local[ys - y0 : ye - y0, xs - x0 : xe - x0])
+        c["r"] = radius
+    jit = slide_jitter if slide_jitter is not None else np.ones(6, np.float32)
+    return _render(od, style, rng, jit), placed
+
+
 # --------------------------------------------------------------------------- rows / dataset
 
 
@@ -278,4 +331,4 @@ def generate_synthetic(
     return write_dataset(rows, out_dir, meta, classes=SYNTH_CLASSES, overwrite=overwrite)
 
 
-__all__ = ["generate_synthetic", "synth_rows", "render_cell", "render_patch", "source_styles", "SYNTH_CLASSES", "SourceStyle"]
+__all__ = ["generate_synthetic", "synth_rows", "render_cell", "render_patch", "render_smear", "source_styles", "SYNTH_CLASSES", "SourceStyle"]

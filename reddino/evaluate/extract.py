@@ -15,6 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from reddino.data.images import normalize_chw, resize_square, to_rgb_list
+from reddino.model import family
 from reddino.model.backbone import model_img_size
 
 POOLINGS = ("cls", "cls+mean", "mean")
@@ -115,7 +116,10 @@ def extract_features(
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             for i in range(0, len(images), batch_size):
                 x = torch.from_numpy(preprocess(images[i : i + batch_size], img_size)).to(device)
-                f = pool_tokens(net, net.forward_features(x), pooling)
+                if family.is_backbone(net):  # the backbone contract: CLS / pooled map, mean patch
+                    f = family.features(net, x, pooling)
+                else:
+                    f = pool_tokens(net, net.forward_features(x), pooling)
                 feats.append(f.float().cpu().numpy())
                 if on_batch:
                     on_batch(x.shape[0])

@@ -126,15 +126,14 @@ def _random_model(arch: str, img_size: int | None, seed: int):
     import timm  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
+    from reddino.model import create_backbone  # noqa: PLC0415
+
     if not timm.is_model(arch):
         raise ValueError(f"unknown model reference or timm arch: {arch!r}")
-    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "dynamic_img_size": True}
-    if img_size:
-        kwargs["img_size"] = int(img_size)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = timm.create_model(arch, **kwargs)
+        model = create_backbone(arch, int(img_size) if img_size else None)
     finally:
         torch.random.set_rng_state(state)
     return model.eval()

@@ -1,4 +1,4 @@
-"""Model side of reddino: timm ViT backbones, DINO/iBOT heads, losses, the DINOv2 SSL wrapper, monitors.
+"""Model side of reddino: timm backbones (ViT, DINOv3 Eva, ConvNeXt; one contract in ``family``), DINO/iBOT heads, losses, the DINOv2 SSL wrapper, monitors.
 
 Importing this package registers the tiny CPU architectures ``vit_mini_patch8_reddino``, ``vit_tiny_patch8_reddino`` and ``vit_tiny_patch14_reddino`` with timm.
 """
@@ -15,6 +15,8 @@ from reddino.model.backbone import (
     vit_tiny_patch8_reddino,
     vit_tiny_patch14_reddino,
 )
+from reddino.model import family
+from reddino.model.family import SUPPORT, family_of
 from reddino.model.heads import DINOHead
 from reddino.model.losses import CENTERING, DINOLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 from reddino.model.monitors import marginal_entropy, rankme, teacher_entropy
@@ -23,6 +25,7 @@ from reddino.model.ssl import DINOv2SSL
 __all__ = [
     "CENTERING",
     "DINOHead",
+    "SUPPORT",
     "DINOLoss",
     "DINOv2SSL",
     "IBOTPatchLoss",
@@ -31,6 +34,8 @@ __all__ = [
     "backbone_tokens",
     "create_backbone",
     "export_backbone",
+    "family",
+    "family_of",
     "load_backbone",
     "load_pretrained",
     "model_img_size",

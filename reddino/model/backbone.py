@@ -1,9 +1,11 @@
-"""timm ViT backbones: creation, warm start from local checkpoints, iBOT-masked token forward, export.
+"""timm backbones: creation, warm start from local checkpoints, iBOT-masked token forward, export.
 
-Everything here works on a plain ``timm.models.VisionTransformer`` (no registers needed, but they are
-handled). Weights are only ever read from local files: timm is always called with ``pretrained=False``.
+Three families share one contract (:mod:`reddino.model.family`): timm ``VisionTransformer`` (DINOv2 layouts),
+timm ``Eva`` built as a DINOv3 ViT, and timm ``ConvNeXt``. Weights are only ever read from local files: timm is
+always called with ``pretrained=False``. The ViT-specific conversion lives here; the DINOv3 layouts (official ViT
+and ConvNeXt files) in :mod:`reddino.model.convert`.
 
-Checkpoint layouts understood by :func:`load_pretrained`:
+ViT checkpoint layouts understood by :func:`load_pretrained`:
 
 * a timm state dict (``pos_embed``, ``patch_embed.proj.weight``, ``blocks.N.*``, ``norm.*``);
 * the original DINOv2 layout (facebookresearch/dinov2 ``dinov2_vits14_pretrain.pth``): the same names as
@@ -40,6 +42,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from reddino.model import family
 
 log = logging.getLogger(__name__)
 
@@ -98,27 +102,48 @@ def vit_mini_patch8_reddino(pretrained: bool = False, **kwargs: Any) -> VisionTr
 
 def create_backbone(
     arch: str,
-    img_size: int,
+    img_size: int | None,
     patch_size: int | None = None,
     drop_path_rate: float = 0.0,
-) -> VisionTransformer:
-    """A headless timm ViT (``num_classes=0``, ``dynamic_img_size=True``). Warm start: :func:`load_pretrained`.
+    timm_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A headless timm backbone of one of reddino's families (:mod:`reddino.model.family`): a ViT or a DINOv3
+    ViT (``Eva``) with ``dynamic_img_size=True``, or a ConvNeXt. Warm start: :func:`load_pretrained`.
 
-    What an export records about it (:func:`backbone_info`) is read back from the module itself: the timm
-    architecture name from ``pretrained_cfg``, the input and patch size from its patch embedding.
+    ``timm_kwargs`` go to the timm constructor (e.g. ``depth``, ``dims``, ``ls_init_value``) and are recorded by an
+    export. What an export records about the module (:func:`backbone_info`) is read back from the module itself: the
+    timm architecture name from ``pretrained_cfg``, the input size, the patch size from its patch embedding.
     """
-    timm_kwargs: dict[str, Any] = {}
+    from timm.models.convnext import ConvNeXt
+
+    kwargs: dict[str, Any] = dict(timm_kwargs or {})
     if patch_size is not None:
-        timm_kwargs["patch_size"] = int(patch_size)
+        kwargs["patch_size"] = int(patch_size)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = float(drop_path_rate)
     try:
-        model = timm.create_model(
-            arch, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=int(img_size),
-            drop_path_rate=float(drop_path_rate), **timm_kwargs,
-        )
+        entry = timm.models.model_entrypoint(arch)
     except RuntimeError as exc:  # timm: "Unknown model (...)"
         raise ValueError(f"cannot create backbone {arch!r}: {exc}") from None
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{arch!r} is a {type(model).__name__}; reddino needs a timm VisionTransformer")
+    is_conv = entry.__module__.endswith(".convnext")
+    try:
+        if is_conv:  # a ConvNeXt takes any input size; the size the model is meant for is recorded below
+            model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+        else:
+            if img_size is not None:  # None: the arch's own
+                kwargs["img_size"] = int(img_size)
+            model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"cannot create backbone {arch!r} with {kwargs}: {exc}") from None
+    if not family.is_backbone(model):
+        raise ValueError(
+            f"{arch!r} is a {type(model).__name__}; reddino's backbone families are "
+            + ", ".join(f"{n} ({f.module})" for n, f in family.FAMILIES.items())
+        )
+    if isinstance(model, ConvNeXt) and img_size is not None:
+        model.pretrained_cfg = {**(model.pretrained_cfg or {}), "architecture": arch,
+                                "input_size": (3, int(img_size), int(img_size))}
+    family.keep_rope_periods(model)
     return model
 
 
@@ -134,13 +159,18 @@ def model_img_size(model: nn.Module, default: int = 224) -> int:
 
 
 def backbone_info(model: nn.Module) -> dict[str, Any]:
-    """``{"arch", "img_size", "patch_size", "embed_dim"}`` of a backbone (a timm ViT; other modules give what
-    they have: ``patch_size`` None, ``embed_dim`` from ``num_features``)."""
+    """``{"arch", "family", "img_size", "patch_size", "embed_dim"}`` of a backbone (``patch_size`` None for a
+    ConvNeXt; other modules give what they have)."""
     model = getattr(model, "module", model)
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    fam = family.family_of(model).name if family.is_backbone(model) else None
+    if fam is not None:
+        patch = family.patch_size(model)
+    else:
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     return {
         "arch": arch,
+        "family": fam,
         "img_size": model_img_size(model),
         "patch_size": None if patch is None else int(patch[0] if isinstance(patch, (tuple, list)) else patch),
         "embed_dim": int(getattr(model, "embed_dim", getattr(model, "num_features", 0)) or 0),
@@ -276,14 +306,21 @@ def resample_pos_embed_dinov2(pos_embed: torch.Tensor, new_grid: list[int], n_pr
     return torch.cat([prefix.float(), patch], dim=1).to(pos_embed.dtype)
 
 
-def load_pretrained(model: VisionTransformer, path: str | Path) -> torch.Tensor | None:
-    """Load a local checkpoint into ``model`` (strict: missing/unexpected keys are listed in the error).
+def load_pretrained(model: nn.Module, path: str | Path) -> torch.Tensor | None:
+    """Load a local checkpoint into ``model`` of any family (strict: missing/unexpected keys are listed in the
+    error; a file of another family, patch size or number of storage tokens is refused, naming the file).
 
-    Returns the DINOv2 ``mask_token`` ([1, D]) if the file had one, else None.
+    Returns the DINOv2 / DINOv3 ``mask_token`` ([1, D]) if the file had one, else None.
     """
+    from reddino.model import convert
+
     state = read_state_dict(path)
     try:
-        sd, mask_token = convert_state_dict(state, model)
+        convert.check_layout(state, model)
+        if family.family_of(model).name == "vit":
+            sd, mask_token = convert_state_dict(state, model)
+        else:
+            sd, mask_token = convert.convert_state_dict(state, model)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     own = model.state_dict()
@@ -300,6 +337,8 @@ def load_pretrained(model: VisionTransformer, path: str | Path) -> torch.Tensor 
             lines.append(f"  shape mismatch {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(sd, strict=True)
+    if not family.family_of(model).mask:
+        return None
     if mask_token is None:
         warnings.warn(
             f"{path}: no 'mask_token' (not an original DINOv2 checkpoint): backbone weights loaded, iBOT's mask "
@@ -315,36 +354,18 @@ def load_pretrained(model: VisionTransformer, path: str | Path) -> torch.Tensor 
 
 
 def backbone_tokens(
-    backbone: VisionTransformer,
+    backbone: nn.Module,
     x: torch.Tensor,
     masks: torch.Tensor | None = None,
     mask_token: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Final-norm tokens of a timm ViT: ``{"cls": [B, D], "patch": [B, N, D]}`` (register tokens dropped).
+    """Final-norm tokens ``{"cls": [B, D], "patch": [B, N, D], "storage": [B, R, D]}`` of any backbone family
+    (:func:`reddino.model.family.tokens`).
 
     Where ``masks`` (bool [B, N], N = patch grid) is True the patch embedding is replaced by ``mask_token``
     ([D] or [1, D], a learnable parameter owned by the caller) before position embeddings are added (iBOT).
     """
-    x = backbone.patch_embed(x)  # [B, H, W, D] with dynamic_img_size, else [B, N, D]
-    if masks is not None:
-        if mask_token is None:
-            raise ValueError("masks given but no mask_token")
-        B, D = x.shape[0], x.shape[-1]
-        m = masks.reshape(B, *x.shape[1:-1], 1)
-        if m[..., 0].shape != x.shape[:-1]:
-            raise ValueError(f"masks {tuple(masks.shape)} do not match the patch grid {tuple(x.shape[1:-1])}")
-        x = torch.where(m, mask_token.to(x.dtype).reshape(*([1] * (x.dim() - 1)), D), x)
-    x = backbone._pos_embed(x)
-    x = backbone.patch_drop(x)
-    x = backbone.norm_pre(x)
-    if backbone.grad_checkpointing and torch.is_grad_enabled():
-        from timm.models._manipulate import checkpoint_seq
-
-        x = checkpoint_seq(backbone.blocks, x)
-    else:
-        x = backbone.blocks(x)
-    x = backbone.norm(x)
-    return {"cls": x[:, 0], "patch": x[:, backbone.num_prefix_tokens :]}
+    return family.tokens(backbone, x, masks, mask_token)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -367,7 +388,7 @@ def export_backbone(backbone: nn.Module, path: str | Path, meta: dict[str, Any] 
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         **info,
-        "timm_kwargs": {"patch_size": info["patch_size"]},  # the module's own (it may differ from the arch's)
+        "timm_kwargs": family.rebuild_kwargs(backbone),  # the module's own (it may differ from the arch's)
         **(meta or {}),
     }
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}
@@ -404,17 +425,19 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
     raise ValueError(f"{path}: no reddino export metadata (expected {side.name} or a safetensors header)")
 
 
-def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> VisionTransformer:
-    """Rebuild an exported backbone (same arch, img size, kwargs) with its exact weights, in eval mode."""
+def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an exported backbone (same arch, img size, kwargs, family) with its exact weights, in eval mode."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"backbone export not found: {path}")
     meta = read_export_meta(path)
-    model = timm.create_model(
-        meta["arch"], pretrained=False, num_classes=0, dynamic_img_size=True, img_size=int(meta["img_size"]),
-        **dict(meta.get("timm_kwargs") or {}),
-    )
+    kwargs = dict(meta.get("timm_kwargs") or {})
+    patch = kwargs.pop("patch_size", None)
+    model = create_backbone(meta["arch"], int(meta["img_size"]), patch, timm_kwargs=kwargs)
     sd = _unwrap(read_state_dict(path))
+    own = model.state_dict()
+    if "rope.periods" in own and "rope.periods" not in sd:  # an export written before the periods were kept
+        sd["rope.periods"] = own["rope.periods"]
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:

@@ -8,6 +8,9 @@ student by EMA (:meth:`DINOv2SSL.update_teacher`). Losses:
 * iBOT on the masked patch tokens of the global crops.
 * KoLeo on the student's global CLS tokens, per global crop and summed over them as in DINOv2 (skipped
   entirely when its weight is 0, RedDino's setting).
+* Gram anchoring (DINOv3, ``loss.gram_*``; :mod:`reddino.model.gram`), when on: the student's patch tokens of the
+  global crops against those of a frozen Gram teacher (``gram_teacher``, a backbone without heads, refreshed from
+  the EMA teacher by :meth:`DINOv2SSL.refresh_gram_teacher`) or of the EMA teacher itself.
 
 DDP: wrap the whole module (``broadcast_buffers=False``). The teacher has ``requires_grad=False`` and is
 never touched by autograd. Every student parameter receives a gradient each step, including the mask
@@ -18,14 +21,16 @@ zero masked tokens), so ``find_unused_parameters`` is not needed. Call ``update_
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
-from timm.models import group_parameters
 from torch import nn
 
 from reddino.config import LossConfig, ModelConfig, OptimConfig
+from reddino.model import family
 from reddino.model.backbone import backbone_tokens, create_backbone, load_pretrained
+from reddino.model.gram import GramAnchoringLoss
 from reddino.model.heads import DINOHead
 from reddino.model.losses import DINOLoss, DINOv2Loss, IBOTPatchLoss
 
@@ -37,6 +42,11 @@ class DINOv2SSL(nn.Module):
     ``last_teacher_cls`` ([G·B, D], teacher final-norm CLS of the global crops) and ``last_teacher_probs``
     ([G·B, K], centred teacher CLS probabilities) hold detached copies for the monitors; set
     ``keep_monitor_outputs = False`` to save that memory.
+
+    With Gram anchoring on (``loss_cfg.gram_enabled``), ``gram`` is the Gram objective, ``gram_teacher`` the frozen
+    Gram teacher backbone (``loss.gram_teacher=frozen``: ``gram_teacher`` if given, else a copy of the model at
+    construction) and the buffer ``gram_refreshes`` counts its refreshes; both are in the state dict, so
+    checkpoints carry them.
     """
 
     def __init__(
@@ -46,10 +56,14 @@ class DINOv2SSL(nn.Module):
         ibot_head: DINOHead | None = None,
         loss_cfg: LossConfig | None = None,
         mask_token: torch.Tensor | None = None,
+        gram_teacher: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.loss_cfg = loss_cfg or LossConfig()
-        embed_dim = int(backbone.embed_dim)
+        if self.loss_cfg.ibot_weight > 0:
+            family.require_ibot(backbone)  # a ConvNeXt has no patch tokens to mask
+        self.masking = family.family_of(backbone).mask
+        embed_dim = family.embed_dim(backbone)
         student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head})
         if ibot_head is not None:
             student["ibot_head"] = ibot_head
@@ -69,6 +83,19 @@ class DINOv2SSL(nn.Module):
         self.last_teacher_cls: torch.Tensor | None = None
         self.last_teacher_probs: torch.Tensor | None = None
 
+        lc = self.loss_cfg
+        self.gram: GramAnchoringLoss | None = GramAnchoringLoss(lc) if lc.gram_enabled else None
+        self.gram_teacher: nn.Module | None = None
+        if self.gram is not None and lc.gram_teacher == "frozen":
+            self.gram_teacher = gram_teacher if gram_teacher is not None else copy.deepcopy(self.teacher["backbone"])
+            for p in self.gram_teacher.parameters():
+                p.requires_grad_(False)
+            self.gram_teacher.eval()
+        elif gram_teacher is not None:
+            raise ValueError("a gram_teacher was given but the loss config has no frozen Gram teacher")
+        if self.gram is not None:
+            self.register_buffer("gram_refreshes", torch.zeros((), dtype=torch.long))
+
     @property
     def dino_loss(self) -> DINOLoss:
         return self.objective.dino
@@ -87,12 +114,17 @@ class DINOv2SSL(nn.Module):
     ) -> "DINOv2SSL":
         """Build backbone (warm-started from ``model_cfg.pretrained`` if set) and random heads.
 
-        A separate iBOT head is built only if ``ibot_separate_head`` and the iBOT weight is > 0.
+        A separate iBOT head is built only if ``ibot_separate_head`` and the iBOT weight is > 0. A frozen Gram
+        teacher starts from ``loss_cfg.gram_teacher_path`` when set (same architecture, strict load), else as a
+        copy of the warm-started backbone.
         """
         loss_cfg = loss_cfg or LossConfig()
-        backbone = create_backbone(model_cfg.arch, model_cfg.img_size, model_cfg.patch_size, model_cfg.drop_path_rate)
+        backbone = create_backbone(model_cfg.arch, model_cfg.img_size, model_cfg.patch_size, model_cfg.drop_path_rate,
+                                   model_cfg.timm_kwargs)
+        if loss_cfg.ibot_weight > 0:
+            family.require_ibot(backbone)
         mask_token = load_pretrained(backbone, model_cfg.pretrained) if model_cfg.pretrained else None
-        dim = int(backbone.embed_dim)
+        dim = family.embed_dim(backbone)
         head_kw = dict(
             hidden_dim=model_cfg.head_hidden_dim,
             bottleneck_dim=model_cfg.head_bottleneck_dim,
@@ -105,11 +137,20 @@ class DINOv2SSL(nn.Module):
             # no BatchNorm here: a batch may mask zero or one patch token
             ibot_head = DINOHead(dim, model_cfg.ibot_head_prototypes or model_cfg.head_prototypes,
                                  **{**head_kw, "use_bn": False})
-        return cls(backbone, dino_head, ibot_head, loss_cfg, mask_token=mask_token)
+        gram_teacher = None
+        if loss_cfg.gram_enabled and loss_cfg.gram_teacher == "frozen" and loss_cfg.gram_teacher_path:
+            gram_teacher = create_backbone(model_cfg.arch, model_cfg.img_size, model_cfg.patch_size,
+                                           timm_kwargs=model_cfg.timm_kwargs)
+            with warnings.catch_warnings():  # "no mask_token": the Gram teacher is never masked
+                warnings.filterwarnings("ignore", message=".*mask_token")
+                load_pretrained(gram_teacher, loss_cfg.gram_teacher_path)
+        return cls(backbone, dino_head, ibot_head, loss_cfg, mask_token=mask_token, gram_teacher=gram_teacher)
 
     def train(self, mode: bool = True) -> "DINOv2SSL":
         super().train(mode)
         self.teacher.eval()  # no drop-path / dropout in the teacher
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()  # DINOv3: also no RoPE coordinate augmentation
         if mode:  # ... but head BatchNorm normalises with batch statistics, as in DINO (never-updated running
             for m in self.teacher.modules():  # stats would be the identity)
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -118,7 +159,7 @@ class DINOv2SSL(nn.Module):
 
     @property
     def patch_size(self) -> int:
-        return int(self.student["backbone"].patch_embed.patch_size[0])
+        return family.token_stride(self.student["backbone"])
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -128,9 +169,15 @@ class DINOv2SSL(nn.Module):
         local_crops: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
         teacher_temp: float | None = None,
+        gram_crops: torch.Tensor | None = None,
+        gram_weight: float = 0.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``global_crops`` [B, G, 3, S, S], ``local_crops`` [B, L, 3, s, s] or None, ``masks`` [B, G, N] bool
-        or None (no masking) → (total loss, detached parts ``dino``, ``ibot``, ``koleo``, ``masked_fraction``)."""
+        or None (no masking) → (total loss, detached parts ``dino``, ``ibot``, ``koleo``, ``masked_fraction``).
+
+        With Gram anchoring on and ``gram_weight`` > 0 the total gains ``gram_weight`` × the Gram loss (part
+        ``gram``, unweighted). ``gram_crops`` [B, G, 3, T, T]: the Gram teacher's view of the global crops, needed
+        when ``loss.gram_teacher_crops_size`` is set; at weight 0 nothing of Gram is computed."""
         lc = self.loss_cfg
         temp = float(lc.teacher_temp if teacher_temp is None else teacher_temp)
         B, G = global_crops.shape[:2]
@@ -139,7 +186,7 @@ class DINOv2SSL(nn.Module):
         x_l = local_crops.transpose(0, 1).flatten(0, 1) if L else None
         ps = self.patch_size
         n_tokens = (x_g.shape[-2] // ps) * (x_g.shape[-1] // ps)
-        if masks is None:
+        if masks is None or not self.masking:  # ConvNeXt: nothing to mask (iBOT is refused at construction)
             m = torch.zeros(G * B, n_tokens, dtype=torch.bool, device=x_g.device)
         else:
             if tuple(masks.shape) != (B, G, n_tokens):
@@ -181,7 +228,40 @@ class DINOv2SSL(nn.Module):
         total, parts = self.objective(s_cls_logits, t_cls_probs, G, s_patch_logits, t_patch_probs, m,
                                       s["cls"] if lc.koleo_weight > 0 else None)
         parts["masked_fraction"] = torch.tensor(n_masked / max(m.numel(), 1), device=total.device)
+        if self.gram is not None and gram_weight > 0:
+            gram = self.gram(s["patch"], self._gram_teacher_patches(t["patch"], x_g, gram_crops), m)
+            total = total + float(gram_weight) * gram
+            parts["gram"] = gram.detach().float()
+        elif gram_weight > 0:
+            raise ValueError("gram_weight > 0 but Gram anchoring is off in the loss config")
         return total, parts
+
+    @torch.no_grad()
+    def _gram_teacher_patches(
+        self, ema_patches: torch.Tensor, x_g: torch.Tensor, gram_crops: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The Gram teacher's final-norm patch tokens of the global crops, crop-major [G·B, N_t, D]."""
+        if self.gram_teacher is None:  # loss.gram_teacher=ema: the EMA teacher's tokens of the same crops
+            return ema_patches
+        size = self.loss_cfg.gram_teacher_crops_size
+        if size is None:
+            x = x_g
+        else:
+            if gram_crops is None:
+                raise ValueError(f"loss.gram_teacher_crops_size={size} but the batch has no gram_crops")
+            x = gram_crops.transpose(0, 1).flatten(0, 1)
+            if x.shape[0] != x_g.shape[0] or tuple(x.shape[-2:]) != (size, size):
+                raise ValueError(f"gram_crops {tuple(gram_crops.shape)} do not match the global crops "
+                                 f"(B, G, 3, {size}, {size})")
+        return backbone_tokens(self.gram_teacher, x)["patch"]
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        """The frozen Gram teacher becomes a copy of the EMA teacher's backbone (DINOv3's Gram teacher update)."""
+        if self.gram_teacher is None:
+            raise RuntimeError("no frozen Gram teacher to refresh (loss.gram_teacher=frozen with Gram anchoring on)")
+        self.gram_teacher.load_state_dict(self.teacher["backbone"].state_dict())
+        self.gram_refreshes += 1
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -208,9 +288,12 @@ class DINOv2SSL(nn.Module):
         backbone = self.student["backbone"]
         # timm's own layer grouping (stem 0, block i → i + 1) and no-weight-decay list. timm folds the final norm
         # into the last block; the official DINOv2 puts it with the heads (multiplier 1), and so do we.
-        layer_of = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
-        top = len(backbone.blocks) + 1
-        no_wd_names = set(backbone.no_weight_decay()) | {"mask_token"}
+        layer_of = family.layer_ids(backbone)
+        top = max(layer_of.values(), default=0)
+        if family.family_of(backbone).name != "convnext":
+            top = len(backbone.blocks) + 1
+        no_wd_names = set(getattr(backbone, "no_weight_decay", lambda: ())()) | {"mask_token"}
+        stem = family.stem_prefixes(backbone)
         groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
         named = [("mask_token", "mask_token", self.mask_token)] + [
             ("student." + n, n[len("backbone."):] if n.startswith("backbone.") else None, p)
@@ -220,10 +303,9 @@ class DINOv2SSL(nn.Module):
                 continue
             lr_mult = 1.0
             if sub is not None:  # a backbone parameter (or the mask token, an embedding)
-                layer = 0 if sub == "mask_token" else layer_of.get(sub, top) if sub.startswith(("blocks.",)) or \
-                    layer_of.get(sub) == 0 else top
+                layer = 0 if sub == "mask_token" else layer_of.get(sub, top)
                 lr_mult = oc.layerwise_decay ** (top - layer)
-                if sub.startswith("patch_embed"):
+                if sub.startswith(stem):
                     lr_mult *= oc.patch_embed_lr_mult
             no_wd = p.ndim <= 1 or (sub is not None and sub in no_wd_names)  # biases, norms, gammas, tokens
             key = (float(lr_mult), 0.0 if no_wd else 1.0, DINOHead.is_last_layer(name))

@@ -116,18 +116,30 @@ class Augment:
             from reddino.data.augment import MultiCropTransform
 
             cfg = RunConfig.model_validate(self.cfg_dict)
-            # uint8 crops: normalised on the training device (4x fewer bytes through the object store)
+            # uint8 crops: normalised on the training device (4x fewer bytes through the object store); with
+            # crops.on_device, decoded images + crop parameters, the crops made there (crops_from_batch)
             self._transform = MultiCropTransform(
                 cfg.crops, cfg.mask, patch_size=self.patch_size, resize=cfg.data.resize, seed=cfg.train.seed,
-                normalize=False,
+                normalize=False, gram_crops_size=gram_crops_size(cfg),
             )
         batch = self.drop(batch)
         out = self._transform({"image": batch["image"], "sha256": batch["sha256"], "epoch": batch["epoch"]})
-        result = {"global_crops": out["global_crops"], "masks": out["masks"], "key": batch["key"]}
+        result = {"masks": out["masks"], "key": batch["key"]}
+        for name in ("global_crops", "images", "crop_params"):
+            if name in out:
+                result[name] = out[name]
         local = out.get("local_crops")
         if local is not None and local.shape[1] > 0:
             result["local_crops"] = local
+        if "gram_crops" in out:
+            result["gram_crops"] = out["gram_crops"]
         return result
+
+
+def gram_crops_size(cfg: RunConfig) -> int | None:
+    """Size of the Gram teacher's own crops, when the run makes them (Gram on, frozen teacher, a size set)."""
+    lc = cfg.loss
+    return lc.gram_teacher_crops_size if lc.gram_enabled and lc.gram_teacher == "frozen" else None
 
 
 def crops_to_device(crops, device):
@@ -140,6 +152,21 @@ def crops_to_device(crops, device):
     if crops.dtype == torch.uint8:
         return normalize_on_device(crops, device)
     return crops.to(device, non_blocking=True)
+
+
+def crops_from_batch(batch: dict[str, Any], device, crops_cfg) -> tuple[Any, Any]:
+    """(global crops, local crops or None) of a stream batch, float and normalised on ``device``: moved there (CPU
+    augmentation) or made there from the decoded images and their crop parameters (``crops.on_device``)."""
+    if "crop_params" in batch:
+        from reddino.data.augment import POLICIES
+
+        recipes = POLICIES[crops_cfg.policy](crops_cfg)
+        from reddino.data.fastaug import augment_on_device
+
+        return augment_on_device(batch["images"], batch["crop_params"], recipes, crops_cfg.global_crops_number,
+                                 device)
+    lc = batch.get("local_crops")
+    return crops_to_device(batch["global_crops"], device), (crops_to_device(lc, device) if lc is not None else None)
 
 
 def dataset_slots(cfg: RunConfig) -> list[str]:

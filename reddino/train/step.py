@@ -3,7 +3,8 @@
 schedules (lr, weight decay, teacher momentum and temperature; the last layer frozen for its first epochs) →
 micro-batches (forward under autocast, backward; DDP syncs gradients on the last one only) → one check that the
 loss is finite on every rank → unscale + clip → optimizer (through the grad scaler in fp16) → zero grad →
-teacher EMA. A non-finite loss leaves the weights untouched and says so in the result.
+teacher EMA → Gram-teacher refresh when due. A non-finite loss leaves the weights untouched and says so in the
+result.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from reddino.train.data import crops_to_device
+from reddino.train.data import crops_from_batch, crops_to_device
+from reddino.train.schedules import gram_refresh_due
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -39,12 +41,18 @@ class StepResult:
     images: int  # crops' images consumed by this step over all ranks
     grad_norm: float | None = None
     finite: bool = True
+    gram_weight: float | None = None  # Gram anchoring on: this step's weight and the refreshes done after it
+    gram_refreshes: int | None = None
 
     def metrics(self) -> dict[str, float]:
         out = {"loss": self.loss, "lr": self.lr, "wd": self.wd, "momentum": self.momentum,
                "teacher_temp": self.teacher_temp, **{f"loss_{k}": v for k, v in self.parts.items()}}
         if self.grad_norm is not None:
             out["grad_norm"] = self.grad_norm
+        if self.gram_weight is not None:
+            out["gram_weight"] = self.gram_weight
+        if self.gram_refreshes is not None:
+            out["gram_refreshes"] = self.gram_refreshes
         return out
 
 
@@ -86,19 +94,24 @@ class TrainStep:
 
     def __call__(self, step: int, next_batch: Callable[[], dict[str, Any]]) -> StepResult:
         lr, wd, mom, teacher_temp = self.apply_schedules(step)
+        gram_sched = self.sched.get("gram_weight")
+        gram_weight = gram_sched(step) if gram_sched is not None else None
         parts_sum: dict[str, float] = {}
         loss_value, images = 0.0, 0
         for micro in range(self.accum):
             batch = next_batch()
-            g = crops_to_device(batch["global_crops"], self.device)
-            lc = batch.get("local_crops")
-            lc = crops_to_device(lc, self.device) if lc is not None else None
+            g, lc = crops_from_batch(batch, self.device, self.cfg.crops)  # crops.on_device: made here
             masks = batch["masks"].to(self.device, non_blocking=True)
+            gram = {}
+            if gram_weight is not None:
+                gc = batch.get("gram_crops")
+                gram = {"gram_weight": gram_weight,
+                        "gram_crops": crops_to_device(gc, self.device) if gc is not None else None}
             last = micro == self.accum - 1
             sync = nullcontext() if (last or self.world == 1) else self.forward.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.autocast):
-                    loss, parts = self.forward(g, lc, masks, teacher_temp)
+                    loss, parts = self.forward(g, lc, masks, teacher_temp, **gram)
                 scaled = loss / self.accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if self.loss_hook is not None:
@@ -107,7 +120,7 @@ class TrainStep:
             for name, v in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + float(v) / self.accum
             images += g.shape[0] * self.world
-        result = StepResult(loss_value, parts_sum, lr, wd, mom, teacher_temp, images)
+        result = StepResult(loss_value, parts_sum, lr, wd, mom, teacher_temp, images, gram_weight=gram_weight)
 
         # Every rank agrees before anything is stepped, so all stop together.
         if any_rank(not math.isfinite(loss_value), self.device):
@@ -126,4 +139,8 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_teacher(mom)
+        if gram_weight is not None:
+            if gram_refresh_due(self.cfg, step + 1):
+                self.model.refresh_gram_teacher()
+            result.gram_refreshes = int(self.model.gram_refreshes)
         return result

@@ -133,16 +133,18 @@ def _data_hash(paths: list[str]) -> str:
 
 
 def _patch_size(cfg: RunConfig) -> int:
-    from reddino.model import create_backbone
+    """The backbone's token stride: the grid the data stream draws iBOT masks on. Checks here, before any worker
+    starts, that the backbone family supports what the config asks of it (iBOT needs maskable patch tokens)."""
+    from reddino.model import create_backbone, family
 
-    if cfg.model.patch_size:
-        return cfg.model.patch_size
     import torch
 
     with torch.device("meta"):  # the architecture only: no memory, no init cost (ViT-g is 1.1B params)
-        backbone = create_backbone(cfg.model.arch, img_size=cfg.model.img_size)
-    size = backbone.patch_embed.patch_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+        backbone = create_backbone(cfg.model.arch, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
+                                   timm_kwargs=cfg.model.timm_kwargs)
+    if cfg.loss.ibot_weight > 0:
+        family.require_ibot(backbone)
+    return family.token_stride(backbone)
 
 
 def _rows_per_pass(cfg: RunConfig) -> int | None:
@@ -168,6 +170,7 @@ def _absolute_local_paths(cfg: RunConfig) -> RunConfig:
     cfg.data.paths = [absolute(p) for p in cfg.data.paths]
     cfg.eval.data = absolute(cfg.eval.data)
     cfg.model.pretrained = absolute(cfg.model.pretrained)
+    cfg.loss.gram_teacher_path = absolute(cfg.loss.gram_teacher_path)
     cfg.train.export_path = absolute(cfg.train.export_path)
     return cfg
 
@@ -198,6 +201,7 @@ def pretrain(
     from reddino.runtime import default_tracking_uri, init_ray, quiet_data_progress, verbose
 
     check_run(cfg)  # data, eval data, weights, MLflow: one clear error before Ray or any folder starts
+    patch = _patch_size(cfg)  # also refuses a config the backbone family cannot train, before Ray starts
     init_ray()
     quiet_data_progress()
     _quiet_train_console()
@@ -219,7 +223,6 @@ def pretrain(
 
     data_hash = _data_hash(cfg.data.paths) if cfg.data.paths else None
     use_gpu = _use_gpu(cfg)
-    patch = _patch_size(cfg)
 
     # --- MLflow: the driver owns the run; rank 0 logs metrics into it by id ---
     tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri()

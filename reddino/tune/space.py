@@ -24,11 +24,16 @@ class SweepSpace:
     scheduler: dict[str, Any] = field(default_factory=dict)
     # ablation only: per axis, a published finding to check ({claim: text, better: the value it found better})
     claims: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # values that travel with an axis value: {axis: {value: {config key: value}}}, e.g. a backbone family's
+    # weights file, crop sizes and iBOT switch with its `model.arch` (ablation mode only)
+    tied: dict[str, dict[Any, dict[str, Any]]] = field(default_factory=dict)
     path: str = ""
 
     def optuna_space(self) -> dict[str, Any]:
         import optuna.distributions as od
 
+        if self.tied:
+            raise ConfigError(f"{self.path}: `tied` values (axes {', '.join(self.tied)}) need --mode ablation")
         out: dict[str, Any] = {}
         for key, spec in self.space.items():
             kind, arg = next(iter(spec.items()))
@@ -58,15 +63,22 @@ class SweepSpace:
             if kind != "choice":
                 raise ConfigError(f"{self.path}: ablation mode needs categorical axes; {key} is {kind}")
             recipe.setdefault(key, arg[0])
-        variants = [{"name": "recipe", "axis": "-", "value": "-", "params": dict(recipe)}]
+        variants = [{"name": "recipe", "axis": "-", "value": "-", "params": self._with_tied(recipe)}]
         for key, spec in self.space.items():
             for value in spec["choice"]:
                 if value == recipe[key]:
                     continue
                 params = dict(recipe)
                 params[key] = value
-                variants.append({"name": f"{key}={value}", "axis": key, "value": value, "params": params})
+                variants.append({"name": f"{key}={value}", "axis": key, "value": value,
+                                 "params": self._with_tied(params)})
         return variants
+
+    def _with_tied(self, params: dict[str, Any]) -> dict[str, Any]:
+        out = dict(params)
+        for axis, table in self.tied.items():
+            out.update(table.get(params.get(axis), {}))
+        return out
 
 
 def seeded_arms(variants: list[dict[str, Any]], seed: int, seeds: int) -> list[dict[str, Any]]:
@@ -118,6 +130,19 @@ def load_space(name: str | Path) -> SweepSpace:
         choices = next(iter(space[key].values()))
         if "better" in spec and spec["better"] not in choices:
             raise ConfigError(f"{path}: claims.{key}.better={spec['better']!r} is not one of {choices}")
+    tied = dict(raw.get("tied") or {})
+    for axis, table in tied.items():
+        if axis not in space or "choice" not in space[axis]:
+            raise ConfigError(f"{path}: tied.{axis} is not a categorical axis of the space")
+        for value, values in (table or {}).items():
+            if value not in space[axis]["choice"]:
+                raise ConfigError(f"{path}: tied.{axis}.{value} is not one of {space[axis]['choice']}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: tied.{axis}.{value} must map config keys to values")
+            unknown = sorted(set(values) - set(flat))
+            if unknown:
+                raise ConfigError(f"{path}: tied.{axis}.{value}: {', '.join(unknown)} not config keys")
+            load_config(raw["base"], list(raw.get("overrides") or []) + params_to_overrides({axis: value, **values}))
     return SweepSpace(
         base=raw["base"],
         metric=raw.get("metric", "eval_knn20_balanced_accuracy"),
@@ -127,6 +152,7 @@ def load_space(name: str | Path) -> SweepSpace:
         recipe=dict(raw.get("recipe") or {}),
         scheduler=dict(raw.get("scheduler") or {}),
         claims=claims,
+        tied=tied,
         path=str(path),
     )
 

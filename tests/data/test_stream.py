@@ -144,3 +144,43 @@ def test_decode_image_variants():
     assert np.array_equal(decode_image(buf.tobytes())[:, :, 0], gray)
     with pytest.raises(ImageDecodeError):
         decode_image(b"not an image")
+
+
+def test_on_device_stream_resumes_at_the_data_position_with_the_same_params_and_masks(ray_local, two_dirs):
+    """crops.on_device ships decoded images + crop parameters instead of crops; the exact-resume machinery (keys
+    dropped before augmentation by the run-state actor) and the per-row seeds are unchanged: a resumed pass streams
+    exactly the rows not yet consumed, with the parameters and iBOT masks the uninterrupted pass would give them."""
+    import ray
+
+    from reddino.config import load_config
+    from reddino.data.augment import MultiCropTransform
+    from reddino.train.data import build_train_dataset, crops_from_batch, run_state_actor, sha_to_keys
+
+    cells, _ = two_dirs
+    cfg = load_config(TINY_CONFIG, [f"data.paths=[{str(cells)!r}]", "data.unit=cell", "data.map_batch_size=16",
+                                   "data.resize=32", "crops.global_crops_size=28", "crops.local_crops_size=14",
+                                   "crops.policy=dinov2", "crops.on_device=true", "mask.sample_probability=1.0"])
+    table = load_table(cells, columns=["image", "sha256"])
+    shas = table.column("sha256").to_pylist()
+    keys = sha_to_keys(shas)
+    consumed = keys[::3]  # what the run trained on in pass 2 before it was killed
+    actor = run_state_actor("test-on-device-resume")
+    ray.get(actor.set.remote(consumed, 2, 0))
+    ds = build_train_dataset(cfg, patch_size=14, run_state_name="test-on-device-resume")
+    seen, rows = [], []
+    for batch in ds.iter_torch_batches(batch_size=16, drop_last=False):
+        assert "global_crops" not in batch and batch["images"].dtype.is_floating_point is False
+        seen += batch["key"].tolist()
+        rows.append(batch)
+    assert sorted(seen) == sorted(set(keys.tolist()) - set(consumed.tolist()))  # each remaining row once
+    # the same parameters and masks as the uninterrupted pass 2 gives those rows
+    b = rows[0]
+    idx = [int(np.flatnonzero(keys == k)[0]) for k in b["key"].tolist()]
+    ref = MultiCropTransform(cfg.crops, cfg.mask, 14, resize=32, seed=cfg.train.seed)(
+        {"image": np.array([table.column("image")[i].as_py() for i in idx], dtype=object),
+         "sha256": np.array([shas[i] for i in idx]), "epoch": np.full(len(idx), 2, np.int64)})
+    assert np.array_equal(b["crop_params"].numpy(), ref["crop_params"])
+    assert np.array_equal(b["masks"].numpy(), ref["masks"]) and ref["masks"].any()
+    g, lc = crops_from_batch(b, "cpu", cfg.crops)
+    assert g.shape == (len(idx), 2, 3, 28, 28) and lc.shape == (len(idx), 2, 3, 14, 14)
+    ray.kill(actor)

@@ -222,3 +222,47 @@ def test_mlflow_scoring_server_answers_embeddings_and_probe_predictions(world, m
     finally:
         _stop(proc)
     assert preds == probe.estimator.predict(local).tolist()
+
+
+# Small members of the DINOv3-era families (the backbone contract, reddino.model.family)
+_FAMILY_ARCHS = {
+    "eva": ("vit_small_patch16_dinov3_qkvb", {"patch_size": 8}, {"depth": 1, "embed_dim": 64, "num_heads": 2}),
+    "convnext": ("convnext_atto", {}, {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128)}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fam", list(_FAMILY_ARCHS))
+def test_family_backbone_export_register_embed_serve(fam, world, ray_local, mlflow_uri, tmp_path):
+    from reddino.data import decode_image
+    from reddino.model import family, load_backbone
+
+    arch, kw, timm_kwargs = _FAMILY_ARCHS[fam]
+    torch.manual_seed(0)
+    bb = create_backbone(arch, 56, kw.get("patch_size"), timm_kwargs=timm_kwargs)
+    path = export_backbone(bb, tmp_path / fam / "backbone.safetensors")
+    back = load_backbone(path)
+    assert family.family_of(back).name == fam
+    assert all(torch.equal(v, bb.state_dict()[k]) for k, v in back.state_dict().items())
+
+    register_backbone(str(path), name=f"bb-{fam}")
+    out = tmp_path / "emb"
+    embed(f"models:/bb-{fam}@candidate", world["test"], out, batch_size=16, progress=False, precision="fp32")
+    table, X, manifest = read_embeddings(out)
+    dim = family.embed_dim(bb)
+    assert X.shape == (table.num_rows, dim) and manifest["dim"] == dim
+    src = load_table([world["test"]], columns=["image_id", "image"])
+    blobs = src.column("image").to_pylist()
+    local = extract_features(back, [decode_image(b) for b in blobs])
+    ref = dict(zip(src.column("image_id").to_pylist(), local))
+    ids = table.column("image_id").to_pylist()
+    np.testing.assert_allclose(X, np.stack([ref[i] for i in ids]), rtol=1e-4, atol=1e-4)  # the contract's features
+
+    proc, url = _serve(f"models:/bb-{fam}@candidate", tmp_path, fam)
+    try:
+        body = {"dataframe_split": {"columns": ["image"],
+                                    "data": [[base64.b64encode(b).decode()] for b in blobs[:2]]}}
+        emb = np.asarray(_post(url, body)["predictions"], dtype=np.float32)
+    finally:
+        _stop(proc)
+    np.testing.assert_allclose(emb, local[:2], rtol=1e-4, atol=1e-4)

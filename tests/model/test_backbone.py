@@ -33,7 +33,7 @@ def test_registered_arch_and_info():
     m = timm.create_model(ARCH)
     assert m.patch_embed.patch_size == (14, 14) and m.embed_dim == 192
     b = create_backbone(ARCH, img_size=56)
-    assert backbone_info(b) == {"arch": ARCH, "img_size": 56, "patch_size": 14, "embed_dim": 192}
+    assert backbone_info(b) == {"arch": ARCH, "family": "vit", "img_size": 56, "patch_size": 14, "embed_dim": 192}
     assert b.num_classes == 0
 
 
@@ -213,4 +213,4 @@ def test_export_load_round_trip(tmp_path):
     p8 = create_backbone(ARCH, img_size=56, patch_size=8)
     assert not [k for k in vars(p8) if k.startswith("reddino")]
     back = load_backbone(export_backbone(p8, tmp_path / "p8" / "backbone.safetensors"))
-    assert backbone_info(back) == {"arch": ARCH, "img_size": 56, "patch_size": 8, "embed_dim": 192}
+    assert backbone_info(back) == {"arch": ARCH, "family": "vit", "img_size": 56, "patch_size": 8, "embed_dim": 192}

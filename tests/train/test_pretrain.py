@@ -203,3 +203,51 @@ def test_mlflow_server_outage_mid_run_loses_no_metrics(ray_train, synth, tmp_pat
     finally:
         if server["proc"].poll() is None:
             os.killpg(server["proc"].pid, signal.SIGKILL)
+
+
+@pytest.mark.slow  # two Ray Train runs of 2 workers (the exact-resume check itself is in-process: test_gram_train)
+def test_gram_anchoring_across_a_kill_resumes_teacher_refreshes_and_metrics(ray_train, synth, tmp_path):
+    # 2 workers, Gram anchoring with the Gram teacher at twice the crop size (112 px: 8×8 tokens resized to 4×4),
+    # refreshed after steps 4 and 8; a worker crashes at step 7, between the refreshes, and the run resumes.
+    import torch
+
+    cfg = _cfg(synth, tmp_path, steps=10, **{
+        "data.resize": 112, "loss.gram_weight": 1.0, "loss.gram_teacher_crops_size": 112,
+        "loss.gram_first_refresh": 4, "loss.gram_refresh_every": 4, "loss.gram_max_refreshes": 2})
+    marker = tmp_path / "crashed"
+
+    def crash_once_at_7(step):
+        import os
+
+        if step == 7 and not marker.exists():
+            marker.write_text(str(step))
+            os._exit(1)
+
+    with pytest.raises(Exception):
+        pretrain(cfg, run_name="gram", step_hooks=[crash_once_at_7])
+    assert marker.exists()
+    result = pretrain(cfg, run_name="gram", resume=True)
+    assert result.metrics["step"] == 10 and result.metrics["resumed_from_step"] == 6
+
+    run_dir = tmp_path / "runs" / "gram"
+
+    def model_state(step):
+        return torch.load(run_dir / f"checkpoint_{step:07d}" / "state.pt", weights_only=False)["model"]
+
+    def same(a, a_prefix, b, b_prefix):
+        keys = [k[len(a_prefix):] for k in a if k.startswith(a_prefix)]
+        return bool(keys) and all(torch.equal(a[a_prefix + k], b[b_prefix + k]) for k in keys)
+
+    s4, s6, s8, s10 = (model_state(s) for s in (4, 6, 8, 10))
+    assert [int(s["gram_refreshes"]) for s in (s4, s6, s8, s10)] == [1, 1, 2, 2]  # the count survived the kill
+    assert same(s4, "gram_teacher.", s4, "teacher.backbone.")  # refreshed from the EMA teacher after step 4 ...
+    assert same(s6, "gram_teacher.", s4, "gram_teacher.")  # ... frozen in between (and checkpointed) ...
+    assert same(s8, "gram_teacher.", s8, "teacher.backbone.")  # ... refreshed by the resumed run after step 8
+    assert same(s10, "gram_teacher.", s8, "gram_teacher.") and not same(s10, "gram_teacher.", s10, "teacher.backbone.")
+
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    history = {name: {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, name)}
+               for name in ("loss_gram", "gram_weight", "gram_refreshes")}
+    assert set(history["loss_gram"]) == set(range(1, 11)) and all(v > 0 for v in history["loss_gram"].values())
+    assert set(history["gram_weight"].values()) == {1.0}
+    assert [history["gram_refreshes"][s] for s in (3, 4, 7, 8, 10)] == [0, 1, 1, 2, 2]

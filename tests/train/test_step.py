@@ -80,3 +80,26 @@ def test_last_layer_is_frozen_for_its_epochs_then_trains():
     assert all(g["lr"] == 0.0 for g in frozen)
     step.apply_schedules(10)
     assert all(g["lr"] > 0.0 for g in frozen)
+
+
+def test_on_device_batch_is_cropped_by_the_step_as_the_cpu_path_would():
+    # crops.on_device: the batch carries decoded images + crop parameters; the step makes the crops on its device.
+    import cv2
+
+    from reddino.data.augment import MultiCropTransform
+
+    cfg, model, opt = _setup("crops.policy=dinov2", "crops.on_device=true", "optim.warmup_epochs=0")
+    rng = np.random.default_rng(0)
+    enc = [cv2.imencode(".png", rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))[1].tobytes() for _ in range(4)]
+    raw = {"image": np.array(enc, dtype=object), "sha256": np.array([f"r{i}" for i in range(4)])}
+    out = MultiCropTransform(cfg.crops, cfg.mask, 14, resize=40)(raw)
+    batch = {k: torch.from_numpy(v) for k, v in out.items() if k != "sha256"}
+    seen = []
+    step = TrainStep(model, opt, build_schedules(cfg, 8), cfg,
+                     forward=lambda g, lc, m, tt: (seen.append((g, lc)), model(g, lc, m, tt))[1])
+    res = step(0, lambda: batch)
+    assert res.finite and res.images == 4
+    g, lc = seen[0]
+    cpu = MultiCropTransform(cfg.crops.model_copy(update={"on_device": False}), cfg.mask, 14, resize=40)(raw)
+    assert g.shape == (4, 2, 3, 28, 28) and lc.shape == (4, cfg.crops.local_crops_number, 3, 14, 14)
+    assert np.abs(g.numpy() - cpu["global_crops"]).mean() < 0.01  # normalised units: uint8 rounding only

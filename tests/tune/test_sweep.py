@@ -115,7 +115,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_fresh, 
 def test_ablation_space_has_one_arm_per_other_value_around_tiny_cpu():
     """The shipped ablation space: its recipe is tiny_cpu, each arm changes one factor (iBOT on, rbc pick 4, ...),
     and ``seeds`` runs every arm once per seed, seed-major."""
-    from reddino.tune.space import load_space, seeded_arms
+    from reddino.tune.space import load_space, params_to_overrides, seeded_arms
 
     space = load_space("ablation")
     base = space.base_config().flat()
@@ -126,6 +126,10 @@ def test_ablation_space_has_one_arm_per_other_value_around_tiny_cpu():
     assert recipe["loss.ibot_weight"] == 0.0 and recipe["crops.rbc_pick"] == 2
     assert arms["loss.ibot_weight=1.0"]["params"] == {**recipe, "loss.ibot_weight": 1.0}
     assert arms["crops.rbc_pick=4"]["params"] == {**recipe, "crops.rbc_pick": 4}
+    # Gram anchoring on/off: the arm flips loss.gram_weight; its schedule and refreshes are fixed overrides
+    gram = space.base_config(params_to_overrides(arms["loss.gram_weight=1.0"]["params"])).loss
+    assert gram.gram_enabled and gram.gram_first_refresh == 100 and gram.gram_teacher_crops_size == 112
+    assert not space.base_config(params_to_overrides(recipe)).loss.gram_enabled
     for name in ("loss.koleo_weight=0.0", "loss.centering=sinkhorn_knopp", "crops.policy=dinov2", "data.unit=patch",
                  "crops.local_crops_number=0", "crops.local_crops_number=1"):
         assert name in arms
@@ -290,3 +294,14 @@ def test_full_scale_ablation_space_is_around_reddino_vits14():
     arms = {v["name"] for v in space.ablation_variants()}
     assert {"loss.koleo_weight=0.1", "loss.centering=ema", "loss.ibot_weight=0.0", "data.unit=cell",
             "crops.policy=dinov2", "crops.rbc_pick=2", "crops.local_crops_number=0"} <= arms
+    # the backbone family axis: each arm carries its family's weights and what the family needs (tied values)
+    by_name = {v["name"]: v["params"] for v in space.ablation_variants()}
+    recipe = by_name["recipe"]
+    assert recipe["model.arch"] == "vit_small_patch14_dinov2" and recipe["model.pretrained"].endswith("dinov2_vits14_pretrain.pth")
+    v3 = by_name["model.arch=vit_small_patch16_dinov3_qkvb"]
+    assert "dinov3_vits16" in v3["model.pretrained"] and v3["loss.ibot_weight"] == 1.0
+    conv = by_name["model.arch=convnext_tiny"]
+    assert "convnext_tiny" in conv["model.pretrained"] and conv["loss.ibot_weight"] == 0.0  # iBOT refused there
+    assert by_name["loss.ibot_weight=0.0"]["model.arch"] == "vit_small_patch14_dinov2"
+    with pytest.raises(Exception, match="tied.*--mode ablation"):
+        space.optuna_space()
