@@ -83,3 +83,26 @@ def test_pretrain_and_sweep_refuse_bad_data_before_ray_starts_and_leave_nothing(
         assert time.monotonic() - start < 30
     leftovers = [p for p in home.rglob("*") if p.name != "mlflow.db"] if home.exists() else []
     assert not leftovers, leftovers  # no run dir, no sweep dir
+
+
+def test_a_sweep_whose_trials_all_failed_exits_1_and_says_where_the_errors_are(tmp_path, monkeypatch):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    import reddino.tune
+    from reddino.cli import app
+    from reddino.tune.sweep import SweepResult
+
+    errors = [tmp_path / "tune" / f"trial_{i}" / "error.txt" for i in range(2)]
+    table = pd.DataFrame({"trial": ["trial_0", "trial_1"], "error": ["RuntimeError: boom", "RuntimeError: boom"],
+                          "error_file": [str(e) for e in errors]})
+    result = SweepResult(sweep_dir=tmp_path, table=table, best_params={}, best_config_path=None, parent_run_id=None)
+    monkeypatch.setattr(reddino.tune, "sweep", lambda **kw: result)
+    out = CliRunner().invoke(app, ["sweep", "--resume", str(tmp_path)])
+    assert out.exit_code == 1, out.output
+    assert out.output.strip() == f"error: all 2 trials of sweep {tmp_path} failed; their errors: " \
+                                 f"{tmp_path}/tune/*/error.txt"
+    # one of two failed: the sweep succeeded, with a warning naming the failed trial's error file
+    table.loc[1, ["error", "error_file"]] = ""
+    out = CliRunner().invoke(app, ["sweep", "--resume", str(tmp_path)])
+    assert out.exit_code == 0 and f"warning: 1 of 2 trials failed; their errors: {errors[0]}" in out.output
