@@ -173,13 +173,15 @@ def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache
         import mlflow.artifacts  # noqa: PLC0415
 
         from reddino import paths  # noqa: PLC0415
-        from reddino.runtime import default_tracking_uri  # noqa: PLC0415
 
-        # The same store `reddino models register` wrote to ($MLFLOW_TRACKING_URI, else $REDDINO_HOME/mlflow.db).
+        # The same store `reddino models register` wrote to ($MLFLOW_TRACKING_URI, else $REDDINO_HOME/mlflow.db),
+        # said once on stderr; an unreachable server or a missing model / alias is one line naming it.
+        from reddino.registry.core import _client, model_version  # noqa: PLC0415
+
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one model file: no bar
-        uri = default_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        _client()
+        if ref.startswith("models:/"):
+            model_version(ref)
 
         dst = Path(cache_dir) if cache_dir else paths.model_cache()
         dst = dst / hashlib.sha256(ref.encode()).hexdigest()[:16]
