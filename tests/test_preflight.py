@@ -106,3 +106,26 @@ def test_a_sweep_whose_trials_all_failed_exits_1_and_says_where_the_errors_are(t
     table.loc[1, ["error", "error_file"]] = ""
     out = CliRunner().invoke(app, ["sweep", "--resume", str(tmp_path)])
     assert out.exit_code == 0 and f"warning: 1 of 2 trials failed; their errors: {errors[0]}" in out.output
+
+
+def test_evaluate_names_a_missing_model_file_and_makes_no_output_folder(datasets, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from reddino.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    cases = [
+        (["--model", "/nonexistent.safetensors", "--data", str(datasets / "cells")],
+         "error: --model /nonexistent.safetensors: no such file or directory"),
+        (["--model", "vit_no_such_arch", "--data", str(datasets / "cells")],
+         "error: --model vit_no_such_arch: not a file, a models:/ or runs:/ URI, 'handcrafted' or a timm architecture"),
+        (["--model", "handcrafted", "--data", str(tmp_path / "nodata")],
+         f"error: --data: dataset dir {tmp_path / 'nodata'} does not exist"),
+        (["--model", "handcrafted", "--data", str(datasets / "patches")], "holds no labelled rows"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(app, ["evaluate", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "eval").exists()  # no empty ./eval/<timestamp>/
