@@ -205,6 +205,49 @@ def speed(root: Path, args) -> dict:
     return {"s_per_smear": per[large], "smears_per_s_core": 1 / per[large], "linear": lin, "wall_all": wall}
 
 
+def _big_child(root: str, side: int, detector: str, params: dict, q) -> None:
+    import resource
+
+    import cv2
+
+    from reddino.data.detect import get_detector
+    from reddino.data.images import decode_image_strict
+
+    cv2.setNumThreads(1)
+    imgs = [decode_image_strict((Path(root) / "Dataset" / f"{n}.jpg").read_bytes()) for n in range(1, 41)]
+    h, w = imgs[0].shape[:2]
+    big = np.empty((side, side, 3), np.uint8)  # a mosaic of Chula smears, side x side
+    k = 0
+    for y in range(0, side, h):
+        for x in range(0, side, w):
+            tile = imgs[k % len(imgs)]
+            k += 1
+            big[y:y + h, x:x + w] = tile[: side - y, : side - x]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    det = get_detector(detector, **params).detect(big)
+    q.put({"side": side, "cells": det.n, "seconds": time.perf_counter() - t, "rss_before_mb": base,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "image_mb": big.nbytes / 2**20,
+           "tiles": params.get("tile", 2048), "mosaic_smears": k})
+
+
+def big_image(root: Path, args) -> dict:
+    """One side x side image (a mosaic of Chula smears) in a fresh process: time, cells, peak memory."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_big_child, args=(str(root), args.big, args.detector, args.params, q))
+    p.start()
+    res = q.get()
+    p.join()
+    print(f"big image {res['side']}x{res['side']} ({res['mosaic_smears']} Chula smears as a mosaic, "
+          f"{res['image_mb']:.0f} MB of pixels): {res['cells']} cells in {res['seconds']:.1f} s "
+          f"({res['cells'] / res['seconds']:.0f} cells/s); peak RSS {res['peak_rss_mb']:.0f} MB "
+          f"(decode + mosaic before detection: {res['rss_before_mb']:.0f} MB) | {loadavg()}")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding chula-rbc-12/ and bccd/")
@@ -215,13 +258,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
+    ap.add_argument("--big", type=int, default=0, help="also detect on one BIG x BIG mosaic (e.g. 10000): memory, time")
+    ap.add_argument("--big-only", action="store_true", help="only the --big measurement")
     args = ap.parse_args()
     ch, bc = args.data / "chula-rbc-12", args.data / "bccd" / "BCCD"
     if not ch.is_dir() or not bc.is_dir():
         print(f"data not found under {args.data} (need chula-rbc-12/ and bccd/BCCD/): pass --data", file=sys.stderr)
         sys.exit(2)
     print(f"== detect_quality | detector {args.detector} {args.params or ''} | {os.cpu_count()} cores | {loadavg()}")
+    if args.big_only:
+        big_image(ch, args)
+        return
     res = {"chula": chula(ch, args), "bccd": bccd(bc, args)}
+    if args.big:
+        res["big"] = big_image(ch, args)
     if not args.skip_speed:
         res["speed"] = speed(ch, args)
     c, b = res["chula"], res["bccd"]

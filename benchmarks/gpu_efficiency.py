@@ -83,13 +83,8 @@ def main() -> None:
     env_setup()
     header("gpu_efficiency")
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from reddino.config import load_config
-    from reddino.model import DINOv2SSL
-    from reddino.train.schedules import build_schedules
-    from reddino.train.step import TrainStep
-    from train_overhead import make_batches
 
     if args.quick:
         args.preset, args.device, args.threads = "tiny_cpu", "cpu", 1
@@ -106,21 +101,55 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
     peak = args.peak_tflops or (peak_tflops(name) if on_gpu else None)
     use_amp = on_gpu and cfg.train.precision in ("bf16", "fp16")
-    amp_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
     c = cfg.crops
     log(f"{cfg.model.arch} @ {cfg.model.img_size}, {cfg.model.head_prototypes} prototypes, batch {B} x "
         f"({c.global_crops_number}x{c.global_crops_size} + {c.local_crops_number}x{c.local_crops_size}) on {name}, "
         f"{'autocast ' + cfg.train.precision if use_amp else 'fp32'}; peak "
         f"{f'{peak:.0f} TFLOP/s' if peak else 'unknown'}")
 
+    r = measure_step(cfg, device, B, steps, warmup, compile=args.compile)
+    flops_per_image, ips, t, achieved = r["gflop_per_image"] * 1e9, r["img_s"], r["step_s"], r["gflop_s"] * 1e9
+    mem = f", peak memory {r['peak_mem_gib']:.1f} GiB" if on_gpu else ""
+    print(f"step {t:.3f} s (median of {steps}) = {ips:.1f} img/s; achieved {achieved / 1e9:.1f} GFLOP/s "
+          f"({flops_per_image / 1e9:.1f} GFLOP/img){mem}")
+    if peak:
+        mfu = achieved / (peak * 1e12)
+        ratio_line("gpu_efficiency MFU", mfu, f">= {GOAL:.2f}" + ("" if on_gpu else " (on a GPU)"),
+                   (mfu >= GOAL) if on_gpu else None,
+                   f"[{ips:.1f} img/s x {flops_per_image / 1e9:.1f} GFLOP / {peak:.0f} TFLOP/s, {name}, batch {B}]")
+    else:
+        ratio_line("gpu_efficiency MFU", float("nan"), f">= {GOAL:.2f} on a GPU", None,
+                   f"[n/a: no peak for {name}; give --peak-tflops; achieved {achieved / 1e9:.1f} GFLOP/s, "
+                   f"{ips:.2f} img/s, batch {B}]")
+
+
+def measure_step(cfg, device, batch_size: int, steps: int, warmup: int, compile: bool = False,
+                 compile_backend: str = "inductor", batches=None) -> dict:
+    """FLOPs per image and the timed training step (``TrainStep``) of ``cfg``'s model on ``device``; ``batches``:
+    pre-made batches (default: random normalised crops), e.g. decoded images + crop parameters for
+    ``crops.on_device``, whose crops the step then makes on the device (timed with the step)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from reddino.model import DINOv2SSL
+    from reddino.train.data import crops_from_batch
+    from reddino.train.schedules import build_schedules
+    from reddino.train.step import TrainStep
+    from train_overhead import make_batches
+
+    on_gpu = device.type == "cuda"
+    B = batch_size
+    use_amp = on_gpu and cfg.train.precision in ("bf16", "fp16")
+    amp_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
     torch.manual_seed(0)
     model = DINOv2SSL.from_config(cfg.model, cfg.loss).to(device)
     model.keep_monitor_outputs = False
     optimizer = torch.optim.AdamW(model.param_groups(cfg.optim), lr=0.0, betas=tuple(cfg.optim.betas),
                                   **({"fused": True} if on_gpu else {}))
     sched = build_schedules(cfg, B)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(cfg, B, model.patch_size, n=2)]
-    fwd = torch.compile(model) if args.compile else model
+    batches = batches if batches is not None else make_batches(cfg, B, model.patch_size, n=2)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    fwd = torch.compile(model, backend=compile_backend) if compile else model
     model.train()
 
     # --- FLOPs of forward + backward (one batch) ---
@@ -130,9 +159,10 @@ def main() -> None:
     for m in fused:
         m.fused_attn = False
     b = batches[0]
+    g, lc = crops_from_batch(b, device, cfg.crops)
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            loss, _ = model(b["global_crops"], b.get("local_crops"), b["masks"], cfg.loss.teacher_temp)
+            loss, _ = model(g, lc, b["masks"], cfg.loss.teacher_temp)
         loss.backward()
     flops_per_image = counter.get_total_flops() / B
     for m in fused:
@@ -157,19 +187,9 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     t = median(times[warmup:])
     ips = B / t
-    achieved = flops_per_image * ips
-    mem = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if on_gpu else ""
-    print(f"step {t:.3f} s (median of {steps}) = {ips:.1f} img/s; achieved {achieved / 1e9:.1f} GFLOP/s "
-          f"({flops_per_image / 1e9:.1f} GFLOP/img){mem}")
-    if peak:
-        mfu = achieved / (peak * 1e12)
-        ratio_line("gpu_efficiency MFU", mfu, f">= {GOAL:.2f}" + ("" if on_gpu else " (on a GPU)"),
-                   (mfu >= GOAL) if on_gpu else None,
-                   f"[{ips:.1f} img/s x {flops_per_image / 1e9:.1f} GFLOP / {peak:.0f} TFLOP/s, {name}, batch {B}]")
-    else:
-        ratio_line("gpu_efficiency MFU", float("nan"), f">= {GOAL:.2f} on a GPU", None,
-                   f"[n/a: no peak for {name}; give --peak-tflops; achieved {achieved / 1e9:.1f} GFLOP/s, "
-                   f"{ips:.2f} img/s, batch {B}]")
+    return {"gflop_per_image": flops_per_image / 1e9, "step_s": t, "img_s": ips,
+            "gflop_s": flops_per_image * ips / 1e9, "batch": B, "compile": bool(compile),
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None}
 
 
 if __name__ == "__main__":

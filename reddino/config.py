@@ -282,6 +282,30 @@ class EvalHookConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # feature extraction; auto: bf16 where native
 
 
+class DistillConfig(_Section):
+    """Feature distillation from a frozen teacher (`reddino distill`; reddino.model.distill). Off while teacher
+    is None (then the run is DINOv2 pretraining)."""
+
+    teacher: str | None = None  # local weights file: a reddino export, or an official file with teacher_arch
+    teacher_arch: str | None = None  # timm arch of an official DINOv2/DINOv3 (non-export) teacher file
+    teacher_img_size: int | None = None  # the teacher sees the student's view resized to this; None: the same view
+    teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device computes it natively
+    loss: Literal["mse", "cosine"] = "mse"  # see reddino.model.distill for why MSE
+    weight: float = Field(1.0, ge=0)  # weight of the distillation term
+    patch_weight: float = Field(1.0, ge=0)  # patch-feature term relative to the global one; 0 = global only
+    ssl_weight: float = Field(0.0, ge=0)  # weight of the DINOv2 objective (loss.*) added to it; 0 = pure distillation
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if self.teacher and self.weight == 0 and self.ssl_weight == 0:
+            raise ValueError("distill.weight and distill.ssl_weight are both 0: nothing to train")
+        return self
+
+
 class MLflowConfig(_Section):
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under ~/.reddino
     experiment: str = "reddino-pretrain"
@@ -300,6 +324,7 @@ class RunConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalHookConfig = Field(default_factory=EvalHookConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
 
     @model_validator(mode="after")

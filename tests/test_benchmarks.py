@@ -19,7 +19,7 @@ BENCH = ROOT / "benchmarks"
 pytestmark = pytest.mark.slow  # each script's --quick run: minutes in all
 
 SCRIPTS = ["data_pipeline.py", "train_overhead.py", "gpu_efficiency.py", "vs_lightly_train.py", "embed_speed.py",
-           "recipe_probe.py", "pass_overlap.py"]
+           "recipe_probe.py", "pass_overlap.py", "augment_cost.py"]
 
 
 def _run(script: str) -> tuple[str, int, str]:
@@ -39,7 +39,7 @@ def quick_runs() -> dict[str, tuple[int, str]]:
     with ThreadPoolExecutor(2) as pool:
         with_ray = pool.submit(chain, ["data_pipeline.py", "train_overhead.py", "pass_overlap.py"])
         without_ray = pool.submit(chain, ["gpu_efficiency.py", "vs_lightly_train.py", "embed_speed.py",
-                                              "recipe_probe.py"])
+                                              "recipe_probe.py", "augment_cost.py"])
         results = with_ray.result() + without_ray.result()
     return {name: (rc, out) for name, rc, out in results}
 
@@ -63,6 +63,7 @@ CLAIMS = {
     "gpu_efficiency.py": ["model FLOPs per image (forward+backward, teacher+student)"],
     "recipe_probe.py": ["step 0 kNN-20", "RankMe"],
     "pass_overlap.py": ["overlap_passes=False:", "overlap_passes=True:", "whole-run img/s"],
+    "augment_cost.py": ["official DINOv2", "reddino dinov2", "on_device worker", "TOTAL"],
 }
 
 

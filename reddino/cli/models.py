@@ -111,7 +111,8 @@ def list_cmd(
         typer.echo(f"({len(rows)} versions; knn20_bacc = {HEADLINE}; --details: every metric; --json: all fields)")
         return
     for r in rows:
-        typer.echo(f"\n{r['name']} v{r['version']}" + (f"  (backbone {r['backbone']})" if r["backbone"] else ""))
+        typer.echo(f"\n{r['name']} v{r['version']}" + (f"  (backbone {r['backbone']})" if r["backbone"] else "")
+                   + (f"  (distilled from {r['teacher']})" if r.get("teacher") else ""))
         for key, value in sorted(r["metrics"].items()):
             typer.echo(f"  {key} = {value:.4f}")
 

@@ -2,21 +2,26 @@
 
 The default detector (``classical``) needs no weights and runs anywhere:
 
-1. **Stain-robust foreground.** The background colour is the median of the bright Otsu class; every pixel becomes
-   an optical density per channel (Beer-Lambert, ``log(bg / I)``) and the cell score is the largest of them, so a
-   pink, purple or grey stain on a white, grey or blue field all give "dense = cell". Threshold: Otsu on the
-   score, never below ``min_od`` (an empty or all-white field has no cells, not noise cells).
-2. **Scale.** The typical cell radius is estimated per image from the compact (solidity ≥ 0.9) components,
-   or fixed with ``cell_radius``; every size rule below is relative to it, so 50 px (Chula) and 100 px (BCCD)
-   cells need no retuning.
-3. **Clean-up.** Holes smaller than a cell are filled (central pallor, target cells); an opening with a disc of
-   ``open_frac`` × radius removes thin structures: text, scale bars, pointer shadows, crenation spikes' glue.
+1. **Stain-robust foreground.** Every pixel becomes an optical density per channel (Beer-Lambert, ``log(bg / I)``)
+   against the *local* background (the empty-field pixels, normal-convolved at ``bg_sigma`` px, so uneven
+   illumination does not matter), projected on the stain's own colour direction (the mean density vector of the
+   dense pixels): a pink, purple or grey stain on a white, grey or blue field all give "dense = cell". Threshold:
+   above the empty-field peak by ``noise_k`` noise sigmas, ``min_od`` and ``thr_frac`` of the way to a clipped
+   Otsu cut (pale, hypochromic cells stay in); an empty or all-white field has no cells, not noise cells.
+2. **Scale.** The typical cell radius is estimated per image (distance-transform maxima, then the compact whole
+   components' equivalent radius), or fixed with ``cell_radius``; every size rule below is relative to it, so
+   40 px (Chula) and 100 px (BCCD) cells need no retuning.
+3. **Clean-up.** Holes smaller than ``hole_frac`` cells are filled (central pallor, target cells); an opening with
+   a disc of ``open_frac`` x radius removes thin structures: text, scale bars, the glue between crenation spikes.
 4. **Splitting touching cells.** Components bigger than ``split_area`` cells or less convex than
    ``split_solidity`` are split by a marker watershed on the distance transform (markers: its maxima at least
-   ``peak_min_dist`` radii apart and ``peak_min_height`` radii deep).
+   ``peak_min_dist`` radii apart and ``peak_min_height`` radii deep). A tight clump of round cells can have fewer
+   maxima than cells: when its area holds more cells (area / ``clump_cell_area`` cell areas) it is cut into
+   that many nearest-centre regions around k-means centres of its pixels (seeded at the maxima).
 5. **Filters.** Pieces smaller than ``min_area`` cell areas (platelets, debris), thinner than ``min_thickness``
-   radii (lines, text), or whose stain is nuclear (white cells, platelets: the red channel absorbs nearly as
-   much as the green one over ``nucleus_frac`` of the piece) are dropped and counted by reason.
+   radii (lines, text), or nucleated (white cells: more than ``nucleus_frac`` of the piece, or half of it near a
+   nucleus, is dense purple stain - blue passes where red cells absorb it; a grey pointer shadow does not count)
+   are dropped and counted by reason.
 6. **Flags.** ``border_cut`` (the mask touches the image edge), ``clump`` (a piece still bigger than
    ``clump_area`` cells after splitting: possibly merged cells).
 
@@ -128,7 +133,7 @@ class ClassicalParams:
     nucleus_near: float = 0.5  # ... or more than half inside a nucleus grown by this many radii
     clump_cell_area: float = 1.1  # a clump with fewer distance maxima than area / (this x cell area) is k-means split
     clump_area: float = 2.2  # flag pieces still bigger than this many cell areas
-    tile: int = 2048  # process images larger than this (either side) in tiles
+    tile: int = 1024  # process images larger than this (either side) in tiles (memory grows with the tile)
     tile_overlap: float = 3.0  # tile margin, in cell radii
 
 
@@ -354,9 +359,11 @@ class ClassicalDetector:
                 if k_area >= 2 and k_area > len(pk):
                     centres = _kmeans_seeds(m, k_area, pk)
                     yy, xx = np.nonzero(m)
-                    d2 = (yy[:, None] - centres[None, :, 0]) ** 2 + (xx[:, None] - centres[None, :, 1]) ** 2
                     seg = np.zeros(m.shape, np.int32)
-                    seg[yy, xx] = d2.argmin(1) + 1
+                    for j in range(0, len(yy), 65536):  # in chunks: bounded memory for huge clumps
+                        y_, x_ = yy[j:j + 65536, None], xx[j:j + 65536, None]
+                        d2 = (y_ - centres[None, :, 0]) ** 2 + (x_ - centres[None, :, 1]) ** 2
+                        seg[y_[:, 0], x_[:, 0]] = d2.argmin(1) + 1
                     pk = centres
                 elif len(pk) >= 2:
                     markers = np.zeros(m.shape, np.int32)
@@ -402,8 +409,7 @@ class ClassicalDetector:
         idx = labels.ravel()
         close = np.bincount(idx, weights=near.ravel().astype(np.float64), minlength=n + 1)
         area = np.bincount(idx, minlength=n + 1).astype(np.float64)
-        sx = np.bincount(idx, weights=np.broadcast_to(np.arange(w, dtype=np.float64), (h, w)).ravel(), minlength=n + 1)
-        sy = np.bincount(idx, weights=np.broadcast_to(np.arange(h, dtype=np.float64)[:, None], (h, w)).ravel(), minlength=n + 1)
+        com = np.asarray(ndi.center_of_mass(labels > 0, labels, np.arange(1, n + 1)), np.float64).reshape(-1, 2)
         nuc = np.bincount(idx, weights=nuclear.ravel().astype(np.float64), minlength=n + 1)
         # each piece's thickness (inscribed radius): distance to the background or to a neighbouring piece
         inner = labels > 0
@@ -432,7 +438,7 @@ class ClassicalDetector:
                 flags.append(BORDER_CUT)  # leave a 1 px gap between a cut cell and the edge
             if a > p.clump_area * area1:
                 flags.append(CLUMP)
-            cells.append(Cell(float(sx[li] / a), float(sy[li] / a), int(sl[1].start), int(sl[0].start), int(sl[1].stop),
+            cells.append(Cell(float(com[li - 1, 1]), float(com[li - 1, 0]), int(sl[1].start), int(sl[0].start), int(sl[1].stop),
                               int(sl[0].stop), int(a), tuple(flags)))
             remap[li] = len(cells)
         return Detection(cells, self.name, self.version, float(r), dropped, remap[labels] if keep_labels else None)

@@ -89,14 +89,34 @@ def rrc_box(u: np.ndarray, height: int, width: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def _rrc_boxes(u: np.ndarray, height: int, width: int, scales: np.ndarray,
+               ratio: tuple[float, float] = RATIO) -> np.ndarray:
+    """:func:`rrc_box` for K crops at once: uniforms u [K, 10, 4], scales [K, 2] → int [K, 4]."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    target = area * (scales[:, :1] + u[..., 0] * (scales[:, 1:] - scales[:, :1]))
+    ar = np.exp(log_lo + u[..., 1] * (log_hi - log_lo))
+    ws = np.rint(np.sqrt(target * ar)).astype(np.int64)
+    hs = np.rint(np.sqrt(target / ar)).astype(np.int64)
+    ok = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+    first = ok.argmax(1)
+    k = np.arange(len(u))
+    h, w = hs[k, first], ws[k, first]
+    out = np.stack([(u[k, first, 2] * (height - h + 1)).astype(np.int64),
+                    (u[k, first, 3] * (width - w + 1)).astype(np.int64), h, w], 1)
+    for i in np.flatnonzero(~ok.any(1)):  # no try fitted: torchvision's centre crop
+        out[i] = rrc_box(np.full((10, 4), 2.0), height, width, tuple(scales[i]), ratio)
+    return out
+
+
 def draw_params(rng: np.random.Generator, height: int, width: int, recipes: list[CropRecipe]) -> np.ndarray:
     """float32 [len(recipes), N_PARAMS]: every random choice of one row's crops (see the column names), from one
     draw of uniforms (the per-row cost is what the data workers pay with ``crops.on_device``)."""
     K = len(recipes)
     u = rng.random((K, 54))
     out = np.zeros((K, N_PARAMS), dtype=np.float32)
-    for k, c in enumerate(recipes):
-        out[k, :4] = rrc_box(u[k, :40].reshape(10, 4), height, width, c.scale)
+    scales = np.array([c.scale for c in recipes], dtype=np.float64)
+    out[:, :4] = _rrc_boxes(u[:, :40].reshape(K, 10, 4), height, width, scales)
     v = u[:, 40:50]
     prob = np.array([[c.flip_p, c.jitter_p, c.gray_p, c.blur_p, c.solar_p] for c in recipes])
     out[:, FLIP] = v[:, 0] < prob[:, 0]

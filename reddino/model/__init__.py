@@ -1,6 +1,6 @@
 """Model side of reddino: timm backbones (ViT, DINOv3 Eva, ConvNeXt; one contract in ``family``), DINO/iBOT heads, losses, the DINOv2 SSL wrapper, monitors.
 
-Importing this package registers the tiny CPU architectures ``vit_mini_patch8_reddino``, ``vit_tiny_patch8_reddino`` and ``vit_tiny_patch14_reddino`` with timm.
+Importing this package registers the tiny CPU architectures ``vit_mini_patch8_reddino``, ``vit_micro_patch8_reddino``, ``vit_tiny_patch8_reddino`` and ``vit_tiny_patch14_reddino`` with timm.
 """
 
 from reddino.model.backbone import (
@@ -11,6 +11,7 @@ from reddino.model.backbone import (
     load_backbone,
     load_pretrained,
     model_img_size,
+    vit_micro_patch8_reddino,
     vit_mini_patch8_reddino,
     vit_tiny_patch8_reddino,
     vit_tiny_patch14_reddino,
@@ -43,6 +44,7 @@ __all__ = [
     "rankme",
     "sinkhorn_knopp",
     "teacher_entropy",
+    "vit_micro_patch8_reddino",
     "vit_mini_patch8_reddino",
     "vit_tiny_patch8_reddino",
     "vit_tiny_patch14_reddino",

@@ -95,6 +95,14 @@ def vit_mini_patch8_reddino(pretrained: bool = False, **kwargs: Any) -> VisionTr
                      {"img_size": 56, "patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 2}, kwargs)
 
 
+@register_model
+def vit_micro_patch8_reddino(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Micro/8 at 56 px (dim 96, depth 3, 2 heads; 7×7 tokens): the distill_cpu student, ~0.4x ViT-Mini/8's
+    compute per image (half the depth-width product or less is what distillation into "half the cost" asks)."""
+    return _tiny_vit("vit_micro_patch8_reddino", pretrained,
+                     {"img_size": 56, "patch_size": 8, "embed_dim": 96, "depth": 3, "num_heads": 2}, kwargs)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Creation
 # --------------------------------------------------------------------------------------------------------------
@@ -224,7 +232,9 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
 
 def _backbone_prefix(keys: list[str]) -> str:
     """The prefix in front of ``pos_embed``; the teacher's if several backbones are present."""
-    prefixes = [k[: -len("pos_embed")] for k in keys if k.endswith("pos_embed") and "ibot" not in k]
+    # never a Gram run's frozen Gram teacher (an older copy of the teacher)
+    prefixes = [k[: -len("pos_embed")] for k in keys
+                if k.endswith("pos_embed") and "ibot" not in k and not k.startswith("gram_teacher.")]
     if not prefixes:
         raise ValueError("no 'pos_embed' key: not a ViT checkpoint")
     for wanted in ("teacher", "backbone", ""):

@@ -52,7 +52,8 @@ def _tensors(obj: Any) -> dict[str, torch.Tensor]:
 def backbone_part(state: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(the backbone's tensors with their prefix removed, all tensors). The teacher's backbone is preferred."""
     full = _tensors(state)
-    prefixes = [k[: -len(a)] for k in full for a in _ANCHORS if k.endswith(a) and "ibot" not in k]
+    prefixes = [k[: -len(a)] for k in full for a in _ANCHORS  # never a Gram run's (older) Gram teacher
+                if k.endswith(a) and "ibot" not in k and not k.startswith("gram_teacher.")]
     if not prefixes:
         some = ", ".join(sorted(full)[:8])
         raise ValueError(f"no backbone found: none of {', '.join(_ANCHORS)} among the keys ({some} ...)")

@@ -217,6 +217,10 @@ def register_backbone(
         "reddino.data_hash": str(meta.get("data_hash", "")),
         "reddino.training_run": str(train_run_id or meta.get("run_name", "")),
     }
+    teacher = meta.get("teacher") if isinstance(meta.get("teacher"), dict) else None
+    if teacher:  # a distilled student: its lineage (reddino.train.distill)
+        tags["reddino.method"] = str(meta.get("method", "distill"))
+        tags.update({f"reddino.teacher.{k}": str(v) for k, v in teacher.items()})
     for key, value in (metrics or {}).items():
         tags[f"metric.{key}"] = f"{float(value):.6f}"
     for key, value in (baselines or {}).items():
@@ -430,6 +434,15 @@ def load_backbone(ref: str, device: str = "cpu"):
         return load_export(pull(ref, tmp), device=device)
 
 
+def _teacher_label(tags: dict[str, str]) -> str:
+    """``name vN (weights <hash12>)`` of a distilled model's teacher; '' for anything else."""
+    if not tags.get("reddino.teacher.hash"):
+        return ""
+    version = tags.get("reddino.teacher.version")
+    return (tags.get("reddino.teacher.name", "?") + (f" v{version}" if version else "")
+            + f" (weights {tags['reddino.teacher.hash'][:12]})")
+
+
 def list_models(announce: bool = True) -> list[dict[str, Any]]:
     """Every registered model version with its aliases and metric tags (``announce``: say the store on stderr)."""
     client = _client(announce=announce)
@@ -445,6 +458,7 @@ def list_models(announce: bool = True) -> list[dict[str, Any]]:
                 "aliases": sorted(aliases_by_version.get(str(mv.version), [])),
                 "kind": tags.get("reddino.kind", ""), "arch": tags.get("reddino.arch", ""),
                 "backbone": tags.get("reddino.backbone", ""),
+                "teacher": _teacher_label(tags),
                 "metrics": {k[len("metric."):]: float(v) for k, v in tags.items() if k.startswith("metric.")},
             })
     return sorted(rows, key=lambda r: (r["name"], r["version"]))

@@ -255,6 +255,7 @@ class _Reporter:
                     "resumed_from_step": resumed_from}
         self.config_yaml = loop_config.get("config_yaml", "")
         self.data_hash = loop_config.get("data_hash")
+        self.export_meta = dict(loop_config.get("export_meta") or {})  # e.g. a distilled model's teacher lineage
 
     def __call__(self, metrics: dict[str, Any], with_checkpoint: bool, export: bool = False) -> None:
         import ray.train
@@ -277,9 +278,26 @@ class _Reporter:
 
                 export_backbone(self.model.teacher["backbone"], Path(tmp) / ckpt.BACKBONE_FILE,
                                 meta={"run_name": self.run_name, "step": state.step,
-                                      "config_hash": self.cfg.hash(), "data_hash": self.data_hash})
+                                      "config_hash": self.cfg.hash(), "data_hash": self.data_hash,
+                                      **self.export_meta})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{state.step:07d}")
+
+
+def _build_model(cfg: RunConfig, device):
+    """The training method: DINOv2 pretraining, or distillation from a frozen teacher when ``distill.teacher`` is
+    set (:class:`reddino.model.distill.DistillSSL`, a DINOv2SSL: the rest of the loop is the same)."""
+    from reddino.model import DINOv2SSL
+
+    if not cfg.distill.enabled:
+        return DINOv2SSL.from_config(cfg.model, cfg.loss)
+    from reddino.evaluate.extract import resolve_precision
+    from reddino.model.distill import DistillSSL
+
+    model = DistillSSL.from_config(cfg)
+    if resolve_precision(cfg.distill.teacher_precision, device) == "bf16":
+        model.teacher_dtype = torch.bfloat16
+    return model
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -288,7 +306,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     _quiet_train_reports()
 
-    from reddino.model import DINOv2SSL
     from reddino.train.schedules import build_schedules
 
     cfg = RunConfig.model_validate(loop_config["cfg"])
@@ -302,7 +319,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.train.torch_threads or cfg.train.cpus_per_worker)))
 
     # --- model, optimizer ---
-    model = DINOv2SSL.from_config(cfg.model, cfg.loss)
+    model = _build_model(cfg, device)
     if cfg.model.head_use_bn and on_gpu and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # head BN over the global batch
     model.to(device)

@@ -78,7 +78,7 @@ class TrainStep:
     loss_hook: Callable | None = None
 
     def __post_init__(self) -> None:
-        self.forward = self.forward or self.model
+        self.forward = self.model if self.forward is None else self.forward  # (a compiled module has no bool)
         self.accum = int(self.cfg.optim.grad_accum_steps)
         self.freeze_until = int(self.cfg.optim.freeze_last_layer_epochs * self.cfg.train.iters_per_epoch)
 

@@ -170,6 +170,7 @@ def _absolute_local_paths(cfg: RunConfig) -> RunConfig:
     cfg.data.paths = [absolute(p) for p in cfg.data.paths]
     cfg.eval.data = absolute(cfg.eval.data)
     cfg.model.pretrained = absolute(cfg.model.pretrained)
+    cfg.distill.teacher = absolute(cfg.distill.teacher)
     cfg.loss.gram_teacher_path = absolute(cfg.loss.gram_teacher_path)
     cfg.train.export_path = absolute(cfg.train.export_path)
     return cfg
@@ -184,6 +185,7 @@ def pretrain(
     mlflow_tags: dict[str, str] | None = None,
     step_hooks: list[Callable[[int], None]] | None = None,
     loss_hook: Callable[..., Any] | None = None,
+    export_meta: dict[str, Any] | None = None,
 ) -> PretrainResult:
     """Run (or resume) DINOv2 pretraining as described by `cfg`.
 
@@ -191,7 +193,8 @@ def pretrain(
     Train restores the run's checkpoint manager; the loop restores model, optimizer and data position).
     ``step_hooks`` run on every worker as ``hook(step)`` after each finished step and ``loss_hook(step, loss,
     parts) -> (loss, parts)`` sees each micro-batch's loss before backward; both are cloudpickled to the workers
-    (closures travel by value). The tests inject crashes and NaNs with them.
+    (closures travel by value). The tests inject crashes and NaNs with them. ``export_meta`` joins the exported
+    backbone's metadata (a distilled model's teacher lineage, which `models register` turns into tags).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -272,6 +275,7 @@ def pretrain(
         "rows_per_pass": _rows_per_pass(cfg) if cfg.data.overlap_passes else None,
         "step_hooks": step_hooks or [],
         "loss_hook": loss_hook,
+        "export_meta": export_meta or {},
     }
     from reddino.train.progress import PROGRESS_FILE, LiveProgress, live_wanted
 

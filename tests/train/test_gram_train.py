@@ -61,8 +61,21 @@ def test_gram_crops_see_the_student_crops_region_at_twice_the_pixels():
     assert "gram_crops" not in plain
 
 
-def _setup(seed=0):
-    cfg = load_config(str(TINY), GRAM)
+# Each backbone family (small members, as tests/train/test_families.py): its crop sizes, Gram crops at twice them
+FAMILIES = {
+    "vit": [],
+    "eva": ["model.arch=vit_small_patch16_dinov3_qkvb", "model.patch_size=8", "loss.ibot_weight=1.0",
+            "model.timm_kwargs={depth: 2, embed_dim: 64, num_heads: 2, rope_rescale_coords: 2.0}",
+            "model.img_size=32", "crops.global_crops_size=32", "crops.local_crops_size=16",
+            "loss.gram_teacher_crops_size=64"],
+    "convnext": ["model.arch=convnext_atto", "model.timm_kwargs={depths: [1, 1, 1, 1], dims: [16, 32, 64, 128]}",
+                 "loss.ibot_weight=0.0", "model.img_size=64", "crops.global_crops_size=64",
+                 "crops.local_crops_size=32", "loss.gram_teacher_crops_size=128"],
+}
+
+
+def _setup(seed=0, fam="vit"):
+    cfg = load_config(str(TINY), GRAM + FAMILIES[fam])
     torch.manual_seed(seed)
     model = DINOv2SSL.from_config(cfg.model, cfg.loss)
     model.train()
@@ -70,22 +83,27 @@ def _setup(seed=0):
     return cfg, model, opt, TrainStep(model, opt, build_schedules(cfg, 4), cfg)
 
 
-def _batch(cfg, seed, n=4):
+def _batch(cfg, seed, n=4, stride=14):
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    return {"global_crops": torch.randn(n, 2, 3, 28, 28, generator=g),
-            "local_crops": torch.randn(n, 2, 3, 14, 14, generator=g),
-            "gram_crops": torch.randn(n, 2, 3, 56, 56, generator=g),
-            "masks": torch.from_numpy(np.stack([sample_masks(rng, 2, (2, 2), cfg.mask) for _ in range(n)]))}
+    S, s, T = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.loss.gram_teacher_crops_size
+    side = S // stride
+    batch = {"global_crops": torch.randn(n, 2, 3, S, S, generator=g),
+             "local_crops": torch.randn(n, 2, 3, s, s, generator=g),
+             "masks": torch.from_numpy(np.stack([sample_masks(rng, 2, (side, side), cfg.mask) for _ in range(n)]))}
+    if T:
+        batch["gram_crops"] = torch.randn(n, 2, 3, T, T, generator=g)
+    return batch
 
 
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_resume_from_a_checkpoint_between_refreshes_is_exact(tmp_path):
-    cfg, model, opt, step = _setup()
-    batches = [_batch(cfg, i) for i in range(6)]
+@pytest.mark.parametrize("fam", list(FAMILIES))
+def test_resume_from_a_checkpoint_between_refreshes_is_exact(tmp_path, fam):
+    cfg, model, opt, step = _setup(fam=fam)
+    batches = [_batch(cfg, i, stride=model.patch_size) for i in range(6)]
     gram_keys = [k for k in model.state_dict() if k.startswith("gram_teacher.")]
     results, snapshots = [], {}
     for i in range(6):
@@ -109,7 +127,7 @@ def test_resume_from_a_checkpoint_between_refreshes_is_exact(tmp_path):
                    for k in gram_keys)
 
     # A fresh process's model (other init) restored from the step-3 checkpoint continues bit for bit.
-    cfg2, model2, opt2, step2 = _setup(seed=1)
+    cfg2, model2, opt2, step2 = _setup(seed=1, fam=fam)
     state = ckpt.load(tmp_path, model=model2, optimizer=opt2)
     assert state.step == 3 and int(model2.gram_refreshes) == 1
     for i in range(3, 6):
@@ -150,3 +168,22 @@ def test_gram_teacher_from_a_file_and_the_ema_teacher_variant(tmp_path):
     _, model, _, _ = _setup()
     with pytest.raises(ValueError, match="gram_crops"):
         model(b["global_crops"], b["local_crops"], b["masks"], 0.04, gram_weight=1.0)
+
+
+@pytest.mark.parametrize("fam", ["vit", "convnext"])
+def test_warm_start_from_a_gram_runs_weights_takes_the_ema_teacher_not_the_gram_teacher(tmp_path, fam):
+    from reddino.model import create_backbone, load_pretrained
+
+    cfg, model, opt, step = _setup(fam=fam)
+    batches = [_batch(cfg, i, stride=model.patch_size) for i in range(3)]
+    for i in range(3):
+        step(i, lambda: batches[i])
+    torch.save({"model": model.state_dict()}, tmp_path / "weights.pt")  # student, teacher and Gram teacher
+    backbone = create_backbone(cfg.model.arch, cfg.model.img_size, cfg.model.patch_size,
+                               timm_kwargs=cfg.model.timm_kwargs)
+    mask_token = load_pretrained(backbone, tmp_path / "weights.pt")
+    if fam == "vit":
+        assert torch.equal(mask_token, model.mask_token.detach())
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, model.teacher["backbone"].state_dict()[k]), k
+    assert not all(torch.equal(v, model.gram_teacher.state_dict()[k]) for k, v in backbone.state_dict().items())
