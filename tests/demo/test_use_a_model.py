@@ -17,6 +17,7 @@ def _use_a_model_block() -> str:
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.timeout(3600)
 @pytest.mark.slow  # the quick demo, then embed, probe fit and classify, each on a local Ray: minutes
 def test_use_a_model_section_runs_as_written_after_the_quick_demo(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
