@@ -149,6 +149,8 @@ def check_model_ref(ref) -> None:
         raise PreflightError(f"--model {text}: no such file or directory")
     import timm
 
+    import reddino.model  # noqa: F401 - registers reddino's own archs (vit_mini_patch8_reddino, ...) with timm
+
     arch = text.split(":", 1)[1] if text.startswith("random:") else text
     if not timm.is_model(arch):
         raise PreflightError(f"--model {text}: not a file, a models:/ or runs:/ URI, 'handcrafted' or a timm "
