@@ -249,14 +249,14 @@ class TrainConfig(_Section):
     seed: int = 0
     storage_path: str | None = None  # None: $REDDINO_HOME/runs (reddino.paths); any pyarrow URI on a cluster
     run_name: str | None = None
-    checkpoint_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=0)  # steps; 0 = only at the end
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever (Ray Train)
     # Custom Ray resources each Train worker asks for besides CPU/GPU, e.g. {train: 1}: one worker per node that
     # advertises `train: 1` (cluster/ray-cluster.yaml's gpu_worker; the local multi-node helper's train nodes).
     worker_resources: dict[str, float] | None = None
     log_every: int = Field(10, ge=1)
-    monitor_every: int = Field(50, ge=1)  # teacher entropy + RankMe, and the collapse guard on them
+    monitor_every: int = Field(50, ge=0)  # 0 = off; teacher entropy + RankMe, and the collapse guard on them
     # Collapse guard, from the end of the lr warm-up: a sign seen at 2 monitor steps in a row warns once (console
     # + MLflow tag reddino.collapse_warning), or stops the run cleanly with collapse_stop.
     collapse_rankme_frac: float = 0.1  # RankMe ≤ this × min(batch rows, embed dim)
