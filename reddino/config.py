@@ -219,7 +219,7 @@ class OptimConfig(_Section):
     warmup_epochs: float = Field(0.1, ge=0)
     weight_decay: float = Field(0.04, ge=0)
     weight_decay_end: float = Field(0.2, ge=0)
-    clip_grad: float | None = Field(3.0, gt=0)
+    clip_grad: float | None = Field(3.0, ge=0)  # 0 or null = no clipping
     patch_embed_lr_mult: float = Field(0.2, ge=0)
     layerwise_decay: float = Field(1.0, gt=0, le=1)
     freeze_last_layer_epochs: float = Field(0.0, ge=0)
