@@ -481,6 +481,8 @@ def _error_line(cls: type[BaseModel], err: dict[str, Any], where: str, cmdline: 
         return (f"{key}={shown} ({origin}): unknown key; {hint}valid keys"
                 f"{' of ' + prefix if prefix else ''}: {', '.join(valid)}")
     msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict):  # a section's own check: its message names the field
+        return f"{key} ({origin}): {msg}"
     expected = ""
     section = _section_of(cls, loc[:-1])
     field = section.model_fields.get(loc[-1]) if section and loc else None
