@@ -35,7 +35,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 
 
 def _feats_chunk(images: list[bytes]) -> np.ndarray:
-    from reddino.evaluate.handcrafted import handcrafted_features
+    from reddino.features.handcrafted import handcrafted_features
 
     return handcrafted_features(images)
 
@@ -52,7 +52,7 @@ def features(table: pd.DataFrame, model: str, workers: int, cache: Path) -> np.n
         with ProcessPoolExecutor(max(1, workers)) as pool:
             X = np.concatenate(list(pool.map(_feats_chunk, chunks)))
     else:
-        from reddino.evaluate.models import resolve_model
+        from reddino.features.models import resolve_model
 
         net = resolve_model(model)
         X = net.extract(imgs) if hasattr(net, "extract") else None
@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--full-ratio", type=float, default=0.8)
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--crops", type=Path, help="an existing `reddino ingest chula` dataset of the labelled crops")
+    ap.add_argument("--every", type=int, default=1, help="detect on every k-th labelled smear only (faster)")
+    ap.add_argument("--max-train", type=int, default=0, help="at most this many training crops per fold (0: all)")
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
@@ -83,10 +86,23 @@ def main() -> None:
     from reddino.data.ingest import CHULA_CLASSES, ingest
 
     args.work.mkdir(parents=True, exist_ok=True)
-    crops_dir, det_dir = args.work / "crops", args.work / "detected"
+    crops_dir, det_dir = args.crops or args.work / "crops", args.work / f"detected_every{args.every}"
     t = time.perf_counter()
-    ingest("chula", args.data, crops_dir, workers=args.workers, progress=False)
-    ingest("chula", args.data, det_dir, detect=True, detect_crop_size=80, workers=args.workers, progress=False)
+    if args.crops is None:
+        ingest("chula", args.data, crops_dir, workers=args.workers, progress=False)
+    src = args.data
+    if args.every > 1:  # a Chula-layout folder holding every k-th labelled smear (copies, in the work dir)
+        import shutil
+
+        src = args.work / f"chula_every{args.every}"
+        stems = sorted((p.stem for p in (args.data / "Label").glob("*.txt")), key=int)[:: args.every]
+        for sub in ("Dataset", "Label"):
+            (src / sub).mkdir(parents=True, exist_ok=True)
+        for st in stems:
+            for a, b in ((f"Dataset/{st}.jpg", f"Dataset/{st}.jpg"), (f"Label/{st}.txt", f"Label/{st}.txt")):
+                if not (src / b).exists():
+                    shutil.copyfile(args.data / a, src / b)
+    ingest("chula", src, det_dir, detect=True, detect_crop_size=80, workers=args.workers, progress=False)
     log(f"ingested (or reused) both datasets in {time.perf_counter() - t:.0f} s")
     crops = load_table([crops_dir]).to_pandas()
     det = load_table([det_dir]).to_pandas()
@@ -94,8 +110,6 @@ def main() -> None:
     det["cx"] = [d["cx"] for d in info]
     det["cy"] = [d["cy"] for d in info]
     det["border"] = ["border_cut" in d["flags"] for d in info]
-    Xc = features(crops, args.model, args.workers, args.work / f"X_crops_{args.model}.npy")
-    Xd = features(det, args.model, args.workers, args.work / f"X_detected_{args.model}.npy")
 
     # fully labelled smears (interior cells, as in detect_quality.py)
     full = set()
@@ -111,6 +125,17 @@ def main() -> None:
         if n_det and n_lab >= args.full_ratio * n_det:
             full.add(g)
     log(f"{len(full)} fully labelled smears")
+    # features only where they are needed: detected cells of the fully labelled smears, and the crops (all, or a
+    # per-fold training subsample plus the fully labelled smears' own crops)
+    det = det[det["group"].isin(full)].reset_index(drop=True)
+    if args.max_train:
+        rng = np.random.default_rng(0)
+        keep = crops["group"].isin(full).to_numpy() | (rng.random(len(crops)) < args.max_train * args.folds / max(
+            1, (args.folds - 1) * len(crops)))
+        crops = crops[keep].reset_index(drop=True)
+    tag = f"{args.model}_every{args.every}_max{args.max_train}"
+    Xc = features(crops, args.model, args.workers, args.work / f"X_crops_{tag}.npy")
+    Xd = features(det, args.model, args.workers, args.work / f"X_detected_{tag}.npy")
 
     classes = sorted(CHULA_CLASSES)
     names = [CHULA_CLASSES[c] for c in classes]

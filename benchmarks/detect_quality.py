@@ -120,10 +120,20 @@ def chula(root: Path, args) -> dict:
     labels = sorted((root / "Label").glob("*.txt"), key=lambda p: int(p.stem))
     if args.quick:
         labels = labels[:: max(1, len(labels) // 30)][:30]
+    if args.images:
+        want = set(args.images.split(","))
+        labels = [p for p in labels if p.stem in want]
     tasks = [(str(root / "Dataset" / f"{p.stem}.jpg"), str(p), args.detector, args.params) for p in labels]
+    if not (args.quick or args.images):  # the unlabelled photos too: this pass is also the wall time for all of them
+        have = {p.stem for p in labels}
+        tasks += [(str(p), None, args.detector, args.params) for p in sorted((root / "Dataset").glob("*.jpg"))
+                  if p.stem not in have]
     t = time.perf_counter()
     res = _run(_chula_one, tasks, args.workers)
-    log(f"chula: {len(res)} labelled images in {time.perf_counter() - t:.1f} s ({args.workers} worker(s))")
+    wall = time.perf_counter() - t
+    print(f"all {len(res)} Chula photos (decode + detect + scoring), {args.workers} worker(s): {wall:.1f} s wall, "
+          f"{sum(r['n_cells'] for r in res):,} cells | {loadavg()}")
+    res = [r for r in res if "n_labels" in r]
     n_lab = sum(r["n_labels"] for r in res)
     n_hit = sum(r["matched"] for r in res)
     recall = n_hit / n_lab
@@ -161,7 +171,7 @@ def chula(root: Path, args) -> dict:
     print(f"  touching pairs (centres < 1.1 diameters apart): {pairs}: split {split} ({split / max(1, pairs):.3f}), "
           f"merged {merged} ({merged / max(1, pairs):.3f}), rest: a centre unmatched")
     det_s = [r["detect_s"] for r in res]
-    return {"recall": recall, "full": len(full), "precision": prec, "count_err_median": float(np.median(cerr)),
+    return {"wall_all": wall, "photos": len(tasks), "recall": recall, "full": len(full), "precision": prec, "count_err_median": float(np.median(cerr)),
             "pairs": pairs, "split": split, "merged": merged, "detect_s_median": float(np.median(det_s))}
 
 
@@ -183,7 +193,7 @@ def bccd(root: Path, args) -> dict:
 
 def speed(root: Path, args) -> dict:
     imgs = sorted((root / "Dataset").glob("*.jpg"), key=lambda p: int(p.stem))
-    small, large = (10, 40) if args.quick else (100, 400)
+    small, large = (10, 40) if args.quick else args.speed_sizes
     per = {}
     for n in (small, large):
         tasks = [(str(p), None, args.detector, args.params) for p in imgs[:n]]
@@ -195,13 +205,6 @@ def speed(root: Path, args) -> dict:
     lin = per[large] / per[small]
     print(f"  per-smear cost at {large} vs {small} smears: x{lin:.3f} (1.0 = linear)")
     wall = None
-    if not args.quick:
-        tasks = [(str(p), None, args.detector, args.params) for p in imgs]
-        t = time.perf_counter()
-        _run(_chula_one, tasks, args.workers)
-        wall = time.perf_counter() - t
-        print(f"  all {len(imgs)} Chula images (decode + detect), {args.workers} worker(s): {wall:.1f} s wall "
-              f"| {loadavg()}")
     return {"s_per_smear": per[large], "smears_per_s_core": 1 / per[large], "linear": lin, "wall_all": wall}
 
 
@@ -256,7 +259,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--full-ratio", type=float, default=0.8)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--images", help="Chula only these image ids (comma-separated)")
+    ap.add_argument("--chula-only", action="store_true", help="skip BCCD and speed")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--speed-sizes", type=lambda t: tuple(int(v) for v in t.split(",")), default=(100, 400),
+                    help="the two numbers of smears timed in one process")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     ap.add_argument("--big", type=int, default=0, help="also detect on one BIG x BIG mosaic (e.g. 10000): memory, time")
     ap.add_argument("--big-only", action="store_true", help="only the --big measurement")
@@ -269,7 +276,10 @@ def main() -> None:
     if args.big_only:
         big_image(ch, args)
         return
-    res = {"chula": chula(ch, args), "bccd": bccd(bc, args)}
+    res = {"chula": chula(ch, args)}
+    if args.chula_only:
+        return
+    res["bccd"] = bccd(bc, args)
     if args.big:
         res["big"] = big_image(ch, args)
     if not args.skip_speed:

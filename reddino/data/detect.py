@@ -281,7 +281,8 @@ class ClassicalDetector:
         if len(pk) < 3:
             return None
         heights = dist[pk[:, 0], pk[:, 1]]
-        r0 = float(np.median(heights))
+        # filled gaps between clumped cells make a few huge maxima: the typical one is among the lower 60 %
+        r0 = float(np.median(heights[heights <= np.percentile(heights, 60)]))
         n, lab, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
         keep = []
         floor = math.pi * (0.6 * r0) ** 2
@@ -294,7 +295,7 @@ class ClassicalDetector:
             if _solidity(lab[y:y + hh, x:x + ww] == i + 1) >= 0.9:
                 keep.append(a)
         if len(keep) < 5:  # clumped field: the upper quartile (overlaps and dents pull the median down)
-            return float(np.percentile(heights, 75))
+            return float(np.percentile(heights[heights <= 1.5 * r0], 70))
         keep = np.asarray(keep, np.float64)
         med = np.median(keep)
         core = keep[(keep > 0.4 * med) & (keep < 2.5 * med)]
