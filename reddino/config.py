@@ -6,12 +6,15 @@ Unknown keys are errors, so a typo never silently does nothing.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from reddino.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -37,16 +40,16 @@ class DataConfig(_Section):
     sources: list[str] | None = None
     unit: Literal["patch", "cell"] | None = "patch"
     source_weights: dict[str, float] | None = None
-    resize: int | None = 224  # every image is resized to this square before cropping (RedDino)
-    shuffle_buffer: int = 256  # rows; per-worker local shuffle in the loader (0 = off)
+    resize: int | None = Field(224, ge=1)  # every image is resized to this square before cropping (RedDino)
+    shuffle_buffer: int = Field(256, ge=0)  # rows; per-worker local shuffle in the loader (0 = off)
     read_parallelism: int | None = None
-    map_batch_size: int = 32  # rows per Ray Data augmentation task
-    map_concurrency: int = 1  # concurrent CPU augmentation tasks (per trainer, all workers)
-    cpus_per_map_task: float = 1.0
+    map_batch_size: int = Field(32, ge=1)  # rows per Ray Data augmentation task
+    map_concurrency: int = Field(1, ge=1)  # concurrent CPU augmentation tasks (per trainer, all workers)
+    cpus_per_map_task: float = Field(1.0, gt=0)
     # Custom Ray resources each augmentation task asks for besides its CPUs, e.g. {data: 0.01}: the tasks then run
     # only on nodes started with `--resources '{"data": N}'` (CPU-only data nodes beside the GPU nodes).
     map_resources: dict[str, float] | None = None
-    prefetch_batches: int = 2
+    prefetch_batches: int = Field(2, ge=0)
     # Start each data pass while the previous one is still training (two Ray Data executions take turns), so
     # no step waits for a pass to start up (reads, shuffle-buffer fill); exact resume is unchanged.
     overlap_passes: bool = True
@@ -60,16 +63,16 @@ class DataConfig(_Section):
 class CropConfig(_Section):
     """DINOv2 multi-crop and pixel augmentation."""
 
-    global_crops_number: int = 2
-    global_crops_size: int = 224
+    global_crops_number: int = Field(2, ge=1)
+    global_crops_size: int = Field(224, ge=1)
     global_crops_scale: tuple[float, float] = (0.32, 1.0)
-    local_crops_number: int = 1
-    local_crops_size: int = 98
+    local_crops_number: int = Field(1, ge=0)  # 0 = no local crops
+    local_crops_size: int = Field(98, ge=1)
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     policy: Literal["dinov2", "rbc", "cell", "none"] = "rbc"
-    rbc_pick: int = 4  # RedDino: pick k of the n pixel transforms ...
-    rbc_p: float = 0.85  # ... each applied with probability p
-    flip_rotate_p: float = 0.85
+    rbc_pick: int = Field(4, ge=0)  # RedDino: pick k of the n pixel transforms ...
+    rbc_p: float = Field(0.85, ge=0, le=1)  # ... each applied with probability p
+    flip_rotate_p: float = Field(0.85, ge=0, le=1)
     # `cell` policy's colour: mild (small hue/saturation shifts) or strong (DINO's ColorJitter + 20 % grayscale, so
     # a stain's colour cannot identify a cell's other views; pallor is luminance and survives both)
     cell_colour: Literal["mild", "strong"] = "mild"
@@ -79,43 +82,49 @@ class CropConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "CropConfig":
-        if self.global_crops_number < 1:
-            raise ValueError("crops.global_crops_number must be >= 1")
-        if self.local_crops_number < 0:
-            raise ValueError("crops.local_crops_number must be >= 0 (0 = no local crops)")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise FieldError(f"crops.{name}", f"must be [min, max] with 0 < min <= max <= 1, got {[lo, hi]}")
         if self.on_device and self.policy not in ("dinov2", "none"):
-            raise ValueError(f"crops.on_device supports the dinov2 and none policies, not {self.policy!r} "
-                             "(an albumentations pipeline, CPU only)")
+            raise FieldError("crops.on_device", f"supports the dinov2 and none policies, not {self.policy!r} "
+                             "(an albumentations pipeline, CPU only)", related=("crops.policy",))
         return self
 
 
 class MaskConfig(_Section):
     """iBOT block masking of the global crops."""
 
-    sample_probability: float = 0.5
-    ratio_min: float = 0.1
-    ratio_max: float = 0.5
+    sample_probability: float = Field(0.5, ge=0, le=1)
+    ratio_min: float = Field(0.1, ge=0, le=1)
+    ratio_max: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MaskConfig":
+        if self.ratio_min > self.ratio_max:
+            raise FieldError("mask.ratio_min", f"must be <= mask.ratio_max ({self.ratio_max}), got {self.ratio_min}")
+        return self
 
 
 class ModelConfig(_Section):
     arch: str = "vit_small_patch14_dinov2"
-    img_size: int = 224
-    patch_size: int | None = None  # None: the architecture's own
-    drop_path_rate: float = 0.0
+    img_size: int = Field(224, ge=1)
+    patch_size: int | None = Field(None, ge=1)  # None: the architecture's own
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
     # extra timm constructor kwargs of the backbone (e.g. {depth: 2}, ConvNeXt {dims: [...], ls_init_value: 0.1}),
     # recorded by the export so load_backbone builds the same module
     timm_kwargs: dict[str, Any] | None = None
     pretrained: str | None = None  # local file: timm or original DINOv2 state dict, or a reddino export
-    head_prototypes: int = 131072
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
+    head_prototypes: int = Field(131072, ge=1)
+    head_hidden_dim: int = Field(2048, ge=1)
+    head_bottleneck_dim: int = Field(256, ge=1)
+    head_nlayers: int = Field(3, ge=1)
     # BatchNorm in the DINO head's hidden layers (DINO's use_bn_in_head), teacher on batch statistics too. It
     # removes the component every image shares, so a from-scratch model gets image-specific teacher targets
     # (a separate iBOT head never gets BN: a batch may mask 0 or 1 patch tokens).
     head_use_bn: bool = False
     ibot_separate_head: bool = False
-    ibot_head_prototypes: int | None = None  # only with a separate head; None = head_prototypes
+    ibot_head_prototypes: int | None = Field(None, ge=1)  # only with a separate head; None = head_prototypes
 
 
 class GramWeightSchedule(_Section):
@@ -139,17 +148,18 @@ class GramWeightSchedule(_Section):
 
 
 class LossConfig(_Section):
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
+    dino_weight: float = Field(1.0, ge=0)
+    ibot_weight: float = Field(1.0, ge=0)
     ibot_average_over: Literal["all", "masked"] = "all"  # DINOv2: divide by all global crops
-    koleo_weight: float = 0.0
+    koleo_weight: float = Field(0.0, ge=0)
     centering: Literal["ema", "sinkhorn_knopp"] = "sinkhorn_knopp"
-    sinkhorn_iterations: int = 3
-    center_momentum: float = 0.9
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 30
+    sinkhorn_iterations: int = Field(3, ge=1)
+    center_momentum: float = Field(0.9, ge=0, le=1)
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.07, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    # May exceed the run (RedDino: 30 epochs of warm-up, 10 trained): the run then ends inside the warm-up.
+    warmup_teacher_temp_epochs: float = Field(30, ge=0)
     # Gram anchoring (DINOv3; reddino.model.gram): on when gram_weight > 0.
     gram_weight: float = 0.0  # weight of the Gram term (DINOv3 gram.loss_weight); 0 = off
     gram_weight_schedule: GramWeightSchedule | None = None  # per-step factor on gram_weight; None: constant
@@ -203,44 +213,50 @@ class LossConfig(_Section):
 
 
 class OptimConfig(_Section):
-    base_lr: float = 2e-4  # at a global batch of `lr_reference_batch`, scaled by sqrt(batch / reference)
-    lr_reference_batch: int = 1024
-    min_lr: float = 1e-6
-    warmup_epochs: float = 0.1
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.2
-    clip_grad: float | None = 3.0
-    patch_embed_lr_mult: float = 0.2
-    layerwise_decay: float = 1.0
-    freeze_last_layer_epochs: float = 0.0
-    momentum_teacher: float = 0.994
-    final_momentum_teacher: float = 1.0
+    base_lr: float = Field(2e-4, gt=0)  # at a global batch of `lr_reference_batch`, scaled by sqrt(batch / reference)
+    lr_reference_batch: int = Field(1024, ge=1)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(0.1, ge=0)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.2, ge=0)
+    clip_grad: float | None = Field(3.0, ge=0)  # 0 or null = no clipping
+    patch_embed_lr_mult: float = Field(0.2, ge=0)
+    layerwise_decay: float = Field(1.0, gt=0, le=1)
+    freeze_last_layer_epochs: float = Field(0.0, ge=0)
+    momentum_teacher: float = Field(0.994, ge=0, le=1)
+    final_momentum_teacher: float = Field(1.0, ge=0, le=1)
     betas: tuple[float, float] = (0.9, 0.999)
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise FieldError("optim.betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        return self
 
 
 class TrainConfig(_Section):
-    epochs: int = 10
-    iters_per_epoch: int = 3200
-    batch_size_per_worker: int = 280
-    num_workers: int = 1
+    epochs: int = Field(10, ge=1)
+    iters_per_epoch: int = Field(3200, ge=1)
+    batch_size_per_worker: int = Field(280, ge=1)
+    num_workers: int = Field(1, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = Field(1.0, gt=0)
     # torch intra-op threads per worker on CPU; None = cpus_per_worker. May exceed the Ray reservation when
     # the data tasks leave cores idle (tiny_cpu: 1 CPU reserved, 2 threads, measured 1.5x img/s on 2 cores).
-    torch_threads: int | None = None
+    torch_threads: int | None = Field(None, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on GPU only; CPU runs fp32
     seed: int = 0
     storage_path: str | None = None  # None: $REDDINO_HOME/runs (reddino.paths); any pyarrow URI on a cluster
     run_name: str | None = None
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    max_failures: int = 0
+    checkpoint_every: int = Field(500, ge=0)  # steps; 0 = only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)  # -1: retry forever (Ray Train)
     # Custom Ray resources each Train worker asks for besides CPU/GPU, e.g. {train: 1}: one worker per node that
     # advertises `train: 1` (cluster/ray-cluster.yaml's gpu_worker; the local multi-node helper's train nodes).
     worker_resources: dict[str, float] | None = None
-    log_every: int = 10
-    monitor_every: int = 50  # teacher entropy + RankMe, and the collapse guard on them
+    log_every: int = Field(10, ge=1)
+    monitor_every: int = Field(50, ge=0)  # 0 = off; teacher entropy + RankMe, and the collapse guard on them
     # Collapse guard, from the end of the lr warm-up: a sign seen at 2 monitor steps in a row warns once (console
     # + MLflow tag reddino.collapse_warning), or stops the run cleanly with collapse_stop.
     collapse_rankme_frac: float = 0.1  # RankMe ≤ this × min(batch rows, embed dim)
@@ -261,9 +277,9 @@ class EvalHookConfig(_Section):
     """In-training kNN score of the teacher on a fixed labelled set (the sweep tunes on it)."""
 
     data: str | None = None
-    every: int = 0  # steps; 0 = only at the end (if data is set)
-    max_images: int = 2000
-    k: int = 20
+    every: int = Field(0, ge=0)  # steps; 0 = only at the end (if data is set)
+    max_images: int = Field(2000, ge=1)
+    k: int = Field(20, ge=1)
     exclude_labels: list[int] | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # feature extraction; auto: bf16 where native
 
@@ -321,6 +337,31 @@ class RunConfig(_Section):
     eval: EvalHookConfig = Field(default_factory=EvalHookConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        patch, why = self.model.patch_size, "model.patch_size"
+        if patch is None:  # the architecture's own, from its timm name (vit_small_patch14_dinov2 → 14)
+            found = re.search(r"patch(\d+)", self.model.arch)
+            patch, why = (int(found.group(1)), f"model.arch {self.model.arch}") if found else (None, "")
+        if patch:
+            sizes = [("model.img_size", self.model.img_size), ("crops.global_crops_size", self.crops.global_crops_size)]
+            if self.crops.local_crops_number:
+                sizes.append(("crops.local_crops_size", self.crops.local_crops_size))
+            for key, size in sizes:
+                if size % patch:
+                    raise FieldError(key, f"must be a multiple of the patch size {patch} ({why}), got {size}",
+                                     related=("model.patch_size", "model.arch"))
+        if self.crops.local_crops_number and self.crops.local_crops_size >= self.crops.global_crops_size:
+            raise FieldError("crops.local_crops_size", f"must be smaller than crops.global_crops_size "
+                             f"({self.crops.global_crops_size}), got {self.crops.local_crops_size}",
+                             related=("crops.global_crops_size",))
+        for key, value in (("optim.warmup_epochs", self.optim.warmup_epochs),
+                           ("optim.freeze_last_layer_epochs", self.optim.freeze_last_layer_epochs)):
+            if value > self.train.epochs:
+                raise FieldError(key, f"must be <= train.epochs ({self.train.epochs}), the run's length; got {value}",
+                                 related=("train.epochs",))
+        return self
 
     @property
     def total_steps(self) -> int:
@@ -420,14 +461,65 @@ def _read_yaml(p: Path) -> dict[str, Any]:
     return raw
 
 
-def _validate(cls: type[_Section], data: dict[str, Any], where: str, what: str):
+def _section_of(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The config class at `loc` inside `cls` (``("train",)`` → TrainConfig), None past a leaf."""
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return None
+        cls = sub
+    return cls
+
+
+def _error_line(cls: type[BaseModel], err: dict[str, Any], where: str, cmdline: set[str]) -> str:
+    """One line per problem: the key, the value given, where it came from and what is valid."""
+    cause = (err.get("ctx") or {}).get("error")
+    loc = tuple(str(x) for x in err["loc"] if not isinstance(x, int))
+    key = cause.key if isinstance(cause, FieldError) else ".".join(loc)
+    keys = (key, *cause.related) if isinstance(cause, FieldError) else (key,)
+    origin = "command line" if any(x == k or x.startswith(k + ".") or k.startswith(x + ".")
+                                   for k in cmdline for x in keys) else where
+    if isinstance(cause, FieldError):
+        return f"{key} ({origin}): {cause.reason}"
+    value = err.get("input")
+    shown = json.dumps(value) if isinstance(value, (list, dict)) else value
+    if err["type"] == "extra_forbidden":
+        section = _section_of(cls, loc[:-1])
+        valid = sorted(section.model_fields) if section else []
+        prefix = ".".join(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
+        return (f"{key}={shown} ({origin}): unknown key; {hint}valid keys"
+                f"{' of ' + prefix if prefix else ''}: {', '.join(valid)}")
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict):  # a section's own check: its message names the field
+        return f"{key} ({origin}): {msg}"
+    expected = ""
+    section = _section_of(cls, loc[:-1])
+    field = section.model_fields.get(loc[-1]) if section and loc else None
+    if field is not None and err["type"].endswith(("_type", "_parsing", "literal_error", "enum")):
+        expected = f" (expected {_type_name(field.annotation)})"
+    return f"{key}={shown} ({origin}): {msg}{expected}"
+
+
+def _type_name(annotation: Any) -> str:
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return " | ".join(str(a) for a in args)
+    if args:
+        return " | ".join(_type_name(a) for a in args)
+    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def _validate(cls: type[_Section], data: dict[str, Any], where: str, what: str, cmdline: set[str] = frozenset()):
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{where}: invalid {what}"]
-        for err in exc.errors():
-            lines.append(f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError("\n".join(f"invalid {what}: {_error_line(cls, err, where, cmdline)}"
+                                     for err in exc.errors())) from None
 
 
 def load_section(cls: type[_Section], path: str | Path | None = None, updates: dict[str, Any] | None = None):
@@ -440,7 +532,7 @@ def load_section(cls: type[_Section], path: str | Path | None = None, updates: d
         if not p.is_file():
             raise ConfigError(f"{where}: config file not found")
         raw = _read_yaml(p)
-    return _validate(cls, {**raw, **(updates or {})}, where, cls.__name__)
+    return _validate(cls, {**raw, **(updates or {})}, where, cls.__name__, set(updates or {}))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -454,8 +546,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file and field."""
+class ConfigError(UserError, ValueError):
+    """A config file or override is invalid; the message names the file and field (one line per problem)."""
+
+
+class FieldError(ValueError):
+    """A value a validator rejects, with the dotted key it belongs to (the error line names it)."""
+
+    def __init__(self, key: str, reason: str, related: tuple[str, ...] = ()) -> None:
+        super().__init__(f"{key} {reason}")
+        self.key, self.reason, self.related = key, reason, related
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -507,4 +607,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         where = str(p)
         raw = _read_yaml(p)
     update = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    return _validate(RunConfig, deep_merge(raw, update), where, "config")
+    return _validate(RunConfig, deep_merge(raw, update), where, "config", set(_flatten(update)))

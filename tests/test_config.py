@@ -28,7 +28,7 @@ def test_overrides_are_typed_and_nested():
 def test_bad_config_names_file_and_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochz: 3\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml.*\n.*train.epochz"):
+    with pytest.raises(ConfigError, match=r"train.epochz=3 \(.*bad.yaml\): unknown key"):
         load_config(bad)
     with pytest.raises(ConfigError, match="loss.centering"):
         load_config("tiny_cpu", ["loss.centering=softmax"])
@@ -93,3 +93,44 @@ def test_pretrain_makes_local_relative_paths_absolute_for_the_workers(tmp_path, 
     assert out.data.paths == [str(tmp_path / "data" / "cells"), "s3://bucket/patches"]
     assert out.eval.data == str(tmp_path / "data" / "cells")
     assert cfg.eval.data == "data/cells"  # the caller's config is left as it was
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "train.epoch=3 (command line): unknown key; did you mean train.epochs? valid keys of train: "),
+    ("loss.teacher_temp=abc", "loss.teacher_temp=abc (command line): Input should be a valid number"),
+    ("train.epochs=-1", "train.epochs=-1 (command line): Input should be greater than or equal to 1"),
+    ("train.batch_size_per_worker=0", "train.batch_size_per_worker=0 (command line): Input should be greater than"),
+    ("crops.global_crops_size=7", "crops.global_crops_size (command line): must be a multiple of the patch size 8 "
+                                  "(model.arch vit_mini_patch8_reddino), got 7"),
+    ("crops.local_crops_size=64", "crops.local_crops_size (command line): must be smaller than "
+                                  "crops.global_crops_size (56), got 64"),
+    ("optim.warmup_epochs=9", "optim.warmup_epochs (command line): must be <= train.epochs (4)"),
+    ("crops.global_crops_scale=[0.5,0.2]", "crops.global_crops_scale (command line): must be [min, max]"),
+    ("mask.ratio_min=0.9", "mask.ratio_min (command line): must be <= mask.ratio_max"),
+    ("loss.student_temp=0", "loss.student_temp=0 (command line): Input should be greater than 0"),
+])
+def test_bad_values_are_one_line_naming_key_value_and_origin(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config("tiny_cpu", [override])
+    text = str(exc.value)
+    assert "\n" not in text and message in text, text
+
+
+def test_a_bad_value_in_a_file_names_the_file(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("model:\n  arch: vit_mini_patch8_reddino\n  img_size: 60\n")
+    with pytest.raises(ConfigError, match=r"model.img_size \(.*run.yaml\): must be a multiple of the patch size 8"):
+        load_config(bad)
+
+
+def test_cli_config_errors_exit_2_with_one_line_and_no_traceback():
+    from typer.testing import CliRunner
+
+    from reddino.cli import app
+
+    for args in (["pretrain", "train.epoch=3"], ["pretrain", "loss.teacher_temp=abc"], ["sweep", "--trials", "0"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: invalid "), result.output
+        assert "Traceback" not in result.output

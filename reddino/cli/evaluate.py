@@ -40,7 +40,9 @@ def _run(updates: dict[str, Any], *, model: List[str], data: List[Path], config:
         cfg = load_section(EvalConfig, config, updates)
         res = evaluate(list(model), [str(p) for p in data], cfg)
     except (ValueError, FileNotFoundError) as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        from rich.markup import escape  # noqa: PLC0415
+
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     console.print(Path(res["files"]["markdown"]).read_text(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"results: {res['files']['json']}\nreport: {res['files']['html']}", markup=False, highlight=False)

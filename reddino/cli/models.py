@@ -71,23 +71,50 @@ def pull_cmd(ref: str = typer.Argument(..., help="name@alias, name/version or mo
     typer.echo(str(pull(ref, out)))
 
 
+HEADLINE = "knn20_balanced_accuracy"  # the metric `promote` ranks on by default
+
+
+def _table(rows: list[list[str]]) -> str:
+    """Plain aligned columns: nothing cut, at any width or in a pipe."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
 @models_app.command("list")
-def list_cmd() -> None:
-    """Names, versions, aliases and metrics of registered models."""
-    from rich.console import Console
-    from rich.table import Table
+def list_cmd(
+    name: Optional[str] = typer.Argument(None, help="Only this registered model."),
+    details: bool = typer.Option(False, "--details", help="Every metric, the backbone a probe needs, the tags."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable: one JSON list of versions on stdout."),
+) -> None:
+    """Registered models, one line per version: name, version, aliases, kind, arch and the headline kNN-20
+    balanced accuracy (the store read is said on stderr)."""
+    import json
 
     from reddino.registry import list_models
+    from reddino.registry.core import registry_uri
 
-    rows = list_models()
-    distilled = any(row["teacher"] for row in rows)
-    table = Table("name", "version", "aliases", "kind", "arch / backbone", *(["distilled from"] if distilled else []),
-                  "metrics")
-    for row in rows:
-        table.add_row(row["name"], str(row["version"]), ",".join(row["aliases"]), row["kind"],
-                      row["arch"] or row["backbone"], *([row["teacher"]] if distilled else []),
-                      " ".join(f"{k}={v:.3f}" for k, v in row["metrics"].items()))
-    Console().print(table)
+    rows = [r for r in list_models(announce=False) if name is None or r["name"] == name]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    typer.echo(f"registry: {registry_uri()}")
+    if not rows:
+        typer.echo(f"no registered models{' named ' + repr(name) if name else ''} in {registry_uri()}")
+        return
+    table = [["name", "version", "aliases", "kind", "arch", "knn20_bacc"]]  # bacc: HEADLINE, short
+    for r in rows:
+        metric = r["metrics"].get(HEADLINE)
+        table.append([r["name"], str(r["version"]), ",".join("@" + a for a in r["aliases"]) or "-", r["kind"] or "-",
+                      r["arch"] or "-", "-" if metric is None else f"{metric:.3f}"])
+    typer.echo(_table(table))
+    if not details:
+        typer.echo(f"({len(rows)} versions; knn20_bacc = {HEADLINE}; --details: every metric; --json: all fields)")
+        return
+    for r in rows:
+        typer.echo(f"\n{r['name']} v{r['version']}" + (f"  (backbone {r['backbone']})" if r["backbone"] else "")
+                   + (f"  (distilled from {r['teacher']})" if r.get("teacher") else ""))
+        for key, value in sorted(r["metrics"].items()):
+            typer.echo(f"  {key} = {value:.4f}")
 
 
 def register(app: typer.Typer) -> None:

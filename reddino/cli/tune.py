@@ -25,7 +25,18 @@ def _run(updates: dict[str, Any], *, config: Optional[Path], out: Optional[str],
         result = run_sweep(resume=resume, report_only=report_only)
     else:
         result = run_sweep(config=load_section(SweepConfig, config, updates), out=out, name=name)
+    from reddino.tune.sweep import failed_trials
+
+    failed, total, files = failed_trials(result)
+    if total and failed == total:
+        where = files[0] if len(files) == 1 else f"{Path(files[0]).parent.parent}/*/error.txt" if files else \
+            str(result.sweep_dir / "trials.csv")
+        typer.echo(f"error: all {total} trials of sweep {result.sweep_dir} failed; their errors: {where}", err=True)
+        raise typer.Exit(code=1)
     typer.echo(f"sweep: {result.sweep_dir}")
+    if failed:
+        typer.echo(f"warning: {failed} of {total} trials failed; their errors: "
+                   f"{', '.join(files) or result.sweep_dir / 'trials.csv'}", err=True)
     if result.ablation_markdown:
         typer.echo(result.ablation_markdown)
     if result.best_config_path:

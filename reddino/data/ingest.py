@@ -29,6 +29,7 @@ lines and annotation points outside the image are skipped and listed in ``manife
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -74,6 +75,15 @@ DEFAULT_CROP_SIZE = 80
 DEFAULT_PATCH_SIZE = 224
 FOLDER_CHUNK = 64
 SKIP_REPORT_N = 20
+# Edge-case decisions, recorded in every manifest (meta.input_rules) and each skip named in its `skipped` list:
+MIN_CELL_SIDE = 8  # px: a smaller "cell" (a 1x1 image) is no cell
+MAX_CELL_SIDE = 1024  # px: a larger image is a smear or slide, not one cell (ingest it with --unit patch)
+MAX_IMAGE_PIXELS = 64_000_000  # one image decoded at most (~190 MB RGB): bounds an ingest worker's memory
+INPUT_RULES = {
+    "hidden": "names starting with '.' are skipped and listed",
+    "symlinks": "followed inside the source folder; a link pointing outside it is skipped and listed",
+    "min_cell_side": MIN_CELL_SIDE, "max_cell_side": MAX_CELL_SIDE, "max_image_pixels": MAX_IMAGE_PIXELS,
+}
 
 
 class IngestError(ValueError):
@@ -148,11 +158,30 @@ def _tile_rows(rgb: np.ndarray, rel: str, group: str, opts: _Opts) -> list[dict]
     return rows
 
 
+def _image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header alone (no pixels decoded), None when PIL cannot tell."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below instead
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Exception:  # noqa: BLE001 - undecodable: the strict decode says why
+        return None
+
+
 def _load(path: Path, rel: str) -> tuple[bytes | None, np.ndarray | None, dict | None]:
     try:
         data = _read(path)
     except OSError as exc:
         return None, None, _skip(rel, f"unreadable file ({exc})")
+    size = _image_size(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return data, None, _skip(rel, f"image {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.0f} MP) exceeds the "
+                                      f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP limit of one image (memory bound); split it first")
     try:
         return data, decode_image_strict(data), None
     except ImageDecodeError as exc:
@@ -178,6 +207,13 @@ def _task_folder_files(files: list[tuple[str, str, int | None, str | None]], opt
             rows.extend(tiles)
             continue
         h, w = rgb.shape[:2]
+        if min(h, w) < MIN_CELL_SIDE:
+            skips.append(_skip(rel, f"image {w}x{h} is smaller than the {MIN_CELL_SIDE} px minimum side of a cell"))
+            continue
+        if max(h, w) > MAX_CELL_SIDE:
+            skips.append(_skip(rel, f"image {w}x{h} is larger than the {MAX_CELL_SIDE} px maximum side of a cell (a "
+                                    "smear? ingest it with --unit patch)"))
+            continue
         if opts.encode != "keep":
             data = _encode(rgb, opts.encode)
         rows.append(make_row(data, height=h, width=w, source=opts.source, group=group, unit="cell",
@@ -281,9 +317,42 @@ def _files(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and not _is_hidden(p))
 
 
+def _outside(p: Path, root: Path) -> bool:
+    """A symlink (or a path through one) that leads out of the source tree."""
+    try:
+        p.resolve().relative_to(root)
+        return False
+    except ValueError:
+        return True
+
+
+def _walk(d: Path, src: Path, root: Path, skips: list) -> list[Path]:
+    """Files under class folder ``d``: hidden names and links out of the source tree skipped, each listed."""
+    out: list[Path] = []
+    for p in sorted(d.iterdir()):
+        rel = str(p.relative_to(src)) + ("/" if p.is_dir() else "")
+        if _is_hidden(p):
+            skips.append(_skip(rel, "hidden (name starts with '.')"))
+        elif p.is_symlink() and _outside(p, root):
+            skips.append(_skip(rel, f"symbolic link to {p.resolve()}, outside the source folder"))
+        elif p.is_dir():
+            out.extend(_walk(p, src, root, skips))
+        elif p.is_file():
+            out.append(p)
+    return out
+
+
 def _plan_folder(src: Path, opts: _Opts, classes: Sequence[str] | None, skips: list):
-    subdirs = sorted(p for p in src.iterdir() if p.is_dir() and not _is_hidden(p))
-    top_files = _files(src)
+    root = src.resolve()
+    for p in sorted(src.iterdir()):
+        if _is_hidden(p):
+            skips.append(_skip(p.name + ("/" if p.is_dir() else ""), "hidden (name starts with '.')"))
+        elif p.is_symlink() and _outside(p, root):
+            skips.append(_skip(p.name + ("/" if p.is_dir() else ""),
+                               f"symbolic link to {p.resolve()}, outside the source folder"))
+    subdirs = sorted(p for p in src.iterdir() if p.is_dir() and not _is_hidden(p)
+                     and not (p.is_symlink() and _outside(p, root)))
+    top_files = [p for p in _files(src) if not (p.is_symlink() and _outside(p, root))]
     entries: list[tuple[str, str, int | None, str | None]] = []
     class_table: dict[int, str] = {}
     if subdirs:
@@ -297,10 +366,11 @@ def _plan_folder(src: Path, opts: _Opts, classes: Sequence[str] | None, skips: l
         for f in top_files:
             skips.append(_skip(f.name, "file outside the class folders (ImageFolder layout expects SRC/<class>/<image>)"))
         for d in subdirs:
-            files = [p for p in sorted(d.rglob("*")) if p.is_file() and not any(q.startswith(".") for q in p.relative_to(src).parts)]
             if d.name not in ids:
+                files = _walk(d, src, root, [])
                 skips.append(_skip(d.name + "/", f"unknown class: folder {d.name!r} is not in the class list {names} ({len(files)} file(s) skipped)"))
                 continue
+            files = _walk(d, src, root, skips)
             if not files:
                 skips.append(_skip(d.name + "/", "empty class folder"))
                 continue
@@ -589,7 +659,7 @@ def ingest(
     }
     if spec is not None:
         config.update(crop_size=None, pad=pad, detect=spec.config())
-    meta = {"command": command or _default_command(), "config": config}
+    meta = {"command": command or _default_command(), "config": config, "input_rules": INPUT_RULES}
     check_output_dir(out, meta, overwrite)  # fail before the work, not after
 
     report = report or (lambda msg: log.warning("%s", msg))

@@ -93,6 +93,9 @@ def evaluate(
     paths = [str(Path(p).expanduser()) for p in paths]
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(c.out_dir) if c.out_dir else Path("eval") / stamp
+    from reddino.preflight import check_eval_inputs  # noqa: PLC0415
+
+    check_eval_inputs(models, paths)  # models and data exist: one line, and no empty output folder, otherwise
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "eval_id": f"{stamp}-{uuid.uuid4().hex[:6]}",

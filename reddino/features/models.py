@@ -194,10 +194,12 @@ def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache
         import mlflow.artifacts  # noqa: PLC0415
 
         from reddino import paths  # noqa: PLC0415
+        from reddino.preflight import check_tracking  # noqa: PLC0415
         from reddino.runtime import default_tracking_uri, mlflow_at  # noqa: PLC0415
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one model file: no bar
         uri = tracking_uri or default_tracking_uri()
+        check_tracking(uri)  # an unreachable server: one line naming it, within seconds
         dst = Path(cache_dir) if cache_dir else paths.model_cache()
         dst = dst / hashlib.sha256(f"{uri}|{ref}".encode()).hexdigest()[:16]
         dst.mkdir(parents=True, exist_ok=True)

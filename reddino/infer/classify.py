@@ -91,7 +91,11 @@ def _plot(by_source: pd.DataFrame, by_smear: pd.DataFrame, classes: list[str], p
 
 
 def _markdown(by_source: pd.DataFrame, classes: list[str], metrics: dict | None, meta: dict) -> str:
-    lines = [f"# Morphology by source ({meta['backbone']}, probe {meta.get('classifier')})", ""]
+    kind = meta.get("classifier") or "probe"
+    kind = "linear probe" if kind == "probe" else f"{kind} classifier"  # never "probe probe"
+    reg = meta.get("registered") or {}
+    name = f" {reg['name']} v{reg['version']}" if reg.get("name") else ""
+    lines = [f"# Morphology by source (backbone {meta['backbone']}; {kind}{name})", ""]
     head = "| source | cells | " + " | ".join(classes) + " |"
     lines += [head, "|" + "---|" * (len(classes) + 2)]
     for _, row in by_source.iterrows():

@@ -15,6 +15,7 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 
+from reddino.errors import PreflightError
 from reddino.runtime import default_tracking_uri
 
 DEFAULT_NAME = "reddino-backbone"
@@ -23,11 +24,62 @@ BACKBONE_ARTIFACT = "backbone"
 PROBE_TYPES = ["reddino.evaluate.classifiers.LinearProbe", "reddino.evaluate.classifiers.CosineKNN"]
 
 
-def _client() -> MlflowClient:
-    uri = default_tracking_uri()
+_ANNOUNCED: set[str] = set()
+
+
+def registry_uri() -> str:
+    """The store every registry command reads: $MLFLOW_TRACKING_URI, else $REDDINO_HOME/mlflow.db."""
+    return default_tracking_uri()
+
+
+def _client(announce: bool = True) -> MlflowClient:
+    """A client of the registry store, said once on stderr (which store a command read is not obvious: the demo
+    writes its own), after checking that a server answers within seconds (one error naming it otherwise)."""
+    import sys
+
+    from reddino.preflight import bound_mlflow_retries, check_tracking
+
+    from reddino.runtime import verbose
+
+    uri = registry_uri()
+    if not verbose():  # "Creating initial MLflow database tables...": not for our users
+        import logging
+
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    bound_mlflow_retries()
+    check_tracking(uri)
+    if announce and uri not in _ANNOUNCED:
+        _ANNOUNCED.add(uri)
+        print(f"[reddino] model registry: {uri}", file=sys.stderr, flush=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _not_found(exc: BaseException) -> bool:
+    """A registry answer saying 'no such model / version / alias' (any other error is reported as it is)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def _missing(ref: str, exc: BaseException) -> PreflightError:
+    """One line for a model, version or alias the registry does not hold, with what it does hold."""
+    body = _parse_ref(ref)[len("models:/"):]
+    name = body.split("@")[0].split("/")[0]
+    client = MlflowClient(tracking_uri=registry_uri(), registry_uri=registry_uri())
+    try:
+        rm = client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - the model itself is missing: list what is there
+        try:
+            names = sorted(m.name for m in client.search_registered_models())
+        except Exception:  # noqa: BLE001
+            names = []
+        return PreflightError(f"{ref}: no registered model named {name!r} in {registry_uri()} (registered: "
+                              f"{', '.join(names) or 'none'}; `reddino models list`)")
+    aliases = ", ".join(f"@{a} (v{v})" for a, v in sorted((rm.aliases or {}).items())) or "no aliases"
+    return PreflightError(f"{ref}: {exc.message if hasattr(exc, 'message') else exc} ({name} has {aliases}; "
+                          "`reddino models list`)")
 
 
 @contextlib.contextmanager
@@ -106,8 +158,10 @@ def _resolve_run(run: str) -> tuple[Path, str | None]:
     client = _client()
     try:
         client.get_run(run)
-    except Exception:
-        raise FileNotFoundError(f"{run!r} is neither a path nor an MLflow run id") from None
+    except Exception as exc:
+        if _not_found(exc):
+            raise PreflightError(f"{run!r} is neither an existing path nor a run id in {registry_uri()}") from None
+        raise
     local = mlflow.artifacts.download_artifacts(run_id=run, artifact_path=BACKBONE_ARTIFACT,
                                                 dst_path=tempfile.mkdtemp(prefix="reddino-reg-"))
     return _find_export(Path(local)), run
@@ -236,16 +290,21 @@ def model_version(ref: str):
     """The registry entry a `models:/`, `name@alias`, `name/version` or `name/latest` reference points at."""
     client = _client()
     body = _parse_ref(ref)[len("models:/"):]
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        return client.get_model_version_by_alias(name, alias.split("/")[0])
-    name, _, version = body.partition("/")
-    version = version.split("/")[0]
-    if version.isdigit():
-        return client.get_model_version(name, version)
-    versions = client.search_model_versions(f"name='{name}'")
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return client.get_model_version_by_alias(name, alias.split("/")[0])
+        name, _, version = body.partition("/")
+        version = version.split("/")[0]
+        if version.isdigit():
+            return client.get_model_version(name, version)
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception as exc:
+        if _not_found(exc):
+            raise _missing(ref, exc) from None
+        raise
     if not versions:
-        raise ValueError(f"{ref}: no registered model named {name!r}")
+        raise _missing(ref, ValueError(f"no registered model named {name!r}"))
     return max(versions, key=lambda mv: int(mv.version))
 
 
@@ -256,8 +315,9 @@ def load_probe_version(ref: str) -> tuple[Any, dict[str, Any]]:
     mv = model_version(ref)
     if (mv.tags or {}).get("reddino.kind") != "probe":
         raise ValueError(f"{ref} (v{mv.version}) is not a reddino probe (tag reddino.kind={mv.tags.get('reddino.kind')!r})")
-    estimator = mlflow.sklearn.load_model(f"models:/{mv.name}/{mv.version}")
-    with tempfile.TemporaryDirectory() as tmp:
+    with _no_download_bars():
+        estimator = mlflow.sklearn.load_model(f"models:/{mv.name}/{mv.version}")
+    with tempfile.TemporaryDirectory() as tmp, _no_download_bars():
         local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="probe/probe.json", dst_path=tmp)
         meta = json.loads(Path(local).read_text())
     meta["registered"] = {"name": mv.name, "version": str(mv.version)}
@@ -275,11 +335,15 @@ def promote(name: str, *, alias: str = "champion", metric: str = "knn20_balanced
     client = _client()
     try:
         cand = client.get_model_version_by_alias(name, candidate_alias)
-    except Exception:
-        raise ValueError(f"{name} has no version with alias @{candidate_alias}") from None
+    except Exception as exc:
+        if _not_found(exc):
+            raise _missing(f"{name}@{candidate_alias}", exc) from None
+        raise  # a connection or server error stays what it is
     try:
         champ = client.get_model_version_by_alias(name, alias)
-    except Exception:
+    except Exception as exc:
+        if not _not_found(exc):  # unknown whether a champion exists: never crown the candidate by accident
+            raise
         champ = None
     c_score = _metric(cand, metric)
     if champ is not None and champ.version == cand.version:
@@ -321,18 +385,40 @@ def _parse_ref(ref: str) -> str:
 
 def pull(ref: str, out: str | Path) -> Path:
     """Download a registered backbone (`name@alias`, `name/version` or a models:/ URI) into `out`."""
-    _client()
+    mv = model_version(ref)  # a missing model or alias: one line, before any folder exists
+    if (mv.tags or {}).get("reddino.kind") == "probe":
+        raise PreflightError(f"{ref} (v{mv.version}) is a probe, not a backbone: `reddino classify --probe {ref}` "
+                             "uses it")
     out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_parse_ref(ref), dst_path=tmp))
+    with tempfile.TemporaryDirectory() as tmp, _no_download_bars():
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp))
         export = _find_export(local)
+        out.mkdir(parents=True, exist_ok=True)
         target = out / export.name
-        shutil.copy2(export, target)
-        side = export.with_name(export.name + ".json")
-        if side.exists():
-            shutil.copy2(side, out / side.name)
+        for src, dst in [(export, target), (export.with_name(export.name + ".json"), out / (export.name + ".json"))]:
+            if src.exists():
+                shutil.copy2(src, dst.with_name(dst.name + ".tmp"))
+                dst.with_name(dst.name + ".tmp").replace(dst)
     return target
+
+
+@contextlib.contextmanager
+def _no_download_bars():
+    """MLflow's "Downloading artifacts" bars stay off the console (REDDINO_VERBOSE=1 keeps them)."""
+    import os
+
+    from reddino.runtime import verbose
+
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    if not verbose():
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
 def load_backbone(ref: str, device: str = "cpu"):
@@ -354,9 +440,9 @@ def _teacher_label(tags: dict[str, str]) -> str:
             + f" (weights {tags['reddino.teacher.hash'][:12]})")
 
 
-def list_models() -> list[dict[str, Any]]:
-    """Every registered model version with its aliases and metric tags."""
-    client = _client()
+def list_models(announce: bool = True) -> list[dict[str, Any]]:
+    """Every registered model version with its aliases and metric tags (``announce``: say the store on stderr)."""
+    client = _client(announce=announce)
     rows = []
     for rm in client.search_registered_models():
         aliases_by_version: dict[str, list[str]] = {}

@@ -199,10 +199,13 @@ def pretrain(
     """
     import ray
 
+    from reddino.preflight import check_run
     from reddino.runtime import default_tracking_uri, init_ray, quiet_data_progress
     from reddino.train.data import build_train_dataset, dataset_slots, run_state_actor
+    from reddino.train.failure import failure_recorded
     from reddino.train.progress import PROGRESS_FILE, LiveProgress, live_wanted
 
+    check_run(cfg)  # data, eval data, weights, MLflow: one clear error before Ray or any folder starts
     patch = _patch_size(cfg)  # also refuses a config the backbone family cannot train, before Ray starts
     init_ray()
     quiet_data_progress()
@@ -221,11 +224,12 @@ def pretrain(
     plan = _worker_plan(cfg, where, tracking_uri, mlflow_run_id, data_hash, step_hooks, loss_hook, export_meta,
                         progress_file=str(where.run_dir / PROGRESS_FILE) if live else None)
     trainer = _trainer(cfg, plan, where, datasets, callbacks)
-    if live:
-        with LiveProgress(where.run_dir / PROGRESS_FILE, cfg.total_steps, f"pretrain {where.run_name}"):
+    with failure_recorded(where.run_dir, tracking_uri, mlflow_run_id):  # FAILED in MLflow + error.txt, then raise
+        if live:
+            with LiveProgress(where.run_dir / PROGRESS_FILE, cfg.total_steps, f"pretrain {where.run_name}"):
+                result = trainer.fit()
+        else:
             result = trainer.fit()
-    else:
-        result = trainer.fit()
     metrics = dict(result.metrics or {})
     latest = _latest_checkpoint(result)
     stopped = ray.get(run_state.stop_reason.remote())
@@ -294,7 +298,7 @@ def _open_mlflow_run(cfg: RunConfig, where: _RunPlace, data_hash: str | None, ml
                              "reddino.run_name": where.run_name, "reddino.arch": cfg.model.arch})
             if run_dir is not None:
                 mlflow.log_artifact(str(run_dir / "run_config.yaml"))
-        mlflow.end_run()
+        mlflow.end_run(status="RUNNING")  # the workers log into it by id; the end of the run sets its outcome
     return run.info.run_id
 
 
@@ -318,6 +322,7 @@ def _trainer(cfg: RunConfig, plan, where: _RunPlace, datasets: dict, callbacks: 
     from ray.train.torch import TorchTrainer
 
     from reddino.runtime import verbose
+    from reddino.train.distributed import BoundTorchConfig
     from reddino.train.loop import train_loop_per_worker
 
     use_gpu = _use_gpu(cfg)
@@ -328,6 +333,7 @@ def _trainer(cfg: RunConfig, plan, where: _RunPlace, datasets: dict, callbacks: 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
+        torch_config=BoundTorchConfig(),  # the process group's store listens on the node's address, not on *
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(

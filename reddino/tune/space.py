@@ -68,6 +68,11 @@ class SweepSpace:
     def base_config(self, extra: list[str] | None = None) -> RunConfig:
         return load_config(self.base, list(self.overrides) + list(extra or []))
 
+    def units(self, base: RunConfig) -> list[str | None]:
+        """Every data.unit a trial may train on: the recipe's, and each value of a data.unit axis."""
+        spec = self.space.get("data.unit") or {}
+        return list(dict.fromkeys([self.recipe.get("data.unit", base.data.unit), *spec.get("choice", [])]))
+
     def ablation_variants(self) -> list[dict[str, Any]]:
         """The recipe, then every categorical axis flipped to each of its other values."""
         recipe = {k: v for k, v in self.recipe.items()}

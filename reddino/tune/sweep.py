@@ -16,6 +16,8 @@ from typing import Any
 import pandas as pd
 
 from reddino.config import ConfigError, SweepConfig, load_section
+from reddino.errors import PreflightError
+from reddino.preflight import check_run
 from reddino.paths import atomic_path, write_text_atomic
 
 from reddino.tune.space import SweepSpace, load_space, params_to_overrides, seeded_arms
@@ -214,8 +216,9 @@ def sweep(
     from reddino.runtime import cpus_with_driver_headroom, default_tracking_uri, init_ray, mlflow_at
 
     cfg = _sweep_config(space, config, resume, settings)
-    init_ray(num_cpus=cpus_with_driver_headroom())  # a local Ray; ignored when connecting to a cluster
     space, base_cfg, extra = _trial_base(cfg)
+    check_run(base_cfg, units=space.units(base_cfg))  # every arm's data, before Ray starts or a folder is made
+    init_ray(num_cpus=cpus_with_driver_headroom())  # a local Ray; ignored when connecting to a cluster
     if resume is None:
         name = name or f"sweep-{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         from reddino import paths
@@ -283,7 +286,7 @@ def _trial_base(cfg: SweepConfig) -> tuple[SweepSpace, Any, list[str]]:
     space = space.for_config(base_cfg)  # the metric follows eval.k
     check_export_path(base_cfg, cfg.trials if cfg.mode == "search" else 2)  # an ablation has at least two arms
     if base_cfg.eval.data is None:
-        raise ValueError("a sweep needs a labelled eval set (--eval-data): trials are ranked on kNN, not on the loss")
+        raise PreflightError("a sweep needs a labelled eval set (--eval-data): trials are ranked on kNN, not on the loss")
     return space, base_cfg, extra
 
 
@@ -458,8 +461,24 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
         backbone = trial_backbone(base_cfg, sweep_dir, run_name) if run_name else None
         row["backbone_path"] = str(backbone) if backbone is not None and backbone.exists() else ""
         row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
+        row["error_file"] = str(Path(res.path) / "error.txt") if res.error and res.path else ""
         rows.append(row)
-    return _report(pd.DataFrame(rows), space, sweep_dir, mode, parent_run_id, base_cfg, cfg)
+    table = pd.DataFrame(rows)
+    if rows and all(r["error"] for r in rows):  # nothing to report on: the table only, and the CLI says why
+        table.to_csv(sweep_dir / "trials.csv", index=False)
+        return SweepResult(sweep_dir=sweep_dir, table=table, best_params={}, best_config_path=None,
+                           parent_run_id=parent_run_id)
+    return _report(table, space, sweep_dir, mode, parent_run_id, base_cfg, cfg)
+
+
+def failed_trials(result: SweepResult) -> tuple[int, int, list[str]]:
+    """(failed, total, error files) of a sweep's trials."""
+    table = result.table
+    if table is None or table.empty or "error" not in table:
+        return 0, 0 if table is None else len(table), []
+    failed = table[table["error"].fillna("").astype(str) != ""]
+    files = [f for f in failed.get("error_file", pd.Series(dtype=str)).fillna("").tolist() if f]
+    return len(failed), len(table), files
 
 
 def _report(table: pd.DataFrame, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_id: str | None, base_cfg,

@@ -58,6 +58,10 @@ def test_kill_then_resume_past_a_damaged_checkpoint_continues_step_and_data_posi
         pretrain(cfg, run_name="killed", step_hooks=[crash_once_at_15])
     assert marker.exists(), f"the run failed before the injected crash: {failed.value!r}"
     run_dir = tmp_path / "runs" / "killed"
+    # A run that failed after starting says so: FAILED in MLflow, and its run dir holds the error.
+    crashed = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri).get_run((run_dir / "mlflow_run_id").read_text())
+    assert crashed.info.status == "FAILED" and crashed.data.tags["reddino.status"] == "failed"
+    assert (run_dir / "error.txt").read_text().split(":")[0] in crashed.data.tags["reddino.error"]
     assert (run_dir / "checkpoint_0000014").exists()
     # Ray registers a checkpoint asynchronously, so the last committed one is step 14 or 12: truncate both.
     for step in (12, 14):
@@ -81,7 +85,8 @@ def test_kill_then_resume_past_a_damaged_checkpoint_continues_step_and_data_posi
 
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
-    assert run.data.tags["reddino.status"] == "finished"
+    assert run.data.tags["reddino.status"] == "finished" and run.info.status == "FINISHED"
+    assert not (run_dir / "error.txt").exists()  # the resumed run finished
     assert "checkpoint_0000012 (" in run.data.tags["reddino.damaged_checkpoints"]  # said so, in MLflow too
     steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
     assert max(steps) == 16 and 1 in steps
