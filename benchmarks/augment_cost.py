@@ -174,8 +174,6 @@ def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch
         t.pipelines.global_crops + [t.pipelines.local_crops] * c.local_crops_number if mode == "rbc" else None)
     recipes = fa.dinov2_recipes(c)
     clock, rows = Clock(), []
-    import pyarrow as pa
-
     for i, blob in enumerate(blobs):
         seed = t.row_seed(shas[i], 0)
         rng = np.random.default_rng(seed)

@@ -35,7 +35,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 
 
 def _feats_chunk(images: list[bytes]) -> np.ndarray:
-    from reddino.evaluate.handcrafted import handcrafted_features
+    from reddino.features.handcrafted import handcrafted_features
 
     return handcrafted_features(images)
 
@@ -52,7 +52,7 @@ def features(table: pd.DataFrame, model: str, workers: int, cache: Path) -> np.n
         with ProcessPoolExecutor(max(1, workers)) as pool:
             X = np.concatenate(list(pool.map(_feats_chunk, chunks)))
     else:
-        from reddino.evaluate.models import resolve_model
+        from reddino.features.models import resolve_model
 
         net = resolve_model(model)
         X = net.extract(imgs) if hasattr(net, "extract") else None

@@ -46,9 +46,9 @@ def main() -> None:
     import torch
 
     from reddino.data import decode_image, generate_synthetic, load_table
-    from reddino.evaluate.extract import extract_features, resolve_precision
-    from reddino.evaluate.models import resolve_model
-    from reddino.infer.embed import embed
+    from reddino.features.extract import extract_features, resolve_precision
+    from reddino.features.models import resolve_model
+    from reddino.features import embed
     from reddino.runtime import init_ray
 
     n = 540 if args.quick else args.cells
@@ -85,7 +85,7 @@ def main() -> None:
     log(f"plain torch loop (decoded in advance, warm): {len(images):,} rows in {base:.1f} s = "
         f"{len(images) / base:.1f} img/s")
 
-    from reddino.infer.embed import read_embeddings
+    from reddino.features import read_embeddings
 
     table, X, _ = read_embeddings(out)
     same = np.allclose(X, feats, atol=1e-4) if X.shape == feats.shape else False

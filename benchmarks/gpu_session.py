@@ -249,11 +249,11 @@ def phase_pretrain(out: Path, cells: Path, device, fed_img_s: float | None, seco
 
     on_gpu = device.type == "cuda"
     batch = 256 if on_gpu else 8
-    # as many steps as ~`seconds` at the rate the device-augmentation stream fed the big step (a tiny model is
-    # faster, so this undershoots rather than overruns), at most 4000
+    # as many steps as ~`seconds` at the rate the device-augmentation stream fed the big step (small cells decode
+    # faster and the tiny model steps faster, so this undershoots rather than overruns), at most 2000
     rate = max(fed_img_s or 0.0, 1.0)
-    steps = 3 if DRY else int(min(4000, max(100, seconds * rate / batch)))
-    every = max(steps // 8, 1)
+    steps = 3 if DRY else int(min(2000, max(100, seconds * rate / batch)))
+    every = max(steps // 4, 1)
     over = [f"data.paths=[{str(cells)!r}]", "crops.policy=dinov2", "crops.on_device=true",
             f"train.batch_size_per_worker={batch}", "train.epochs=1", f"train.iters_per_epoch={steps}",
             f"train.use_gpu={'true' if on_gpu else 'false'}", f"train.precision={'bf16' if on_gpu else 'fp32'}",
@@ -289,7 +289,7 @@ def phase_pretrain(out: Path, cells: Path, device, fed_img_s: float | None, seco
 
 
 def phase_embed(out: Path, backbone: str, cells: Path, device) -> dict:
-    from reddino.infer.embed import embed
+    from reddino.features import embed
 
     on_gpu = device.type == "cuda"
     dest = out / "embed"

@@ -247,7 +247,9 @@ class TrainConfig(_Section):
     collapse_uniform_frac: float = 0.95  # mean per-image teacher entropy ≥ this × ln K: uniform targets
     collapse_marginal_frac: float = 0.1  # entropy of the batch-mean target ≤ this × ln min(K, B): one prototype
     collapse_stop: bool = False
-    export_path: str | None = None  # teacher backbone export; default <run dir>/backbone.pt
+    # teacher backbone export; default <run dir>/backbone.safetensors. "{run_name}" is filled in (a sweep needs it:
+    # one file per trial).
+    export_path: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -264,6 +266,15 @@ class EvalHookConfig(_Section):
     k: int = 20
     exclude_labels: list[int] | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # feature extraction; auto: bf16 where native
+
+    @property
+    def metric(self) -> str:
+        """The in-training score every consumer shows (live line, curve, sweep metric): kNN-``k`` balanced accuracy."""
+        return knn_metric(self.k)
+
+
+def knn_metric(k: int) -> str:
+    return f"eval_knn{int(k)}_balanced_accuracy"
 
 
 class DistillConfig(_Section):
@@ -360,7 +371,8 @@ class EvalConfig(_Section):
     use_ray: bool | None = Field(
         None, description="Ray Data batch inference (true) or in-process extraction (false); default: Ray from 5,000 cells up.")
     cache_dir: str | None = Field(
-        "default", description="Feature cache dir ('default': $REDDINO_HOME/cache/features; null: no cache).")
+        "default", description="Embedding store root, also searched for `reddino embed` outputs of the same model and "
+        "data ('default': $REDDINO_HOME/cache/features; null: nothing read or kept).")
     out_dir: str | None = Field(None, description="Output dir (default ./eval/<timestamp>).")
     mlflow: bool = Field(True, description="Log an MLflow evaluation run.")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -52,6 +53,25 @@ def default_tracking_uri(home: Path | None = None) -> str:
     db = Path(home) / "mlflow.db" if home else paths.mlflow_db()
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db.resolve()}"
+
+
+@contextlib.contextmanager
+def mlflow_at(uri: str):
+    """MLflow's process-wide tracking and registry URIs pointed at ``uri`` for the block, then put back.
+
+    For the MLflow calls that read only the globals (``models:/`` resolution inside ``download_artifacts``,
+    ``mlflow.start_run``); everything else takes the URI explicitly."""
+    import mlflow  # noqa: PLC0415
+    from mlflow.tracking._model_registry import utils as reg  # noqa: PLC0415
+    from mlflow.tracking._tracking_service import utils as trk  # noqa: PLC0415
+
+    before = (trk._tracking_uri, reg._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield uri
+    finally:
+        trk._tracking_uri, reg._registry_uri = before
 
 
 def free_port() -> int:

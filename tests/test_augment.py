@@ -102,7 +102,7 @@ def test_masks_are_blocky():
 def test_eval_preprocessing_resizes_and_normalises_like_training():
     from reddino.data.images import resize_square
     from reddino.data.images import to_rgb_list
-    from reddino.evaluate.extract import preprocess
+    from reddino.features.extract import preprocess
 
     out = preprocess([np.full((50, 40, 3), 255, np.uint8)], 28)
     assert out.shape == (1, 3, 28, 28) and out.dtype == np.float32

@@ -19,7 +19,7 @@ BENCH = ROOT / "benchmarks"
 pytestmark = pytest.mark.slow  # each script's --quick run: minutes in all
 
 SCRIPTS = ["data_pipeline.py", "train_overhead.py", "gpu_efficiency.py", "vs_lightly_train.py", "embed_speed.py",
-           "recipe_probe.py", "pass_overlap.py", "augment_cost.py"]
+           "recipe_probe.py", "pass_overlap.py", "augment_cost.py", "distill_cost.py"]
 
 
 def _run(script: str) -> tuple[str, int, str]:
@@ -39,7 +39,7 @@ def quick_runs() -> dict[str, tuple[int, str]]:
     with ThreadPoolExecutor(2) as pool:
         with_ray = pool.submit(chain, ["data_pipeline.py", "train_overhead.py", "pass_overlap.py"])
         without_ray = pool.submit(chain, ["gpu_efficiency.py", "vs_lightly_train.py", "embed_speed.py",
-                                              "recipe_probe.py", "augment_cost.py"])
+                                              "recipe_probe.py", "augment_cost.py", "distill_cost.py"])
         results = with_ray.result() + without_ray.result()
     return {name: (rc, out) for name, rc, out in results}
 
@@ -59,6 +59,7 @@ def test_benchmark_quick(quick_runs, script):
 # crash): the two sides of a comparison ran the same thing, and the measured numbers are plausible.
 CLAIMS = {
     "data_pipeline.py": ["same augmentation on both sides (row", "): yes"],
+    "distill_cost.py": ["MFLOPs/image", "FLOPs x0.43"],
     "embed_speed.py": ["embeddings equal the loop's: True"],
     "gpu_efficiency.py": ["model FLOPs per image (forward+backward, teacher+student)"],
     "recipe_probe.py": ["step 0 kNN-20", "RankMe"],

@@ -179,3 +179,16 @@ def test_on_device_config_errors():
         CropConfig(policy="rbc", on_device=True)
     with pytest.raises(ValueError, match="needs data.resize"):
         MultiCropTransform(CROPS.model_copy(update={"on_device": True}), MaskConfig(), 8, resize=None)
+
+
+def test_decode_for_size_png_same_pixels_and_jpeg_decoded_reduced():
+    from reddino.data.images import decode_for_size, decode_image, encode_image, resize_square
+
+    img = _smear(96)
+    assert np.array_equal(decode_for_size(encode_image(img, "png"), 96), img)  # libspng or cv2: the same pixels
+    big = cv2.resize(_smear(96, seed=5), (400, 400), interpolation=cv2.INTER_CUBIC)
+    jpg = encode_image(big, "jpeg")
+    small = decode_for_size(jpg, 96)
+    assert 96 <= min(small.shape[:2]) < 400  # DCT-scaled (1/4 here), never below the size the crops need
+    ref = resize_square(decode_image(jpg), 96)
+    assert np.abs(resize_square(small, 96).astype(float) - ref).mean() < 2.0

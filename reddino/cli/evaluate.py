@@ -58,7 +58,7 @@ evaluate_cmd = config_command(
               "kfold/fixed evaluate each on its own, cross-source pools them and splits by source.")),
         param("config", Optional[Path], typer.Option(None, "--config", help="EvalConfig YAML; options given here "
               "override it.")),
-        param("no_cache", bool, typer.Option(False, "--no-cache", help="Do not read or write the feature cache.")),
+        param("no_cache", bool, typer.Option(False, "--no-cache", help="Do not read or write the embedding store.")),
     ],
     skip=("figures", "progress"),
     decls={"ks": ("--k",), "use_groups": ("--groups/--no-groups",), "use_ray": ("--ray/--no-ray",),

@@ -42,7 +42,7 @@ def embed_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output of other settings."),
 ) -> None:
     """Embeddings of every cell in a dataset, by Ray Data batch inference; resumable after an interruption."""
-    from reddino.infer.embed import EmbedError, embed  # noqa: PLC0415
+    from reddino.features import EmbedError, embed  # noqa: PLC0415
 
     try:
         res = embed(model, data, out, pooling=pooling.value, img_size=img_size, batch_size=batch_size,
@@ -75,7 +75,7 @@ def probe_fit_cmd(
     seed: int = typer.Option(0),
 ) -> None:
     """Fit a classifier on a backbone's frozen features; report grouped k-fold scores; save and register it."""
-    from reddino.infer.embed import EmbedError  # noqa: PLC0415
+    from reddino.features import EmbedError  # noqa: PLC0415
     from reddino.infer.probe import fit_probe  # noqa: PLC0415
 
     if out is None and register is None:
@@ -117,7 +117,7 @@ def classify_cmd(
     from rich.console import Console  # noqa: PLC0415
 
     from reddino.infer.classify import classify  # noqa: PLC0415
-    from reddino.infer.embed import EmbedError  # noqa: PLC0415
+    from reddino.features import EmbedError  # noqa: PLC0415
 
     if detect:
         _classify_smears(model, probe, data, out, detector, detector_params, crop_size, overlays, workers, batch_size,
@@ -142,7 +142,7 @@ def _classify_smears(model, probe, data, out, detector, detector_params, crop_si
     from reddino.data.detect_ingest import parse_params  # noqa: PLC0415
     from reddino.data.ingest import IngestError  # noqa: PLC0415
     from reddino.data.shards import DatasetExistsError  # noqa: PLC0415
-    from reddino.infer.embed import EmbedError  # noqa: PLC0415
+    from reddino.features import EmbedError  # noqa: PLC0415
     from reddino.infer.smears import classify_smears  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

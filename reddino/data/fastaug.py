@@ -7,10 +7,12 @@ RandomGrayscale 0.2 → GaussianBlur (kernel 9, sigma U(0.1, 2)) with p 1.0 on g
 crop 2 (+ Solarize 0.2, threshold 128), 0.5 on local crops. The parameters follow torchvision's own draws
 (``RandomResizedCrop.get_params``, ``ColorJitter.get_params``), so both paths equal the official recipe in
 distribution (``tests/test_fastaug.py`` checks per-op statistics against torchvision on fixed seeds); the two
-paths equal each other per pixel up to uint8 rounding.
+paths equal each other per pixel up to uint8 rounding. Resizing is cv2's bicubic, or area where the box shrinks
+on both sides (closer to PIL's antialiased bicubic than an aliasing cubic).
 
-Why: the albumentations / PIL versions of these ops cost 3-6x the cv2 ones here (``benchmarks/augment_cost.py``),
-and with the parameters drawn on the CPU the device path needs only the decoded image from the data workers.
+Why: torchvision's ops on PIL cost 5-20x these cv2 ones per op (``benchmarks/augment_cost.py``; albumentations'
+cv2-based ops cost about the same as these), and with the parameters drawn on the CPU the device path needs only
+the decoded image from the data workers.
 """
 
 from __future__ import annotations

@@ -12,30 +12,17 @@ Public API (imported lazily so ``import reddino.evaluate`` stays cheap):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from reddino.lazy import lazy_getattr
 
 __all__ = ["evaluate", "knn_score", "extract_features", "resolve_model", "handcrafted_features"]
 
-_WHERE = {
-    "evaluate": "runner",
-    "knn_score": "runner",
-    "extract_features": "extract",
-    "resolve_model": "models",
-    "handcrafted_features": "handcrafted",
-}
+_FEATURES = ("extract_features", "resolve_model", "handcrafted_features")  # the features layer's, for convenience
+__getattr__ = lazy_getattr(__name__, {"evaluate": ".runner", "knn_score": ".runner",
+                                      **{name: "reddino.features" for name in _FEATURES}})
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .extract import extract_features
-    from .handcrafted import handcrafted_features
-    from .models import resolve_model
+    from reddino.features import extract_features, handcrafted_features, resolve_model
+
     from .runner import evaluate, knn_score
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        import importlib
-
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -279,6 +280,7 @@ def run_cross_source(
             tick(1)
         matrix = {k: np.full((S, S), np.nan) for k in SCALAR_METRICS}
         diag_std = {k: np.full(S, np.nan) for k in SCALAR_METRICS}
+        diag_missing: dict[str, str] = {}
         for i, si in enumerate(sources):
             tr = fs.sources == si
             for j, sj in enumerate(sources):
@@ -295,8 +297,8 @@ def run_cross_source(
                         for k in SCALAR_METRICS:
                             matrix[k][i, i] = r["classifiers"][name][k]["mean"]
                             diag_std[k][i] = r["classifiers"][name][k]["std"]
-                    except ValueError:
-                        pass
+                    except ValueError as exc:  # the cell stays empty, and the report says why
+                        diag_missing[si] = str(exc)
                 else:
                     te = fs.sources == sj
                     pred = fit_predict(name, X[tr], y[tr], X[te], standardize=standardize, probe_sweep=probe_sweep, seed=seed)
@@ -309,7 +311,12 @@ def run_cross_source(
             "loso_mean": {k: float(np.mean([loso[s][k] for s in sources])) for k in SCALAR_METRICS},
             "matrix": {k: _nan_to_none(v) for k, v in matrix.items()},
             "diagonal_std": {k: _nan_to_none(v) for k, v in diag_std.items()},
+            "diagonal_missing": diag_missing,
         }
+        for s, why in diag_missing.items():
+            note = f"{name}: no within-source score for {s} ({why})"
+            out.setdefault("notes", []).append(note)
+            print(f"[reddino] WARNING cross-source {note}", file=sys.stderr, flush=True)
         # Summary metrics in the kfold shape (mean/std over held-out sources) so tables can share code.
         for k in SCALAR_METRICS:
             vals = [loso[s][k] for s in sources]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -100,6 +101,10 @@ def markdown_report(results: dict[str, Any]) -> str:
                     row[i] = f"*{row[i]}*"
                     loso = cr["loso"][si]["balanced_accuracy"]
                     lines.append(f"| {si} | " + " | ".join(row) + f" | {100 * loso:.1f} |")
+    notes = [f"- {model['ref']} on {ev['name']}: {note}" for model in results.get("models", [])
+             for ev in model.get("evals", []) for note in ev["result"].get("notes", [])]
+    if notes:
+        lines += ["", "## Notes", ""] + notes
     if results.get("wall_seconds") is not None:
         lines += ["", f"Wall time: {results['wall_seconds']:.1f} s."]
     return "\n".join(lines) + "\n"
@@ -168,21 +173,20 @@ def plot_matrix(matrix, sources: Sequence[str], title: str, path: Path) -> Path:
     return path
 
 
-def embed_2d(features: np.ndarray, method: str = "umap", seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D embedding: UMAP (umap-learn), PCA when fewer than 15 samples or UMAP is unavailable."""
+def embed_2d(features: np.ndarray, method: str = "umap", seed: int = 0,
+             notes: list[str] | None = None) -> tuple[np.ndarray, str]:
+    """2-D embedding: UMAP (umap-learn), PCA when fewer than 15 samples. When UMAP fails the map is PCA, and the
+    failure is printed and appended to ``notes`` (the report shows them), never passed over."""
     x = np.asarray(features, dtype=np.float32)
     if method == "umap" and len(x) >= 15:
         try:
-            import warnings  # noqa: PLC0415
-
-            import umap  # noqa: PLC0415
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                emb = umap.UMAP(n_neighbors=min(15, len(x) - 1), random_state=seed, n_jobs=1).fit_transform(x)
+            emb = _umap(x, seed)
             return np.asarray(emb), "UMAP"
-        except Exception:  # pragma: no cover - fall back rather than lose the figure
-            pass
+        except Exception as exc:  # noqa: BLE001 - umap-learn / numba / pynndescent raise their own types
+            note = f"UMAP failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the feature map is PCA"
+            print(f"[reddino] WARNING {note}", file=sys.stderr, flush=True)
+            if notes is not None:
+                notes.append(note)
     from sklearn.decomposition import PCA  # noqa: PLC0415
 
     n_comp = min(2, x.shape[0], x.shape[1])
@@ -190,6 +194,16 @@ def embed_2d(features: np.ndarray, method: str = "umap", seed: int = 0) -> tuple
     if emb.shape[1] < 2:
         emb = np.pad(emb, ((0, 0), (0, 2 - emb.shape[1])))
     return emb, "PCA"
+
+
+def _umap(x: np.ndarray, seed: int) -> np.ndarray:
+    import warnings  # noqa: PLC0415
+
+    import umap  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return umap.UMAP(n_neighbors=min(15, len(x) - 1), random_state=seed, n_jobs=1).fit_transform(x)
 
 
 def plot_embedding(emb: np.ndarray, colour_by: np.ndarray, title: str, path: Path, legend_names=None) -> Path:
@@ -236,7 +250,7 @@ def figures_for(fs, result: dict[str, Any], out_dir: Path, stem: str, *, embeddi
         x = fs.features[idx]
         if standardize:  # hand-crafted features live on different scales
             x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-8)
-        emb, how = embed_2d(x, embedding, seed)
+        emb, how = embed_2d(x, embedding, seed, notes=result.setdefault("notes", []))
         label_names = {str(k): f"{k}:{v}" for k, v in fs.class_names.items()}
         paths.append(plot_embedding(emb, fs.labels[idx], f"{stem} - {how} by label", out_dir / f"{stem}__{how.lower()}_label.png", label_names))
         paths.append(plot_embedding(emb, fs.sources[idx], f"{stem} - {how} by source", out_dir / f"{stem}__{how.lower()}_source.png"))
@@ -261,28 +275,41 @@ def model_metrics(model_entry: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _ensure_experiment(mlflow, name: str, uri: str) -> None:
-    """``set_experiment``; a new experiment in a sqlite store keeps its artifacts beside the db file
-    (MLflow's default would be ``./mlruns`` under whatever the current directory is)."""
-    if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        try:
-            mlflow.create_experiment(name, artifact_location=(db.parent / "mlartifacts").resolve().as_uri())
-        except Exception:  # created concurrently by another process: fine
-            pass
-    mlflow.set_experiment(name)
+def ensure_experiment(name: str, uri: str) -> str:
+    """The id of experiment ``name`` in the store at ``uri``, created if new; in a sqlite store a new experiment keeps
+    its artifacts beside the db file (MLflow's default would be ``./mlruns`` under the current directory). A failed
+    creation is an error naming the store, unless another process created the experiment meanwhile."""
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception as exc:  # noqa: BLE001 - MLflow's own error types
+        exp = client.get_experiment_by_name(name)  # created concurrently by another process: fine
+        if exp is not None:
+            return exp.experiment_id
+        raise RuntimeError(f"MLflow at {uri}: cannot create experiment {name!r}: {str(exc).splitlines()[0]}") from exc
 
 
 def log_mlflow(results: dict[str, Any], out_dir: Path, *, tracking_uri: str | None = None,
                experiment: str = "reddino-eval") -> list[str]:
     """One MLflow run per evaluated model: params, metrics, tags linking the model, all artifacts."""
-    import mlflow  # noqa: PLC0415
-
-    from reddino.runtime import default_tracking_uri  # noqa: PLC0415
+    from reddino.runtime import default_tracking_uri, mlflow_at  # noqa: PLC0415
 
     uri = tracking_uri or default_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    _ensure_experiment(mlflow, experiment, uri)
+    with mlflow_at(uri):
+        return _log_runs(results, out_dir, ensure_experiment(experiment, uri))
+
+
+def _log_runs(results: dict[str, Any], out_dir: Path, experiment_id: str) -> list[str]:
+    import mlflow  # noqa: PLC0415
+
     settings = results.get("settings", {})
     run_ids = []
     for model in results.get("models", []):
@@ -302,7 +329,7 @@ def log_mlflow(results: dict[str, Any], out_dir: Path, *, tracking_uri: str | No
         if info.get("model_name"):
             tags["reddino.model_name"] = str(info["model_name"])
         name = f"eval {slug(Path(str(model['ref'])).name or str(model['ref']), 40)} {settings.get('protocol')}"
-        with mlflow.start_run(run_name=name, tags=tags) as run:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
             params = {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v) for k, v in settings.items()}
             params.update({f"model.{k}": v for k, v in info.items() if k in ("arch", "img_size", "embed_dim", "kind", "patch_size")})
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from .classifiers import classifier_names
 from .compute import compute_features
-from .extract import extract_features
+from reddino.features.extract import extract_features
 from .featureset import FeatureSet, select_rows
 from .metrics import Scores
 from .protocols import run_fixed, run_kfold, run_protocol
@@ -82,28 +82,46 @@ def evaluate(
     """
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
     c = load_section(EvalConfig, None, {**(config or EvalConfig()).model_dump(), **settings})
-    from .models import resolve_model  # noqa: PLC0415
-    from .report import figures_for, log_mlflow, markdown_report, slug, write_json  # noqa: PLC0415
+    from reddino.runtime import default_tracking_uri  # noqa: PLC0415
 
     t0 = time.perf_counter()
+    # One MLflow store for the whole call: the registry refs are read from it and the evaluation is logged to it.
+    tracking_uri = c.tracking_uri or default_tracking_uri()
     if isinstance(models, (str, bytes)) or not isinstance(models, (list, tuple)):
         models = [models]
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     paths = [str(Path(p).expanduser()) for p in paths]
-    excl = sorted({int(x) for x in (c.exclude_classes or [])})
-    variants = [excl]
-    both = sorted({int(x) for x in (c.report_both_excluded or [])} - set(excl))
-    if both:
-        variants.append(sorted(set(excl) | set(both)))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(c.out_dir) if c.out_dir else Path("eval") / stamp
     out.mkdir(parents=True, exist_ok=True)
-    clfs = classifier_names(c.ks, cosine=c.cosine_knn, probe=c.probe)
-    names = _data_names(paths)
-    settings = {
+    results: dict[str, Any] = {
+        "eval_id": f"{stamp}-{uuid.uuid4().hex[:6]}",
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "settings": _settings(c, paths, models),
+        "models": [],
+    }
+    ray_was_up = _ray_up()
+    try:
+        with _progress(c.progress) as prog:
+            for ref in models:
+                results["models"].append(_evaluate_model(ref, c, results["settings"], out, prog, tracking_uri))
+    finally:
+        if not ray_was_up and _ray_up():  # this call started a local Ray: stop it again
+            import ray  # noqa: PLC0415
+
+            ray.shutdown()
+    results["wall_seconds"] = time.perf_counter() - t0
+    return _write_results(results, out, c, tracking_uri)
+
+
+def _settings(c: EvalConfig, paths: list[str], models: Sequence[Any]) -> dict[str, Any]:
+    """What the evaluation ran with (``results.json`` / the MLflow params); ``variants``: the label sets excluded."""
+    excl = sorted({int(x) for x in (c.exclude_classes or [])})
+    both = sorted({int(x) for x in (c.report_both_excluded or [])} - set(excl))
+    return {
         "protocol": c.protocol,
         "folds": c.folds,
-        "classifiers": clfs,
+        "classifiers": classifier_names(c.ks, cosine=c.cosine_knn, probe=c.probe),
         "pooling": c.pooling,
         "img_size": c.img_size,
         "precision": c.precision,
@@ -117,59 +135,62 @@ def evaluate(
         "data": paths,
         "models": [str(m) if isinstance(m, (str, Path)) else type(m).__name__ for m in models],
     }
-    results: dict[str, Any] = {
-        "eval_id": f"{stamp}-{uuid.uuid4().hex[:6]}",
-        "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "settings": settings,
-        "models": [],
-    }
-    ray_was_up = _ray_up()
+
+
+def _feature_groups(model, info: dict, c: EvalConfig, paths: list[str], variant: list[int], prog):
+    """``(name, metric key, FeatureSet)`` to score for one excluded-label variant: one per dataset, or all of them
+    pooled for cross-source."""
+    names = _data_names(paths)
+    sets = []
+    for path, dname in zip(paths, names):
+        fs = compute_features(
+            model, info, path, pooling=c.pooling, img_size=c.img_size or info.get("img_size"),
+            batch_size=c.batch_size, exclude_labels=variant, max_images=c.max_images, seed=c.seed,
+            cache_dir=c.cache_dir, use_ray=c.use_ray, num_cpus=c.num_cpus, progress=prog, precision=c.precision,
+            extra_columns=[c.split_column] if c.split_column else (),
+        )
+        fs.meta["name"] = _variant_name(dname, variant)
+        sets.append(fs)
+    if c.protocol != "cross-source":
+        return [(fs.meta["name"], _variant_key(n, variant), fs) for n, fs in zip(names, sets)]
+    _check_label_names(sets)
+    joined = "+".join(names)
+    pooled = FeatureSet.concat(sets)
+    pooled.meta["name"] = _variant_name(joined, variant)
+    return [(pooled.meta["name"], _variant_key(joined, variant), pooled)]
+
+
+def _evaluate_model(ref, c: EvalConfig, settings: dict, out: Path, prog, tracking_uri: str) -> dict[str, Any]:
+    """One model through every variant and dataset: its results entry (evaluations, figures)."""
+    from reddino.features.models import resolve_model  # noqa: PLC0415
+
+    from .report import figures_for, slug  # noqa: PLC0415
+
+    model, info = resolve_model(ref, img_size=c.img_size, seed=c.seed, tracking_uri=tracking_uri)
+    entry: dict[str, Any] = {"ref": info["ref"], "info": info, "evals": [], "figures": []}
+    stem_model = slug(Path(str(info["ref"])).name or str(info["ref"]), 40)
+    standardize = bool(info.get("standardize"))
     proto_kw = dict(seed=c.seed, use_groups=c.use_groups, probe_sweep=c.probe_sweep, folds=c.folds,
                     test_value=c.test_value, test_fraction=c.test_fraction)
-    try:
-        with _progress(c.progress) as prog:
-            for ref in models:
-                model, info = resolve_model(ref, img_size=c.img_size, seed=c.seed)
-                entry: dict[str, Any] = {"ref": info["ref"], "info": info, "evals": [], "figures": []}
-                stem_model = slug(Path(str(info["ref"])).name or str(info["ref"]), 40)
-                for variant in variants:
-                    sets = []
-                    for path, dname in zip(paths, names):
-                        fs = compute_features(
-                            model, info, path, pooling=c.pooling, img_size=c.img_size or info.get("img_size"),
-                            batch_size=c.batch_size, exclude_labels=variant, max_images=c.max_images, seed=c.seed,
-                            cache_dir=c.cache_dir, use_ray=c.use_ray, num_cpus=c.num_cpus, progress=prog, precision=c.precision,
-                            extra_columns=[c.split_column] if c.split_column else (),
-                        )
-                        fs.meta["name"] = _variant_name(dname, variant)
-                        sets.append(fs)
-                    if c.protocol == "cross-source":
-                        _check_label_names(sets)
-                        joined = "+".join(names)
-                        groups = [(_variant_name(joined, variant), _variant_key(joined, variant),
-                                   FeatureSet.concat(sets))]
-                        groups[0][2].meta["name"] = groups[0][0]
-                    else:
-                        groups = [(fs.meta["name"], _variant_key(n, variant), fs) for n, fs in zip(names, sets)]
-                    for gname, gkey, fs in groups:
-                        split = fs.extras.get(c.split_column) if c.split_column else None
-                        res = run_protocol(c.protocol, fs, clfs, standardize=bool(info.get("standardize")),
-                                           progress=prog, split=split, **proto_kw)
-                        res["cached_features"] = bool(fs.meta.get("cached")) if "cached" in fs.meta else None
-                        entry["evals"].append({"name": gname, "key": gkey, "exclude_classes": variant, "result": res})
-                        if c.figures:
-                            stem = f"{stem_model}__{slug(gname, 50)}"
-                            entry["figures"] += [str(p) for p in figures_for(
-                                fs, res, out / "figures", stem, embedding=c.embedding,
-                                embedding_max=c.embedding_max, seed=c.seed,
-                                standardize=bool(info.get("standardize")))]
-                results["models"].append(entry)
-    finally:
-        if not ray_was_up and _ray_up():  # this call started a local Ray: stop it again
-            import ray  # noqa: PLC0415
+    excl, both = settings["exclude_classes"], settings["report_both_excluded"]
+    for variant in [excl] + ([sorted(set(excl) | set(both))] if both else []):
+        for gname, gkey, fs in _feature_groups(model, info, c, settings["data"], variant, prog):
+            split = fs.extras.get(c.split_column) if c.split_column else None
+            res = run_protocol(c.protocol, fs, settings["classifiers"], standardize=standardize, progress=prog,
+                               split=split, **proto_kw)
+            res["cached_features"] = bool(fs.meta.get("cached")) if "cached" in fs.meta else None
+            entry["evals"].append({"name": gname, "key": gkey, "exclude_classes": variant, "result": res})
+            if c.figures:
+                entry["figures"] += [str(p) for p in figures_for(
+                    fs, res, out / "figures", f"{stem_model}__{slug(gname, 50)}", embedding=c.embedding,
+                    embedding_max=c.embedding_max, seed=c.seed, standardize=standardize)]
+    return entry
 
-            ray.shutdown()
-    results["wall_seconds"] = time.perf_counter() - t0
+
+def _write_results(results: dict[str, Any], out: Path, c: EvalConfig, tracking_uri: str) -> dict[str, Any]:
+    """Headlines, then results.json / report.md / report.html / metrics.json, then the MLflow runs."""
+    from .report import log_mlflow, markdown_report, write_json  # noqa: PLC0415
+
     for entry in results["models"]:
         entry["headline"] = _headline(entry)
     # The first model's first evaluation, flat (`reddino models register --eval-json` reads this).
@@ -183,7 +204,7 @@ def evaluate(
     write_json(results, out / "results.json")
     write_json(results["headline"], out / "metrics.json")
     if c.mlflow:
-        results["mlflow_run_ids"] = log_mlflow(results, out, tracking_uri=c.tracking_uri, experiment=c.experiment)
+        results["mlflow_run_ids"] = log_mlflow(results, out, tracking_uri=tracking_uri, experiment=c.experiment)
         write_json(results, out / "results.json")
     return results
 
@@ -240,7 +261,7 @@ def knn_score(
     from reddino.data import load_table  # noqa: PLC0415
 
     if isinstance(model, str):  # a reference (e.g. "handcrafted") rather than a module
-        from .models import resolve_model  # noqa: PLC0415
+        from reddino.features.models import resolve_model  # noqa: PLC0415
 
         model, _ = resolve_model(model, img_size=img_size)
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """`reddino classify`: morphology predictions per cell and the per-smear / per-source fractions a reader wants.
 
-Embeds the dataset once (``out/embeddings``, resumable, see :mod:`reddino.infer.embed`), applies the probe, and
+Embeds the dataset once (``out/embeddings``, resumable, see :mod:`reddino.features.embedding`), applies the probe, and
 writes ``predictions.parquet`` / ``.csv`` (class id, class name, one probability column per class),
 ``summary_by_smear.csv``, ``summary_by_source.csv``, ``summary.md`` and ``morphology.png``; with labelled rows
 also ``metrics.json`` (balanced accuracy etc. of the probe on them). A probe fitted on another backbone is refused.
@@ -18,7 +18,10 @@ import pandas as pd
 
 from reddino.paths import atomic_path, save_figure
 
-from .embed import EmbedError, embed, read_embeddings, resolve
+from reddino.features.embedding import embed
+from reddino.features.models import resolve
+from reddino.features.store import EmbedError, read_embeddings
+
 from .probe import Probe, backbone_link, load_probe
 
 

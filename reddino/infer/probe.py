@@ -20,7 +20,8 @@ import numpy as np
 
 from reddino.paths import atomic_path
 
-from .embed import EmbedError, resolve
+from reddino.features.models import resolve
+from reddino.features.store import EmbedError
 
 PROBE_FORMAT = "reddino-probe"
 PROBE_FILE = "probe.pkl"
@@ -68,17 +69,20 @@ def fit_probe(
     register: str | None = None,
     alias: str = "candidate",
     cache_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
 ) -> Probe:
     """Score ``classifier`` by k-fold on ``model``'s features of ``data``, refit it on all rows, save it under
-    ``out`` (when given) and register it as ``register`` (when given)."""
+    ``out`` (when given) and register it as ``register`` (when given). The features come from the embedding store
+    under ``cache_dir`` (default ``$REDDINO_HOME/cache/features``): a ``reddino embed`` or ``reddino evaluate`` of
+    the same model and data is read, not recomputed."""
     from reddino.evaluate.classifiers import make_classifier  # noqa: PLC0415
-    from reddino.evaluate.cache import DEFAULT_CACHE_DIR  # noqa: PLC0415
     from reddino.evaluate.compute import compute_features  # noqa: PLC0415
     from reddino.evaluate.protocols import run_kfold  # noqa: PLC0415
 
     from reddino.data.shards import ManifestError  # noqa: PLC0415
+    from reddino.features.embedding import DEFAULT_ROOT  # noqa: PLC0415
 
-    net, info = resolve(model, img_size)
+    net, info = resolve(model, img_size, tracking_uri=tracking_uri)
     try:
         make_classifier(classifier)
     except ValueError as exc:
@@ -86,7 +90,7 @@ def fit_probe(
     try:
         fs = compute_features(net, info, data, pooling=pooling, img_size=img_size, batch_size=batch_size,
                               exclude_labels=exclude_labels, precision=precision, seed=seed,
-                              cache_dir=DEFAULT_CACHE_DIR if cache_dir is None else cache_dir)
+                              cache_dir=DEFAULT_ROOT if cache_dir is None else cache_dir)
     except ManifestError as exc:
         raise EmbedError(str(exc)) from None
     standardize = bool(info.get("standardize"))
@@ -107,7 +111,7 @@ def fit_probe(
         "img_size": info.get("img_size"),
         "precision": fs.meta.get("precision", "fp32"),
         "feature_dim": int(fs.features.shape[1]),
-        "data": {"path": str(Path(data).expanduser().resolve()), "content_hash": fs.meta["cache_key"]["data"],
+        "data": {"path": str(Path(data).expanduser().resolve()), "content_hash": fs.meta["data_hash"],
                  "rows": len(fs)},
         "kfold": {
             "folds": scores["folds"], "grouped": scores["grouped"], "seed": seed,

@@ -14,7 +14,7 @@ student by EMA (:meth:`DINOv2SSL.update_teacher`). Losses:
 
 DDP: wrap the whole module (``broadcast_buffers=False``). The teacher has ``requires_grad=False`` and is
 never touched by autograd. Every student parameter receives a gradient each step, including the mask
-token (masks default to all-False, so it is always in the graph) and a separate iBOT head (run even on
+token (masks default to all-False, so it is always in the graph; a ConvNeXt, which is never masked, freezes it) and a separate iBOT head (run even on
 zero masked tokens), so ``find_unused_parameters`` is not needed. Call ``update_teacher`` on ``ddp.module``.
 """
 
@@ -72,6 +72,8 @@ class DINOv2SSL(nn.Module):
         if mask_token is not None:
             with torch.no_grad():
                 self.mask_token.copy_(mask_token.reshape(1, embed_dim))
+        if not self.masking:  # a ConvNeXt never uses it: frozen, so DDP expects no gradient for it
+            self.mask_token.requires_grad_(False)
         self.teacher = copy.deepcopy(student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)

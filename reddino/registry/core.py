@@ -69,17 +69,17 @@ with warnings.catch_warnings():
         """pyfunc: a DataFrame with an `image` column of encoded PNG/JPEG bytes → CLS embeddings (n, D)."""
 
         def load_context(self, context) -> None:
-            from reddino.model import load_backbone as load_export
+            from reddino.features.models import load_backbone_file
             from reddino.model import model_img_size
 
-            self.model = load_export(context.artifacts["backbone"])
+            self.model = load_backbone_file(context.artifacts["backbone"])
             self.img_size = model_img_size(self.model)
 
         def predict(self, context, model_input, params=None):
             import torch
 
             from reddino.data import decode_image
-            from reddino.evaluate import extract_features
+            from reddino.features.extract import extract_features
 
             column = model_input["image"] if hasattr(model_input, "columns") else model_input
             images = [decode_image(bytes(b)) for b in list(column)]
@@ -89,12 +89,9 @@ with warnings.catch_warnings():
 
 
 def _find_export(path: Path) -> Path:
-    if path.is_file():
-        return path
-    found = sorted(p for p in path.rglob("*.safetensors"))
-    if not found:
-        raise FileNotFoundError(f"no exported backbone (*.safetensors) under {path}")
-    return found[0]
+    from reddino.features.models import find_backbone_file  # the one rule for which file is the backbone
+
+    return find_backbone_file(path)
 
 
 def _resolve_run(run: str) -> tuple[Path, str | None]:
@@ -340,7 +337,7 @@ def pull(ref: str, out: str | Path) -> Path:
 
 def load_backbone(ref: str, device: str = "cpu"):
     """A ready timm model from `models:/name@alias` (or a local export path)."""
-    from reddino.model import load_backbone as load_export
+    from reddino.features.models import load_backbone_file as load_export
 
     if Path(ref).expanduser().exists():
         return load_export(_find_export(Path(ref).expanduser()), device=device)

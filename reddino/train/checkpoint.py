@@ -19,6 +19,20 @@ STATE_FILE = "state.pt"
 DATA_STATE_FILE = "data_state.npz"
 CONFIG_FILE = "run_config.yaml"
 BACKBONE_FILE = "teacher_backbone.safetensors"
+EXPORT_FILE = "backbone.safetensors"
+
+
+def export_target(export_path: str | None, run_dir: Path | None, run_name: str) -> Path:
+    """The one rule for where a finished run's teacher backbone is exported (the trainer writes it there, a sweep
+    reads it there): ``train.export_path`` with ``{run_name}`` filled in when set, else ``<run dir>/backbone.safetensors``,
+    else (remote storage) ``$REDDINO_HOME/exports/<run>/backbone.safetensors``."""
+    if export_path:
+        return Path(export_path.replace("{run_name}", run_name)).expanduser()
+    if run_dir is not None:
+        return Path(run_dir) / EXPORT_FILE
+    from reddino import paths  # noqa: PLC0415
+
+    return paths.exports_dir() / run_name / EXPORT_FILE
 
 
 @dataclass

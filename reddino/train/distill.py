@@ -22,8 +22,8 @@ class DistillInputError(ValueError):
 
 
 def resolve_ref(ref: str):
-    """``(module, info)`` of a model reference: the one call into the model-reference resolver (evaluate today)."""
-    from reddino.evaluate.models import resolve_model
+    """``(module, info)`` of a model reference: the one call into the model-reference resolver (reddino.features)."""
+    from reddino.features.models import resolve_model
 
     return resolve_model(ref)
 

@@ -83,8 +83,10 @@ class KnnEval:
                                precision=self.cfg.eval.precision)
         finally:
             model.train()
-        shown = [(label, key) for label, key in (("kNN-20", "knn20"), ("kNN-1", "knn1"), ("probe", "probe"))
+        k = self.cfg.eval.k
+        shown = [(label, key) for label, key in ((f"kNN-{k}", f"knn{k}"), ("kNN-1", "knn1"), ("probe", "probe"))
                  if f"{key}_balanced_accuracy" in scores]
+        shown = list(dict.fromkeys(shown))  # k = 1: one kNN-1
         print(f"[reddino] step {step} balanced accuracy on {int(scores.get('n_images', 0))} eval images: " + ", ".join(
             f"{label} {scores[f'{key}_balanced_accuracy']:.3f} ± {scores.get(f'{key}_balanced_accuracy_std', 0):.3f}"
             for label, key in shown), flush=True)

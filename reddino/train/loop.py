@@ -12,8 +12,9 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -222,7 +223,7 @@ class _StepLog:
         self.t_start = self.t_last = time.perf_counter()
         self.imgs_last = images_seen
 
-    def __call__(self, step: int, res, images_seen: int, data_pass: int, knn20: float | None) -> dict[str, Any]:
+    def __call__(self, step: int, res, images_seen: int, data_pass: int, knn: tuple[int, float | None]) -> dict[str, Any]:
         now = time.perf_counter()
         ips = (images_seen - self.imgs_last) / max(now - self.t_last, 1e-9)
         self.t_last, self.imgs_last = now, images_seen
@@ -232,7 +233,7 @@ class _StepLog:
 
             write_progress(self.progress_file, {"step": step, "total": self.total, "loss": res.loss,
                                                 "parts": res.parts, "lr": res.lr, "ips": ips, "eta_s": eta,
-                                                "knn20": knn20})
+                                                "knn_k": knn[0], "knn": knn[1]})
         elif self.rank == 0:
             print(f"[reddino] step {step}/{self.total} loss {res.loss:.4f} "
                   + " ".join(f"{k} {v:.3f}" for k, v in res.parts.items())
@@ -241,21 +242,51 @@ class _StepLog:
                 "images_seen": images_seen}
 
 
+@dataclass
+class WorkerPlan:
+    """What the driver hands every Train worker (``train_loop_config={"plan": WorkerPlan(...)}``): the run's config,
+    its identity, where its metrics and run state live, and the caller's hooks (cloudpickled to the workers)."""
+
+    cfg: dict[str, Any]  # RunConfig.to_dict()
+    config_yaml: str  # saved in every checkpoint
+    run_name: str
+    run_state: str | None  # the named Ray actor holding the data position for exact resume
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+    data_hash: str | None
+    rows_per_pass: int | None = None  # data.overlap_passes: rows of one pass (the next one starts before it ends)
+    progress_file: str | None = None  # the driver draws a live bar from it (on a terminal)
+    step_hooks: list[Callable[[int], Any]] = field(default_factory=list)  # hook(step) after every finished step
+    loss_hook: Callable | None = None  # (step, loss, parts) -> (loss, parts), see TrainStep
+    export_meta: dict[str, Any] = field(default_factory=dict)  # joins the export's metadata (distillation lineage)
+
+    def run_config(self) -> RunConfig:
+        return RunConfig.model_validate(self.cfg)
+
+
 class _Reporter:
     """Reports to Ray Train: metrics (every report names the run, for Tune), and with a checkpoint the full
     training state (rank 0 writes it; the consumed-row keys are gathered from every rank) plus, at the end,
     the exported teacher backbone."""
 
-    def __init__(self, cfg: RunConfig, loop_config: dict[str, Any], model, optimizer, scaler, state, stream,
+    def __init__(self, cfg: RunConfig, plan: WorkerPlan, model, optimizer, scaler, state, stream,
                  rank: int, resumed_from: int) -> None:
         self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
         self.state, self.stream, self.rank = state, stream, rank
-        self.run_name = loop_config.get("run_name") or ""
-        self.ids = {"run_name": self.run_name, "mlflow_run_id": loop_config.get("mlflow_run_id") or "",
+        self.run_name = plan.run_name
+        self.ids = {"run_name": self.run_name, "mlflow_run_id": plan.mlflow_run_id or "",
                     "resumed_from_step": resumed_from}
-        self.config_yaml = loop_config.get("config_yaml", "")
-        self.data_hash = loop_config.get("data_hash")
-        self.export_meta = dict(loop_config.get("export_meta") or {})  # e.g. a distilled model's teacher lineage
+        self.config_yaml = plan.config_yaml
+        self.data_hash = plan.data_hash
+        self.export_meta = dict(plan.export_meta)  # e.g. a distilled model's teacher lineage
+
+    def step_done(self, step: int, metrics: dict[str, Any], last_metrics: dict[str, Any], is_last: bool) -> None:
+        """A checkpoint every ``train.checkpoint_every`` steps and at the end (with the export), else the metrics."""
+        every = self.cfg.train.checkpoint_every
+        if (every and step % every == 0) or is_last:
+            self({**last_metrics, **metrics, "step": step}, with_checkpoint=True, export=is_last)
+        elif metrics:
+            self({**metrics, "step": step}, with_checkpoint=False)
 
     def __call__(self, metrics: dict[str, Any], with_checkpoint: bool, export: bool = False) -> None:
         import ray.train
@@ -284,14 +315,14 @@ class _Reporter:
                              checkpoint_dir_name=f"checkpoint_{state.step:07d}")
 
 
-def _build_model(cfg: RunConfig, device):
+def _ssl_model(cfg: RunConfig, device):
     """The training method: DINOv2 pretraining, or distillation from a frozen teacher when ``distill.teacher`` is
     set (:class:`reddino.model.distill.DistillSSL`, a DINOv2SSL: the rest of the loop is the same)."""
     from reddino.model import DINOv2SSL
 
     if not cfg.distill.enabled:
         return DINOv2SSL.from_config(cfg.model, cfg.loss)
-    from reddino.evaluate.extract import resolve_precision
+    from reddino.features.extract import resolve_precision
     from reddino.model.distill import DistillSSL
 
     model = DistillSSL.from_config(cfg)
@@ -300,7 +331,56 @@ def _build_model(cfg: RunConfig, device):
     return model
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def _seed_and_threads(cfg: RunConfig, rank: int, on_gpu: bool) -> None:
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed + rank)
+    if not on_gpu:
+        torch.set_num_threads(max(1, int(cfg.train.torch_threads or cfg.train.cpus_per_worker)))
+
+
+def _build_model(cfg: RunConfig, device, world: int):
+    """The SSL model on ``device``, its DDP wrapper (itself on one worker), AdamW and the fp16 grad scaler."""
+    import ray.train.torch
+
+    on_gpu = device.type == "cuda"
+    model = _ssl_model(cfg, device)
+    if cfg.model.head_use_bn and on_gpu and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # head BN over the global batch
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.optim), lr=0.0, betas=tuple(cfg.optim.betas))
+    scaler = torch.amp.GradScaler("cuda") if (on_gpu and cfg.train.precision == "fp16") else None
+    ddp_model = model
+    if world > 1:  # DDP only: RedDino's ViT-S/B/L with a teacher fit one GPU; FSDP would need sharded
+        # checkpoints, evaluation and export (a rank-0-only full state dict hangs the other ranks)
+        ddp_model = ray.train.torch.prepare_model(
+            model, move_to_device=False, parallel_strategy="ddp",
+            parallel_strategy_kwargs={"broadcast_buffers": False},
+        )
+    return model, ddp_model, optimizer, scaler
+
+
+def _non_finite(step: int, res) -> str:
+    culprits = [k for k, v in res.parts.items() if not math.isfinite(v)] or ["total"]
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in res.parts.items())
+    return (f"non-finite loss at step {step} in {', '.join(culprits)} (total={res.loss:.4g}; {terms}); "
+            "run stopped, last good checkpoint kept")
+
+
+def _stop(reason: str, rank: int, run_state, logger, metrics: dict[str, Any]) -> None:
+    """A stopped run: said once, kept in the run-state actor (the driver reads it) and MLflow, reported to Train."""
+    import ray
+    import ray.train
+
+    if rank == 0:
+        print(f"[reddino] STOP: {reason}", flush=True)
+        if run_state is not None:
+            ray.get(run_state.set_stop_reason.remote(reason))
+        if logger is not None:
+            logger.tag("reddino.stop_reason", reason)
+    ray.train.report({**metrics, "stopped": reason})
+
+
+def train_loop_per_worker(loop_config: dict[str, WorkerPlan]) -> None:
     import ray.train
     import ray.train.torch
 
@@ -308,43 +388,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from reddino.train.schedules import build_schedules
 
-    cfg = RunConfig.model_validate(loop_config["cfg"])
+    plan = loop_config["plan"]
+    cfg = plan.run_config()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed + rank)
-    if not on_gpu:
-        torch.set_num_threads(max(1, int(cfg.train.torch_threads or cfg.train.cpus_per_worker)))
+    _seed_and_threads(cfg, rank, on_gpu)
 
-    # --- model, optimizer ---
-    model = _build_model(cfg, device)
-    if cfg.model.head_use_bn and on_gpu and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # head BN over the global batch
-    model.to(device)
-    param_groups = model.param_groups(cfg.optim)
-    optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=tuple(cfg.optim.betas))
+    # --- model, optimizer, restore ---
+    model, ddp_model, optimizer, scaler = _build_model(cfg, device, world)
     use_autocast = on_gpu and cfg.train.precision in ("bf16", "fp16")
     amp_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if (on_gpu and cfg.train.precision == "fp16") else None
-
-    # --- restore ---
     state, restored, damaged = _restore_latest(cfg, model, optimizer, scaler, rank)
     resumed_from = state.step if restored is not None else -1
 
-    if world > 1:  # DDP only: RedDino's ViT-S/B/L with a teacher fit one GPU; FSDP would need sharded
-        # checkpoints, evaluation and export (a rank-0-only full state dict hangs the other ranks)
-        ddp_model = ray.train.torch.prepare_model(
-            model, move_to_device=False, parallel_strategy="ddp",
-            parallel_strategy_kwargs={"broadcast_buffers": False},
-        )
-    else:
-        ddp_model = model
-
     # --- data ---
-    stream, run_state = _open_stream(cfg, loop_config.get("run_state"), state, restored is not None, rank, world,
-                                     loop_config.get("rows_per_pass"))
+    stream, run_state = _open_stream(cfg, plan.run_state, state, restored is not None, rank, world,
+                                     plan.rows_per_pass)
     batches = iter(stream)
 
     # --- schedules and the step ---
@@ -352,20 +413,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sched = build_schedules(cfg, global_batch)
     total = cfg.total_steps
 
-    logger = _MLflowLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
+    logger = _MLflowLogger(plan.tracking_uri, plan.mlflow_run_id) if rank == 0 else None
     # --- periodic hooks (rank 0): health monitors + collapse guard from the end of the lr warm-up, kNN eval ---
     health = HealthMonitor(cfg, guard_from=sched["lr"].warmup_steps, tag=logger.tag if logger else None)
     knn_eval = KnnEval(cfg, device) if rank == 0 and cfg.eval.data else None
     if logger is not None and damaged:
         logger.tag("reddino.damaged_checkpoints", "; ".join(damaged))
-    progress_file = loop_config.get("progress_file") if rank == 0 else None  # a live bar on the driver's tty
-    # Hooks the caller passed to `pretrain` (cloudpickled): `loss_hook(step, loss, parts) -> (loss, parts)` and
-    # `step_hooks`, each called as `hook(step)` after every finished step (tests inject faults this way).
-    step_hooks = list(loop_config.get("step_hooks") or [])
+    progress_file = plan.progress_file if rank == 0 else None  # a live bar on the driver's tty
+    # The caller's hooks (tests inject faults this way): step_hooks after every finished step, loss_hook per micro-batch.
+    step_hooks = list(plan.step_hooks)
     train_step = TrainStep(model, optimizer, sched, cfg, forward=ddp_model, device=device, world=world, scaler=scaler,
-                           autocast=use_autocast, amp_dtype=amp_dtype, loss_hook=loop_config.get("loss_hook"))
+                           autocast=use_autocast, amp_dtype=amp_dtype, loss_hook=plan.loss_hook)
 
-    _report = _Reporter(cfg, loop_config, model, optimizer, scaler, state, stream, rank, resumed_from)
+    _report = _Reporter(cfg, plan, model, optimizer, scaler, state, stream, rank, resumed_from)
 
     model.train()
     step_log = _StepLog(total, state.step, state.images_seen, progress_file, rank)
@@ -377,10 +437,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         res = train_step(step, lambda: next(batches))
         state.images_seen += res.images
         if not res.finite:
-            culprits = [k for k, v in res.parts.items() if not math.isfinite(v)] or ["total"]
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in res.parts.items())
-            stop_reason = (f"non-finite loss at step {step} in {', '.join(culprits)} (total={res.loss:.4g}; {terms}); "
-                           "run stopped, last good checkpoint kept")
+            stop_reason = _non_finite(step, res)
             break
         state.step += 1
         step = state.step
@@ -392,7 +449,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         is_last = step >= total
         if step % cfg.train.log_every == 0 or is_last:
             metrics.update(step_log(step, res, state.images_seen, stream.data_pass,
-                                    last_metrics.get("eval_knn20_balanced_accuracy")))
+                                    (cfg.eval.k, last_metrics.get(cfg.eval.metric))))
 
         if health.due(step, is_last):
             if rank == 0:
@@ -415,23 +472,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         if stop_reason:
             break
-        want_ckpt = (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or is_last
-        if want_ckpt:
-            metrics = {**last_metrics, **metrics, "step": step}
-            _report(metrics, with_checkpoint=True, export=is_last)
-        elif metrics:
-            _report({**metrics, "step": step}, with_checkpoint=False)
+        _report.step_done(step, metrics, last_metrics, is_last)
 
     if stop_reason:
-        if rank == 0:
-            print(f"[reddino] STOP: {stop_reason}", flush=True)
-            if run_state is not None:
-                import ray
-
-                ray.get(run_state.set_stop_reason.remote(stop_reason))
-            if logger is not None:
-                logger.tag("reddino.stop_reason", stop_reason)
-        ray.train.report({**last_metrics, "step": state.step, "stopped": stop_reason})
+        _stop(stop_reason, rank, run_state, logger, {**last_metrics, "step": state.step})
     stream.close()  # the next pass's reader thread, if one started
     if logger is not None and logger.close():
         logger.tag("reddino.mlflow_lost_metrics", str(logger.lost))

@@ -32,7 +32,7 @@ def write_progress(path: str | Path, status: dict[str, Any]) -> None:
 
 def step_text(status: dict[str, Any]) -> str:
     parts = " ".join(f"{k} {v:.3f}" for k, v in status.get("parts", {}).items())
-    knn = f" kNN-20 {status['knn20']:.3f}" if status.get("knn20") is not None else ""
+    knn = f" kNN-{status.get('knn_k', 20)} {status['knn']:.3f}" if status.get("knn") is not None else ""
     return f"loss {status['loss']:.4f} {parts} lr {status['lr']:.2e} {status['ips']:.1f} img/s{knn}"
 
 

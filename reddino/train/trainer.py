@@ -88,7 +88,7 @@ def _ray_logs_in_run_dir(run_dir: Path) -> None:
         link.symlink_to(session, target_is_directory=True)
 
 
-def _learning_curve(run_id: str, run_dir: Path | None, run_name: str) -> Path | None:
+def _learning_curve(run_id: str, tracking_uri: str, run_dir: Path | None, run_name: str, k: int = 20) -> Path | None:
     """learning_curve.png of the run (kNN, RankMe, losses by step) in its run dir, or a temp dir for remote
     storage; a plotting failure never fails a finished run."""
     import tempfile
@@ -99,8 +99,8 @@ def _learning_curve(run_id: str, run_dir: Path | None, run_name: str) -> Path | 
 
     folder = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="reddino-curve-"))
     try:
-        return plot_learning_curve(metric_histories(MlflowClient(), run_id), folder / "learning_curve.png",
-                                   title=run_name)
+        return plot_learning_curve(metric_histories(MlflowClient(tracking_uri), run_id, k), folder / "learning_curve.png",
+                                   title=run_name, k=k)
     except Exception as exc:  # noqa: BLE001
         print(f"[reddino] learning curve not drawn: {exc}", flush=True)
         return None
@@ -192,54 +192,97 @@ def pretrain(
     Rerunning with the same `run_name` and storage path resumes from its latest checkpoint (Ray
     Train restores the run's checkpoint manager; the loop restores model, optimizer and data position).
     ``step_hooks`` run on every worker as ``hook(step)`` after each finished step and ``loss_hook(step, loss,
-    parts) -> (loss, parts)`` sees each micro-batch's loss before backward; both are cloudpickled to the workers
+    parts) -> (loss, parts)`` sees each micro-batch's loss after backward, before it is logged and checked (what it
+    returns reaches the log and the NaN guard, not the gradients); both are cloudpickled to the workers
     (closures travel by value). The tests inject crashes and NaNs with them. ``export_meta`` joins the exported
     backbone's metadata (a distilled model's teacher lineage, which `models register` turns into tags).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from reddino.runtime import default_tracking_uri, init_ray, quiet_data_progress, verbose
+    from reddino.runtime import default_tracking_uri, init_ray, quiet_data_progress
+    from reddino.train.data import build_train_dataset, dataset_slots, run_state_actor
+    from reddino.train.progress import PROGRESS_FILE, LiveProgress, live_wanted
 
     patch = _patch_size(cfg)  # also refuses a config the backbone family cannot train, before Ray starts
     init_ray()
     quiet_data_progress()
     _quiet_train_console()
     cfg = _absolute_local_paths(cfg)
-    from reddino import paths
-
-    where = cfg.train.storage_path or str(paths.runs_dir())
-    storage = where if "://" in where else Path(where).expanduser().resolve()
-    run_name = run_name or cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(storage) / run_name if not isinstance(storage, str) else None
-    state_name = f"reddino-run-{run_name}"
-    _refuse_second_driver(run_name, state_name)
-    if resume and run_dir is not None and not run_dir.exists():
-        raise FileNotFoundError(f"cannot resume: no run named {run_name!r} under {storage}")
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(run_dir / "run_config.yaml")
-        _ray_logs_in_run_dir(run_dir)
-
+    where = _RunPlace.of(cfg, run_name, resume)
     data_hash = _data_hash(cfg.data.paths) if cfg.data.paths else None
-    use_gpu = _use_gpu(cfg)
+    tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri()  # the one MLflow store of this run
+    mlflow_run_id = _open_mlflow_run(cfg, where, data_hash, mlflow_tags, tracking_uri) if cfg.mlflow.enabled else None
 
-    # --- MLflow: the driver owns the run; rank 0 logs metrics into it by id ---
-    tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri()
-    mlflow_run_id = None
-    if cfg.mlflow.enabled:
-        import mlflow
+    # --- data: Ray Data does decode + multi-crop + masks on CPU tasks ---
+    run_state = run_state_actor(where.state_name)  # keep the handle: the actor lives while the driver holds it
+    datasets = {name: build_train_dataset(cfg, patch, where.state_name, slot)
+                for slot, name in enumerate(dataset_slots(cfg))}
+    live = live_wanted() and where.run_dir is not None
+    plan = _worker_plan(cfg, where, tracking_uri, mlflow_run_id, data_hash, step_hooks, loss_hook, export_meta,
+                        progress_file=str(where.run_dir / PROGRESS_FILE) if live else None)
+    trainer = _trainer(cfg, plan, where, datasets, callbacks)
+    if live:
+        with LiveProgress(where.run_dir / PROGRESS_FILE, cfg.total_steps, f"pretrain {where.run_name}"):
+            result = trainer.fit()
+    else:
+        result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    latest = _latest_checkpoint(result)
+    stopped = ray.get(run_state.stop_reason.remote())
+    ckpt_dir = Path(latest.path) if latest is not None and "://" not in latest.path else None
+    backbone = _export(latest, cfg, where) if latest is not None and not stopped else None
+    if mlflow_run_id is not None:
+        _close_mlflow_run(mlflow_run_id, tracking_uri, metrics, backbone, stopped, ckpt_dir, where, cfg.eval.k)
+    ray.kill(run_state)
+    return PretrainResult(run_name=where.run_name, run_dir=where.run_dir, checkpoint_dir=ckpt_dir,
+                          backbone_path=backbone, metrics=metrics, mlflow_run_id=mlflow_run_id, stopped=stopped)
 
-        mlflow.set_tracking_uri(tracking_uri)
+
+@dataclass
+class _RunPlace:
+    """Where a run lives: its storage (a local dir or a URI), name, local dir (None on remote storage) and the name
+    of the actor holding its data position."""
+
+    storage: Path | str
+    run_name: str
+    run_dir: Path | None
+    state_name: str
+
+    @classmethod
+    def of(cls, cfg: RunConfig, run_name: str | None, resume: bool) -> "_RunPlace":
+        from reddino import paths
+
+        where = cfg.train.storage_path or str(paths.runs_dir())
+        storage = where if "://" in where else Path(where).expanduser().resolve()
+        run_name = run_name or cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(storage) / run_name if not isinstance(storage, str) else None
+        place = cls(storage, run_name, run_dir, f"reddino-run-{run_name}")
+        _refuse_second_driver(run_name, place.state_name)
+        if resume and run_dir is not None and not run_dir.exists():
+            raise FileNotFoundError(f"cannot resume: no run named {run_name!r} under {storage}")
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.to_yaml(run_dir / "run_config.yaml")
+            _ray_logs_in_run_dir(run_dir)
+        return place
+
+
+def _open_mlflow_run(cfg: RunConfig, where: _RunPlace, data_hash: str | None, mlflow_tags: dict | None,
+                     tracking_uri: str) -> str:
+    """The driver owns the MLflow run (a resumed run continues its own); rank 0 logs metrics into it by id."""
+    import mlflow
+
+    from reddino.runtime import mlflow_at
+
+    run_dir = where.run_dir
+    with mlflow_at(tracking_uri):
         mlflow.set_experiment(cfg.mlflow.experiment)
         existing = None
         if run_dir is not None and (run_dir / "mlflow_run_id").exists():
             existing = (run_dir / "mlflow_run_id").read_text().strip()
-        run = mlflow.start_run(run_id=existing, run_name=None if existing else run_name)
-        mlflow_run_id = run.info.run_id
+        run = mlflow.start_run(run_id=existing, run_name=None if existing else where.run_name)
         if run_dir is not None:
-            (run_dir / "mlflow_run_id").write_text(mlflow_run_id)
+            (run_dir / "mlflow_run_id").write_text(run.info.run_id)
         if not existing:
             params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.flat().items()}
             items = list(params.items())
@@ -248,52 +291,48 @@ def pretrain(
             if mlflow_tags:
                 mlflow.set_tags(mlflow_tags)
             mlflow.set_tags({"reddino.config_hash": cfg.hash(), "reddino.data_hash": data_hash or "",
-                             "reddino.run_name": run_name, "reddino.arch": cfg.model.arch})
+                             "reddino.run_name": where.run_name, "reddino.arch": cfg.model.arch})
             if run_dir is not None:
                 mlflow.log_artifact(str(run_dir / "run_config.yaml"))
         mlflow.end_run()
+    return run.info.run_id
 
-    # --- data: Ray Data does decode + multi-crop + masks on CPU tasks ---
-    from reddino.train.data import build_train_dataset, dataset_slots, run_state_actor
 
-    run_state = run_state_actor(state_name)  # keep the handle: the actor lives while the driver holds it
-    datasets = {name: build_train_dataset(cfg, patch, state_name, slot)
-                for slot, name in enumerate(dataset_slots(cfg))}
-
+def _worker_plan(cfg: RunConfig, where: _RunPlace, tracking_uri: str, mlflow_run_id: str | None,
+                 data_hash: str | None, step_hooks, loss_hook, export_meta: dict[str, Any] | None,
+                 progress_file: str | None):
     import yaml
 
-    loop_config = {
-        "cfg": cfg.to_dict(),
-        "config_yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
-        "run_name": run_name,
-        "run_state": state_name,
-        "tracking_uri": tracking_uri,
-        "mlflow_run_id": mlflow_run_id,
-        "data_hash": data_hash,
-        "rows_per_pass": _rows_per_pass(cfg) if cfg.data.overlap_passes else None,
-        "step_hooks": step_hooks or [],
-        "loss_hook": loss_hook,
-        "export_meta": export_meta or {},
-    }
-    from reddino.train.progress import PROGRESS_FILE, LiveProgress, live_wanted
+    from reddino.train.loop import WorkerPlan
 
-    live = live_wanted() and run_dir is not None
-    if live:
-        loop_config["progress_file"] = str(run_dir / PROGRESS_FILE)
+    return WorkerPlan(
+        cfg=cfg.to_dict(), config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_name=where.run_name,
+        run_state=where.state_name, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, data_hash=data_hash,
+        rows_per_pass=_rows_per_pass(cfg) if cfg.data.overlap_passes else None, progress_file=progress_file,
+        step_hooks=list(step_hooks or []), loss_hook=loss_hook, export_meta=dict(export_meta or {}),
+    )
+
+
+def _trainer(cfg: RunConfig, plan, where: _RunPlace, datasets: dict, callbacks: list | None):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from reddino.runtime import verbose
+    from reddino.train.loop import train_loop_per_worker
+
+    use_gpu = _use_gpu(cfg)
     resources = {"CPU": cfg.train.cpus_per_worker, **(cfg.train.worker_resources or {})}
     if use_gpu:
         resources["GPU"] = 1
     _warn_missing_resources({**(cfg.train.worker_resources or {}), **(cfg.data.map_resources or {})})
-    from reddino.train.loop import train_loop_per_worker
-
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(
-            name=run_name,
-            storage_path=str(storage),
+            name=where.run_name,
+            storage_path=str(where.storage),
             # Keep the newest N by step: after a resume, report order restarts, steps do not.
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute="step", checkpoint_score_order="max"),
@@ -304,64 +343,52 @@ def pretrain(
         ),
         datasets=datasets,
     )
-    if live:
-        with LiveProgress(run_dir / PROGRESS_FILE, cfg.total_steps, f"pretrain {run_name}"):
-            result = trainer.fit()
-    else:
-        result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    latest = _latest_checkpoint(result)
-    stopped = ray.get(run_state.stop_reason.remote())
 
-    ckpt_dir = Path(latest.path) if latest is not None and "://" not in latest.path else None
-    backbone = None
-    from reddino.train.checkpoint import BACKBONE_FILE
 
-    if latest is not None and not stopped:
-        if cfg.train.export_path:
-            target = Path(cfg.train.export_path).expanduser()
-        elif run_dir is not None:
-            target = run_dir / "backbone.safetensors"
-        else:  # remote storage: keep a local copy of the export next to the other reddino files
-            from reddino import paths
+def _export(latest, cfg: RunConfig, where: _RunPlace) -> Path | None:
+    """The final checkpoint's teacher backbone (+ sidecar) copied to where the one rule puts it."""
+    from reddino.train.checkpoint import BACKBONE_FILE, export_target
 
-            target = paths.exports_dir() / run_name / "backbone.safetensors"
-        with latest.as_directory() as d:
-            exported = sorted(Path(d).glob(BACKBONE_FILE + "*"))
-            if exported:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                for src in exported:
-                    dst = target.with_name(target.name + src.name[len(BACKBONE_FILE):])
-                    tmp = dst.with_name(dst.name + ".tmp")
-                    shutil.copy2(src, tmp)
-                    tmp.replace(dst)
-                backbone = target
+    target = export_target(cfg.train.export_path, where.run_dir, where.run_name)
+    with latest.as_directory() as d:
+        exported = sorted(Path(d).glob(BACKBONE_FILE + "*"))
+        if not exported:
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for src in exported:
+            dst = target.with_name(target.name + src.name[len(BACKBONE_FILE):])
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.copy2(src, tmp)
+            tmp.replace(dst)
+    return target
 
-    if mlflow_run_id is not None:
-        import mlflow
 
-        try:
-            with mlflow.start_run(run_id=mlflow_run_id):
-                final = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-                if final:
-                    mlflow.log_metrics(final)
-                if backbone is not None:
-                    for f in backbone.parent.glob(backbone.name + "*"):
-                        mlflow.log_artifact(str(f), artifact_path="backbone")
-                if stopped:
-                    mlflow.set_tag("reddino.stop_reason", stopped)
-                    mlflow.set_tag("reddino.status", "stopped")
-                else:
-                    mlflow.set_tag("reddino.status", "finished")
-                if ckpt_dir is not None:
-                    mlflow.set_tag("reddino.checkpoint", str(ckpt_dir))
-                curve = _learning_curve(mlflow_run_id, run_dir, run_name)
-                if curve is not None:
-                    mlflow.log_artifact(str(curve))
-        except Exception as err:  # noqa: BLE001 - the run itself is done and checkpointed; say what is missing
-            print(f"[reddino] WARNING MLflow at {tracking_uri} unreachable at the end ({type(err).__name__}): the "
-                  f"final metrics, status tag and backbone artifact of run {mlflow_run_id} were not logged; the "
-                  f"run's files are in {run_dir}", flush=True)
-    ray.kill(run_state)
-    return PretrainResult(run_name=run_name, run_dir=run_dir, checkpoint_dir=ckpt_dir, backbone_path=backbone,
-                          metrics=metrics, mlflow_run_id=mlflow_run_id, stopped=stopped)
+def _close_mlflow_run(mlflow_run_id: str, tracking_uri: str, metrics: dict, backbone: Path | None,
+                      stopped: str | None, ckpt_dir: Path | None, where: _RunPlace, k: int) -> None:
+    """Final metrics, the backbone artifact, the status tag and the learning curve, on the driver's run."""
+    import mlflow
+
+    from reddino.runtime import mlflow_at
+
+    try:
+        with mlflow_at(tracking_uri), mlflow.start_run(run_id=mlflow_run_id):
+            final = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            if final:
+                mlflow.log_metrics(final)
+            if backbone is not None:
+                for f in backbone.parent.glob(backbone.name + "*"):
+                    mlflow.log_artifact(str(f), artifact_path="backbone")
+            if stopped:
+                mlflow.set_tag("reddino.stop_reason", stopped)
+                mlflow.set_tag("reddino.status", "stopped")
+            else:
+                mlflow.set_tag("reddino.status", "finished")
+            if ckpt_dir is not None:
+                mlflow.set_tag("reddino.checkpoint", str(ckpt_dir))
+            curve = _learning_curve(mlflow_run_id, tracking_uri, where.run_dir, where.run_name, k)
+            if curve is not None:
+                mlflow.log_artifact(str(curve))
+    except Exception as err:  # noqa: BLE001 - the run itself is done and checkpointed; say what is missing
+        print(f"[reddino] WARNING MLflow at {tracking_uri} unreachable at the end ({type(err).__name__}): the "
+              f"final metrics, status tag and backbone artifact of run {mlflow_run_id} were not logged; the "
+              f"run's files are in {where.run_dir}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,11 @@ from reddino.paths import save_figure
 
 from reddino.tune.space import SweepSpace, params_to_overrides
 
-_SCORES = [("kNN-1", "eval_knn1_balanced_accuracy"), ("kNN-20", "eval_knn20_balanced_accuracy"),
-           ("probe", "eval_probe_balanced_accuracy")]
+def _in_training(space: SweepSpace) -> list[tuple[str, str]]:
+    """The in-training scores (label, trial-table column): kNN-1, kNN at the trials' ``eval.k``, the probe."""
+    k = space.k or 20
+    return list(dict.fromkeys([("kNN-1", "eval_knn1_balanced_accuracy"), (f"kNN-{k}", f"eval_knn{k}_balanced_accuracy"),
+                               ("probe", "eval_probe_balanced_accuracy")]))
 
 
 def write_best_config(space: SweepSpace, params: dict[str, Any], path: Path) -> Path:
@@ -38,12 +42,22 @@ def _arm_scores(table: pd.DataFrame, space: SweepSpace) -> tuple[list[tuple[str,
     final = [(f"{label} {mlabel}", f"{col}_{metric}") for mlabel, metric in _METRICS for label, col in _FINAL
              if f"{col}_{metric}" in table and table[f"{col}_{metric}"].notna().any()]
     if final:
-        scores = final + ([("in-training kNN-20", space.metric)] if space.metric in table else [])
+        scores = final + ([(f"in-training {_metric_label(space)}", space.metric)] if space.metric in table else [])
         have = {col for _, col in final}
         return scores, [c for c in ("final_knn20_balanced_accuracy", "final_probe_balanced_accuracy") if c in have]
-    scores = [(f"{label} bal. acc. (in-training)", col) for label, col in _SCORES if col in table]
-    scores = scores or [("kNN-20 (in-training)", space.metric)]
+    scores = [(f"{label} bal. acc. (in-training)", col) for label, col in _in_training(space) if col in table]
+    scores = scores or [(f"{_metric_label(space)} (in-training)", space.metric)]
     return scores, [scores[-1][1]]
+
+
+def _in_training_label(col: str) -> str:
+    """``eval_knn10_balanced_accuracy`` → ``kNN-10``, ``eval_probe_balanced_accuracy`` → ``probe``."""
+    m = re.fullmatch(r"eval_knn(\d+)_balanced_accuracy", col)
+    return f"kNN-{m.group(1)}" if m else col.removeprefix("eval_").removesuffix("_balanced_accuracy")
+
+
+def _metric_label(space: SweepSpace) -> str:
+    return f"kNN-{space.k}" if space.k is not None else space.metric.removeprefix("eval_")
 
 
 def ablation_summary(table: pd.DataFrame, space: SweepSpace) -> pd.DataFrame:
@@ -132,7 +146,7 @@ def ablation_table(summary: pd.DataFrame, eval_data: str | None = None) -> str:
     headline = _headline(summary)
     many = bool(len(summary)) and int(summary["seeds"].max()) > 1
     labels = {f"{col}_{metric}": f"{label} {mlabel}" for mlabel, metric in _METRICS for label, col in _FINAL}
-    labels.update({col: f"{label} (in-training)" for label, col in _SCORES})
+    labels.update({col: f"{_in_training_label(col)} (in-training)" for col in scores if col.startswith("eval_")})
 
     def cell(row, col: str) -> str:
         mean = row.get(f"{col}_mean")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,23 @@ class SweepSpace:
     # weights file, crop sizes and iBOT switch with its `model.arch` (ablation mode only)
     tied: dict[str, dict[Any, dict[str, Any]]] = field(default_factory=dict)
     path: str = ""
+    metric_named: bool = False  # the space file names its metric (else: the in-training kNN at eval.k)
+
+    @property
+    def k(self) -> int | None:
+        """The kNN ``k`` of the metric when it is an in-training kNN score (``eval_knn<k>_...``)."""
+        m = re.fullmatch(r"eval_knn(\d+)_\w+", self.metric)
+        return int(m.group(1)) if m else None
+
+    def for_config(self, cfg: RunConfig) -> "SweepSpace":
+        """The space's metric for the trials' config: the kNN at their ``eval.k`` unless the file names another
+        score; a file naming a kNN score at another k than ``eval.k`` is refused (no trial would report it)."""
+        if not self.metric_named:
+            return replace(self, metric=cfg.eval.metric)
+        if self.k is not None and self.k != cfg.eval.k:
+            raise ConfigError(f"{self.path}: metric {self.metric} but the trials run eval.k={cfg.eval.k} (they report "
+                              f"{cfg.eval.metric}); drop the metric line to follow eval.k, or set eval.k={self.k}")
+        return self
 
     def optuna_space(self) -> dict[str, Any]:
         import optuna.distributions as od
@@ -140,7 +158,8 @@ def load_space(name: str | Path) -> SweepSpace:
             load_config(raw["base"], list(raw.get("overrides") or []) + params_to_overrides({axis: value, **values}))
     return SweepSpace(
         base=raw["base"],
-        metric=raw.get("metric", "eval_knn20_balanced_accuracy"),
+        metric=raw.get("metric") or base_cfg.eval.metric,
+        metric_named=bool(raw.get("metric")),
         mode=raw.get("mode", "max"),
         space=space,
         overrides=list(raw.get("overrides") or []),

@@ -15,13 +15,12 @@ from typing import Any
 
 import pandas as pd
 
-from reddino.config import SweepConfig, load_section
+from reddino.config import ConfigError, SweepConfig, load_section
 from reddino.paths import atomic_path, write_text_atomic
 
 from reddino.tune.space import SweepSpace, load_space, params_to_overrides, seeded_arms
 
 CONFIG_FILE = "sweep.yaml"  # the SweepConfig; --resume reads it back
-LEGACY_STATE_FILE = "reddino_sweep.json"  # older sweeps kept the MLflow parent run id here; now a tag finds it
 SWEEP_DIR_TAG = "reddino.sweep_dir"  # on the parent run: how a resume finds it
 
 
@@ -107,7 +106,7 @@ class TrialSettings:
     storage: str
     experiment: str
     parent_run_id: str | None
-    metric: str = "eval_knn20_balanced_accuracy"
+    metric: str
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +133,22 @@ def _trial(config: dict[str, Any], settings: TrialSettings) -> None:
         mlflow_tags={"mlflow.parentRunId": settings.parent_run_id} if settings.parent_run_id else None,
     )
     # The final kNN-1/kNN-20/probe scores reach Tune with the last training report.
+
+
+def trial_backbone(base_cfg, sweep_dir: Path, run_name: str) -> Path:
+    """Where trial ``run_name`` exported its backbone: the trainer's rule (``train.export_path`` when set)."""
+    from reddino.train.checkpoint import export_target
+
+    return export_target(base_cfg.train.export_path, sweep_dir / "trials" / run_name, run_name)
+
+
+def check_export_path(base_cfg, runs: int) -> None:
+    """A fixed ``train.export_path`` would have every trial overwrite one file: it must name ``{run_name}``."""
+    path = base_cfg.train.export_path
+    if path and runs > 1 and "{run_name}" not in path:
+        raise ConfigError(f"train.export_path={path}: every trial of the sweep would write this one file; put "
+                          f"{{run_name}} in it (e.g. {Path(path).parent / '{run_name}.safetensors'}) or leave it "
+                          "unset (each trial's own dir)")
 
 
 def _interrupt_after_trials(n: int):
@@ -196,68 +211,28 @@ def sweep(
     from reddino.runtime import quiet_ray_logs
 
     quiet_ray_logs()  # before `ray.tune` imports Ray Data, which reads its logging config once, at import
-    from ray import tune
+    from reddino.runtime import cpus_with_driver_headroom, default_tracking_uri, init_ray, mlflow_at
 
-    from reddino.runtime import cpus_with_driver_headroom, default_tracking_uri, init_ray
-
-    if resume is not None:
-        sweep_dir = Path(resume).expanduser().resolve()
-        if not (sweep_dir / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{sweep_dir} is not a reddino sweep dir ({CONFIG_FILE} is missing)")
-        cfg = load_section(SweepConfig, sweep_dir / CONFIG_FILE)
-        legacy = sweep_dir / LEGACY_STATE_FILE
-        parent_run_id = json.loads(legacy.read_text()).get("parent_run_id") if legacy.is_file() else None
-    else:
-        updates = {k: ([str(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v)
-                   for k, v in settings.items()}
-        if space is not None:
-            updates["space"] = str(space)
-        cfg = load_section(SweepConfig, None, {**(config or SweepConfig()).model_dump(), **updates})
-        # absolute paths in sweep.yaml: a resume may start from another directory
-        cfg.data = [str(Path(p).expanduser().resolve()) for p in cfg.data] if cfg.data else cfg.data
-        cfg.eval_data = str(Path(cfg.eval_data).expanduser().resolve()) if cfg.eval_data else None
+    cfg = _sweep_config(space, config, resume, settings)
     init_ray(num_cpus=cpus_with_driver_headroom())  # a local Ray; ignored when connecting to a cluster
-    data, eval_data, mode, seed = cfg.data, cfg.eval_data, cfg.mode, cfg.seed
-    space = load_space(cfg.space)
-    extra = list(cfg.overrides)
-    if data:
-        extra.append("data.paths=[" + ",".join(str(Path(p).resolve()) for p in data) + "]")
-    if eval_data:
-        extra.append(f"eval.data={Path(eval_data).resolve()}")
-    extra.append(f"train.seed={seed}")
-    base_cfg = space.base_config(extra)
-    if base_cfg.eval.data is None:
-        raise ValueError("a sweep needs a labelled eval set (--eval-data): trials are ranked on kNN, not on the loss")
-
+    space, base_cfg, extra = _trial_base(cfg)
     if resume is None:
         name = name or f"sweep-{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         from reddino import paths
 
         sweep_dir = (Path(out).expanduser() if out else paths.sweeps_dir()).resolve() / name
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        parent_run_id = None
-    storage = sweep_dir / "trials"
+    else:
+        sweep_dir = Path(resume).expanduser().resolve()
     experiment = f"{base_cfg.mlflow.experiment}-sweeps"
-
-    # MLflow: one parent run for the sweep; each trial's pretraining run is its child.
-    import mlflow
-
-    tracking_uri = base_cfg.mlflow.tracking_uri or default_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
-    if resume is not None and parent_run_id is None and base_cfg.mlflow.enabled:
-        parent_run_id = _find_parent_run(experiment, sweep_dir)
-    if parent_run_id is None and base_cfg.mlflow.enabled:
-        with mlflow.start_run(run_name=sweep_dir.name, tags={SWEEP_DIR_TAG: str(sweep_dir)}) as parent:
-            parent_run_id = parent.info.run_id
-            mlflow.log_params({"space": space.path, "mode": mode, "trials": cfg.trials, "seed": seed,
-                               "concurrency": cfg.concurrency, "metric": space.metric,
-                               **({"seeds": cfg.seeds, "final_eval": cfg.final_eval} if mode == "ablation" else {})})
+    tracking_uri = base_cfg.mlflow.tracking_uri or default_tracking_uri()  # the one MLflow store of the sweep
+    parent_run_id = _parent_run(cfg, space, base_cfg, sweep_dir, experiment, tracking_uri, resumed=resume is not None)
     if report_only:
         trials = sweep_dir / "trials.parquet"
         if not trials.is_file():
             raise FileNotFoundError(f"{trials} is missing: no trial of this sweep has been summarised yet")
-        return _report(pd.read_parquet(trials), space, sweep_dir, mode, parent_run_id, base_cfg, cfg)
+        with mlflow_at(tracking_uri):
+            return _report(pd.read_parquet(trials), space, sweep_dir, cfg.mode, parent_run_id, base_cfg, cfg)
     # The Optuna study lives in an RDB (sqlite in the sweep dir by default): `optuna-dashboard <url>` watches it
     # live, `optuna.load_study(study_name=<sweep name>, storage=<url>)` reads it, and a resume continues it.
     optuna_storage = cfg.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
@@ -267,65 +242,140 @@ def sweep(
         cfg.to_yaml(sweep_dir / CONFIG_FILE)
 
     # Trials run in other processes (maybe other nodes): hand them the resolved tracking URI.
-    extra = extra + [f"mlflow.tracking_uri={tracking_uri}"]
-    settings = TrialSettings(base=str(space.base), overrides=tuple(space.overrides + extra), storage=str(storage),
+    settings = TrialSettings(base=str(space.base), overrides=tuple(space.overrides + extra + [
+                                 f"mlflow.tracking_uri={tracking_uri}"]), storage=str(sweep_dir / "trials"),
                              experiment=experiment, parent_run_id=parent_run_id, metric=space.metric)
-    if mode == "ablation":
+    tuner = _tuner(cfg, space, base_cfg, settings, sweep_dir, optuna_storage, stop_after_trials,
+                   resumed=resume is not None)
+    with mlflow_at(tracking_uri):  # the trials' final reports, read back by _summarise
+        grid = tuner.fit()
+        return _summarise(grid, space, sweep_dir, cfg.mode, parent_run_id, base_cfg, cfg)
+
+
+def _sweep_config(space, config: SweepConfig | None, resume, settings: dict[str, Any]) -> SweepConfig:
+    """The sweep's settings: a resumed sweep's own ``sweep.yaml``, else ``config`` with ``settings`` over it."""
+    if resume is not None:
+        sweep_dir = Path(resume).expanduser().resolve()
+        if not (sweep_dir / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{sweep_dir} is not a reddino sweep dir ({CONFIG_FILE} is missing)")
+        return load_section(SweepConfig, sweep_dir / CONFIG_FILE)
+    updates = {k: ([str(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v)
+               for k, v in settings.items()}
+    if space is not None:
+        updates["space"] = str(space)
+    cfg = load_section(SweepConfig, None, {**(config or SweepConfig()).model_dump(), **updates})
+    # absolute paths in sweep.yaml: a resume may start from another directory
+    cfg.data = [str(Path(p).expanduser().resolve()) for p in cfg.data] if cfg.data else cfg.data
+    cfg.eval_data = str(Path(cfg.eval_data).expanduser().resolve()) if cfg.eval_data else None
+    return cfg
+
+
+def _trial_base(cfg: SweepConfig) -> tuple[SweepSpace, Any, list[str]]:
+    """The space (its metric at the trials' ``eval.k``), the trials' shared run config and its overrides."""
+    space = load_space(cfg.space)
+    extra = list(cfg.overrides)
+    if cfg.data:
+        extra.append("data.paths=[" + ",".join(str(Path(p).resolve()) for p in cfg.data) + "]")
+    if cfg.eval_data:
+        extra.append(f"eval.data={Path(cfg.eval_data).resolve()}")
+    extra.append(f"train.seed={cfg.seed}")
+    base_cfg = space.base_config(extra)
+    space = space.for_config(base_cfg)  # the metric follows eval.k
+    check_export_path(base_cfg, cfg.trials if cfg.mode == "search" else 2)  # an ablation has at least two arms
+    if base_cfg.eval.data is None:
+        raise ValueError("a sweep needs a labelled eval set (--eval-data): trials are ranked on kNN, not on the loss")
+    return space, base_cfg, extra
+
+
+def _parent_run(cfg: SweepConfig, space: SweepSpace, base_cfg, sweep_dir: Path, experiment: str, tracking_uri: str,
+                resumed: bool) -> str | None:
+    """The sweep's MLflow parent run (found again by its tag on a resume); each trial's run is its child."""
+    if not base_cfg.mlflow.enabled:
+        return None
+    import mlflow
+
+    from reddino.runtime import mlflow_at
+
+    with mlflow_at(tracking_uri):
+        mlflow.set_experiment(experiment)
+        parent_run_id = _find_parent_run(experiment, sweep_dir) if resumed else None
+        if parent_run_id is None:
+            with mlflow.start_run(run_name=sweep_dir.name, tags={SWEEP_DIR_TAG: str(sweep_dir)}) as parent:
+                parent_run_id = parent.info.run_id
+                mlflow.log_params({"space": space.path, "mode": cfg.mode, "trials": cfg.trials, "seed": cfg.seed,
+                                   "concurrency": cfg.concurrency, "metric": space.metric,
+                                   **({"seeds": cfg.seeds, "final_eval": cfg.final_eval}
+                                      if cfg.mode == "ablation" else {})})
+    return parent_run_id
+
+
+def _search(cfg: SweepConfig, space: SweepSpace, base_cfg, sweep_dir: Path, optuna_storage: str):
+    """``(param_space, search_alg, scheduler, num_samples, trials)`` of the sweep's mode."""
+    from ray import tune
+
+    if cfg.mode == "ablation":
         # every arm once per seed (its train.seed), seed-major; Tune runs a grid in order and a resume
         # generates only the (arm, seed) trials not yet started
-        variants = seeded_arms(space.ablation_variants(), seed, cfg.seeds)
-        param_space = {"arm": tune.grid_search(variants)}
-        search_alg, scheduler, num_samples = None, None, 1  # equal budget: nobody is stopped early
-    elif mode == "search":
-        import optuna
-        from optuna.samplers import TPESampler
-        from ray.tune.search.optuna import OptunaSearch
+        variants = seeded_arms(space.ablation_variants(), cfg.seed, cfg.seeds)
+        return {"arm": tune.grid_search(variants)}, None, None, 1, len(variants)  # equal budget: no early stop
+    if cfg.mode != "search":
+        raise ValueError(f"unknown sweep mode {cfg.mode!r}; valid: search, ablation")
+    import optuna
+    from optuna.samplers import TPESampler
+    from ray.tune.search.optuna import OptunaSearch
 
-        param_space = {}
-        search_alg = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode,
-                                  sampler=TPESampler(seed=seed), study_name=sweep_dir.name,
-                                  storage=optuna.storages.RDBStorage(optuna_storage))
-        print(f"[reddino] Optuna study '{sweep_dir.name}': optuna-dashboard {optuna_storage}", flush=True)
-        scheduler, num_samples = _scheduler(space, base_cfg), cfg.trials
-    else:
-        raise ValueError(f"unknown sweep mode {mode!r}; valid: search, ablation")
+    search_alg = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode,
+                              sampler=TPESampler(seed=cfg.seed), study_name=sweep_dir.name,
+                              storage=optuna.storages.RDBStorage(optuna_storage))
+    print(f"[reddino] Optuna study '{sweep_dir.name}': optuna-dashboard {optuna_storage}", flush=True)
+    return {}, search_alg, _scheduler(space, base_cfg), cfg.trials, cfg.trials
 
+
+def _quiet_tune() -> None:
+    from reddino.runtime import hide_worker_lines
+
+    # Tune's new output engine prints its experiment box and result paths even at verbose=0; the legacy
+    # one at verbosity 0 prints nothing, and our own trial lines say what a user needs.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # "The `process_trial_result` operation took 0.6 s": Tune timing its own driver, nothing a user can act on.
+    import logging
+
+    logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
+    # The trials' own step and evaluation lines (interleaved, without a trial id) stay in their workers' logs
+    # and MLflow runs; the console gets one line per trial event from _trial_lines.
+    hide_worker_lines("[reddino] step ")
+
+
+def _tuner(cfg: SweepConfig, space: SweepSpace, base_cfg, settings: TrialSettings, sweep_dir: Path,
+           optuna_storage: str, stop_after_trials: int | None, resumed: bool):
+    from ray import tune
+
+    from reddino.runtime import verbose
+
+    param_space, search_alg, scheduler, num_samples, n_trials = _search(cfg, space, base_cfg, sweep_dir,
+                                                                        optuna_storage)
     # Each trial's driver is light; its Train workers and Ray Data tasks ask for their own CPUs.
     trial_cpus = cfg.cpus_per_trial if cfg.cpus_per_trial is not None else 0.01  # Tune needs a non-empty request
     trainable = tune.with_resources(tune.with_parameters(_trial, settings=settings),
                                     {"cpu": trial_cpus, "gpu": cfg.gpus_per_trial})
     interrupt = _interrupt_after_trials(stop_after_trials) if stop_after_trials else None
-    from reddino.runtime import hide_worker_lines, verbose
-
-    lines = _trial_lines(space.metric, space.mode, len(variants) if mode == "ablation" else cfg.trials)
+    lines = _trial_lines(space.metric, space.mode, n_trials)
     if not verbose():
-        # Tune's new output engine prints its experiment box and result paths even at verbose=0; the legacy
-        # one at verbosity 0 prints nothing, and our own trial lines say what a user needs.
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        # "The `process_trial_result` operation took 0.6 s": Tune timing its own driver, nothing a user can act on.
-        import logging
-
-        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
-        # The trials' own step and evaluation lines (interleaved, without a trial id) stay in their workers' logs
-        # and MLflow runs; the console gets one line per trial event from _trial_lines.
-        hide_worker_lines("[reddino] step ")
+        _quiet_tune()
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),
                                 callbacks=[lines] + ([interrupt] if interrupt else []),
                                 verbose=None if verbose() else 0)
-    if resume is not None and tune.Tuner.can_restore(str(sweep_dir / "tune")):
-        tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=param_space)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg,
-                                        scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=cfg.concurrency),
-            run_config=run_config,
-        )
-    grid = tuner.fit()
-    return _summarise(grid, space, sweep_dir, mode, parent_run_id, base_cfg, cfg)
+    if resumed and tune.Tuner.can_restore(str(sweep_dir / "tune")):
+        return tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
+                                  resume_errored=True, param_space=param_space)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg,
+                                    scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=cfg.concurrency),
+        run_config=run_config,
+    )
 
 
 FINAL_EVAL_DIR = "final_eval"  # <sweep dir>/final_eval/<trial run>/results.json + features/ (the feature cache)
@@ -405,7 +455,7 @@ def _summarise(grid, space: SweepSpace, sweep_dir: Path, mode: str, parent_run_i
             if key.startswith("eval_") and key.endswith("balanced_accuracy"):
                 row[key] = value
         run_name = metrics.get("run_name") or ""
-        backbone = sweep_dir / "trials" / run_name / "backbone.safetensors" if run_name else None
+        backbone = trial_backbone(base_cfg, sweep_dir, run_name) if run_name else None
         row["backbone_path"] = str(backbone) if backbone is not None and backbone.exists() else ""
         row["mlflow_run_id"] = metrics.get("mlflow_run_id", "")
         rows.append(row)

@@ -20,7 +20,9 @@ def test_ray_batch_inference_matches_in_process_and_caches(ray_local, tiny_vit, 
     def boom(*a, **k):
         raise AssertionError("the model ran although the features are cached")
 
-    monkeypatch.setattr(C, "run_extraction_ray", boom)
+    import reddino.features.embedding as E
+
+    monkeypatch.setattr(E, "run_ray", boom)
     again = C.compute_features(model, info, synth_cells, img_size=28, cache_dir=tmp_path, use_ray=True)
     assert again.meta["cached"]
     np.testing.assert_array_equal(again.features, ray_fs.features)
@@ -58,7 +60,7 @@ def test_cli_end_to_end(eval_mlflow_uri, synth_cells, tmp_path, monkeypatch):
         assert "confusion_knn20" in kinds and "pca_label" in kinds and "pca_source" in kinds
     hc = results["models"][0]["evals"][0]["result"]["classifiers"]["knn1"]["balanced_accuracy"]["mean"]
     assert hc > 3 / 9  # handcrafted morphology separates the synthetic classes
-    assert len(list(cache.glob("*.npz"))) == 2  # one per model; the class-excluded variant re-used it
+    assert len(list(cache.glob("*/_manifest.json"))) == 2  # one store per model; the class-excluded variant re-used it
 
     # MLflow: one evaluation run per model, with metrics, tags and artifacts
     client = mlflow.tracking.MlflowClient(eval_mlflow_uri)

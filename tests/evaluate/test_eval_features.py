@@ -1,11 +1,13 @@
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
-import reddino.evaluate.compute as C
+import reddino.features.embedding as E
 from reddino.evaluate import extract_features, handcrafted_features, knn_score, resolve_model
 from reddino.evaluate.compute import compute_features
-from reddino.evaluate.extract import resolve_precision
+from reddino.features.extract import resolve_precision
 from reddino.evaluate.featureset import select_rows
 
 
@@ -60,17 +62,17 @@ def test_handcrafted_features_separate_synthetic_classes(synth_table):
 def test_features_are_cached(tiny_vit, synth_cells, tmp_path, monkeypatch):
     model, info = tiny_vit
     calls = []
-    real = C._run_extraction_local
+    real = E.run_local
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(C, "_run_extraction_local", spy)
+    monkeypatch.setattr(E, "run_local", spy)
     fs1 = compute_features(model, info, synth_cells, img_size=28, cache_dir=tmp_path, use_ray=False)
     assert len(calls) == 1 and not fs1.meta["cached"]
-    files = list(tmp_path.glob("*.npz"))
-    assert len(files) == 1 and info["hash"][:12] in files[0].name
+    files = list(tmp_path.glob("*/_manifest.json"))  # one embedding store
+    assert len(files) == 1 and json.loads(files[0].read_text())["job"]["model_hash"] == info["hash"]
     fs2 = compute_features(model, info, synth_cells, img_size=28, cache_dir=tmp_path, use_ray=False)
     assert len(calls) == 1 and fs2.meta["cached"]  # second call did not run the model
     np.testing.assert_array_equal(fs1.features, fs2.features)
@@ -80,7 +82,7 @@ def test_features_are_cached(tiny_vit, synth_cells, tmp_path, monkeypatch):
     assert len(calls) == 1 and 4 not in set(fs3.labels) and len(fs3) == len(fs1) - (fs1.labels == 4).sum()
     # a different pooling or image size is a different entry
     compute_features(model, info, synth_cells, img_size=28, pooling="cls+mean", cache_dir=tmp_path, use_ray=False)
-    assert len(calls) == 2 and len(list(tmp_path.glob("*.npz"))) == 2
+    assert len(calls) == 2 and len(list(tmp_path.glob("*/_manifest.json"))) == 2
     assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp files
 
 
@@ -128,7 +130,7 @@ def test_bf16_features_agree_with_fp32_and_cache_apart(tiny_vit, synth_cells, tm
     fp32 = compute_features(model, info, synth_cells, precision="fp32", **kw)
     bf16 = compute_features(model, info, synth_cells, precision="bf16", **kw)
     assert (fp32.meta["precision"], bf16.meta["precision"]) == ("fp32", "bf16")
-    assert len(list(tmp_path.glob("*.npz"))) == 2  # one cache entry per precision
+    assert len(list(tmp_path.glob("*/_manifest.json"))) == 2  # one store per precision
     assert not np.array_equal(fp32.features, bf16.features)  # autocast really ran in bf16
     a, b = fp32.features, bf16.features
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -99,3 +99,37 @@ def test_embedding_umap_and_pca_fallback(tmp_path):
     assert how == "PCA" and small.shape == (10, 2)
     p = plot_embedding(emb, np.repeat(["a", "b"], 20), "t", tmp_path / "e.png")
     assert p.stat().st_size > 1000
+
+
+def test_a_failed_umap_is_printed_and_recorded_not_silently_pca(monkeypatch, capsys):
+    import reddino.evaluate.report as R
+
+    def broken(x, seed):
+        raise ImportError("numba is broken here")
+
+    monkeypatch.setattr(R, "_umap", broken)
+    x = np.random.default_rng(0).normal(size=(40, 8))
+    notes: list[str] = []
+    emb, how = R.embed_2d(x, "umap", notes=notes)
+    assert how == "PCA" and emb.shape == (40, 2)
+    assert notes and "UMAP failed (ImportError: numba is broken here)" in notes[0]
+    assert "WARNING UMAP failed" in capsys.readouterr().err
+
+
+def test_a_failed_create_experiment_is_an_error_naming_the_store(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from reddino.evaluate.report import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = ensure_experiment("made", uri)
+    assert MlflowClient(uri).get_experiment(exp_id).artifact_location.endswith("mlartifacts")
+    assert ensure_experiment("made", uri) == exp_id
+
+    def refuse(self, name, artifact_location=None, tags=None):
+        raise PermissionError("read-only store")
+
+    monkeypatch.setattr(MlflowClient, "create_experiment", refuse)
+    with pytest.raises(RuntimeError, match=f"MLflow at {uri}: cannot create experiment 'other'"):
+        ensure_experiment("other", uri)
+    assert not (tmp_path / "mlruns").exists()

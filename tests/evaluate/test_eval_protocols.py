@@ -128,3 +128,18 @@ def test_parallel_fold_fits_equal_serial_ones():
     for name in names:
         np.testing.assert_array_equal(serial["classifiers"][name]["_oof"], parallel["classifiers"][name]["_oof"])
         assert serial["classifiers"][name]["balanced_accuracy"] == parallel["classifiers"][name]["balanced_accuracy"]
+
+
+def test_an_empty_cross_source_diagonal_cell_is_reported_with_its_reason(capsys):
+    from reddino.evaluate.report import markdown_report
+
+    fs = _blobs(shift=3.0)
+    one_class_c = ~((fs.sources == "c") & (fs.labels != 0))  # source c keeps one class: no within-source CV
+    res = run_cross_source(fs.subset(one_class_c), ["knn1"], folds=3, seed=0)
+    cr = res["classifiers"]["knn1"]
+    assert cr["matrix"]["balanced_accuracy"][2][2] is None
+    assert "too few samples / classes" in cr["diagonal_missing"]["c"] and set(cr["diagonal_missing"]) == {"c"}
+    assert any("no within-source score for c" in n for n in res["notes"])
+    assert "no within-source score for c" in capsys.readouterr().err
+    md = markdown_report({"settings": {}, "models": [{"ref": "m", "evals": [{"name": "blobs", "result": res}]}]})
+    assert "## Notes" in md and "no within-source score for c" in md

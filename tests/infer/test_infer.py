@@ -18,10 +18,10 @@ from sklearn.metrics import balanced_accuracy_score
 
 from reddino.data import generate_synthetic, load_table, write_dataset
 from reddino.evaluate.compute import compute_features
-from reddino.evaluate.extract import extract_features
-from reddino.evaluate.models import resolve_model
+from reddino.features.extract import extract_features
+from reddino.features.models import resolve_model
 from reddino.infer.classify import classify
-from reddino.infer.embed import EmbedError, embed, read_embeddings
+from reddino.features import EmbedError, embed, read_embeddings
 from reddino.infer.probe import fit_probe, load_probe
 from reddino.model import create_backbone, export_backbone
 from reddino.registry import list_models, register_backbone
@@ -152,6 +152,47 @@ def test_classify_refuses_a_probe_of_another_backbone(world, ray_local, mlflow_u
         classify(f"models:/bby/{v2.version}", str(tmp_path / "p"), world["test"], tmp_path / "cls", progress=False)
     assert not (tmp_path / "cls").exists()
 
+
+
+def test_embed_then_evaluate_and_probe_fit_read_the_store(world, ray_local, tmp_path, monkeypatch):
+    """`reddino embed`, then `reddino evaluate` and `reddino probe fit` on the same model and data: the model runs
+    once; a change of setting (pooling) or a deleted embed folder runs it again."""
+    import reddino.features.embedding as E
+    from typer.testing import CliRunner
+
+    from reddino.cli import app
+
+    monkeypatch.setenv("REDDINO_HOME", str(tmp_path / "home"))  # the default store root and its index
+    bb, emb = str(world["bb1"]), tmp_path / "emb"
+    res = CliRunner().invoke(app, ["embed", "--model", bb, "--data", str(world["train"]), "--out", str(emb)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    table, X, _ = read_embeddings(emb)
+
+    ran = []
+    for name in ("run_local", "run_ray"):
+        real = getattr(E, name)
+        monkeypatch.setattr(E, name, lambda *a, _real=real, **k: (ran.append(1), _real(*a, **k))[1])
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(app, ["evaluate", "--model", bb, "--data", str(world["train"]), "--out", str(out),
+                                   "--folds", "3", "--no-probe", "--no-mlflow", "--embedding", "none", "--no-ray"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    result = json.loads((out / "results.json").read_text())["models"][0]["evals"][0]["result"]
+    assert result["cached_features"] and not ran
+    probe = fit_probe(bb, world["train"], folds=3)
+    assert not ran and probe.meta["data"]["rows"] == 108
+    fs = compute_features(*resolve_model(bb), world["train"], use_ray=False)  # the default root, as the CLI
+    ids = table.column("image_id").to_pylist()
+    np.testing.assert_array_equal(np.stack([dict(zip(fs.image_ids.tolist(), fs.features))[i] for i in ids]), X)
+    assert fs.meta["cached"] and not ran
+
+    compute_features(*resolve_model(bb), world["train"], use_ray=False, pooling="cls+mean")
+    assert len(ran) == 1  # another job: the model ran
+    import shutil
+
+    shutil.rmtree(emb)
+    again = compute_features(*resolve_model(bb), world["train"], use_ray=False)
+    assert len(ran) == 2 and not again.meta["cached"]  # the listed folder is gone: computed, not read from nothing
+    np.testing.assert_allclose(again.features, fs.features, atol=1e-5)
 
 
 def _serve(model_uri: str, tmp_path: Path, tag: str):

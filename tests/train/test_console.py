@@ -64,7 +64,7 @@ def test_embed_and_evaluate_consoles_are_their_own_lines_only(tmp_path):
                   str(tmp_path / "emb"), "--num-cpus", "2"],
         "evaluate": [exe, "evaluate", "-m", str(tmp_path / "bb"), "-d", str(tmp_path / "cells"), "--ray",
                      "--num-cpus", "2", "--folds", "3", "--embedding", "none", "--out", str(tmp_path / "ev"),
-                     "--no-mlflow"],
+                     "--no-mlflow", "--no-cache"],  # --no-cache: the model runs (on Ray), not read from embed's store
     }
     for name, cmd in runs.items():
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -80,12 +80,11 @@ def test_embed_and_evaluate_consoles_are_their_own_lines_only(tmp_path):
             assert "36 embeddings (192-d float32" in out and len(lines) <= 3, out
 
 
-def test_pretrain_on_a_terminal_draws_one_live_bar_instead_of_step_lines(tmp_path):
-    """Under a pseudo-terminal: a rich bar fed by the worker's progress.json, no per-step lines."""
+def _on_a_terminal(cmd: list[str]) -> tuple[int, str]:
+    """Run ``cmd`` under a pseudo-terminal; its exit code and everything it drew."""
     import pty
     import time
 
-    cmd = _pretrain_cmd(tmp_path)
     leader, follower = pty.openpty()
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**_quiet_env(), "COLUMNS": "160", "TERM": "xterm"}, stdin=follower,
                             stdout=follower, stderr=follower, close_fds=True)
@@ -101,11 +100,36 @@ def test_pretrain_on_a_terminal_draws_one_live_bar_instead_of_step_lines(tmp_pat
         chunks.append(data)
     proc.wait(timeout=60)
     os.close(leader)
-    out = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0, out[-3000:]
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_pretrain_on_a_terminal_draws_one_live_bar_instead_of_step_lines(tmp_path):
+    """Under a pseudo-terminal: a rich bar fed by the worker's progress.json, no per-step lines."""
+    returncode, out = _on_a_terminal(_pretrain_cmd(tmp_path))
+    assert returncode == 0, out[-3000:]
     assert "[reddino] step " not in out
     assert "pretrain console" in out and "6/6" in out and "img/s" in out, out[-3000:]
     assert (tmp_path / "runs" / "console" / "progress.json").is_file()
+
+
+@pytest.mark.slow  # a second pretraining on a terminal; the pieces are checked fast in test_eval_k.py
+def test_eval_k_10_reaches_the_live_bar_and_the_learning_curve(tmp_path):
+    """With eval.k=10 the live bar and the learning curve show the kNN-10 the run computes (the bar used to
+    look for a kNN-20 that was never computed, and the curve dropped the kNN panel)."""
+    generate_synthetic(tmp_path / "cells", n_per_class=3, sources=2, unit="cell", seed=1, size=32)
+    returncode, out = _on_a_terminal(_pretrain_cmd(tmp_path) + [
+        f"eval.data={tmp_path / 'cells'}", "eval.k=10", "eval.every=2", "eval.max_images=60"])
+    assert returncode == 0, out[-3000:]
+    bar = [line for line in out.splitlines() if "pretrain console" in line]
+    assert any("kNN-10 " in line for line in bar) and "kNN-20" not in out, out[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    from reddino.train.curves import metric_histories
+
+    run_id = (tmp_path / "runs" / "console" / "mlflow_run_id").read_text().strip()
+    hist = metric_histories(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), run_id, k=10)
+    assert len(hist["eval_knn10_balanced_accuracy"]) == 3  # steps 2, 4, 6: the curve's kNN panel
+    assert (tmp_path / "runs" / "console" / "learning_curve.png").is_file()
 
 
 def test_verbose_flag_turns_on_ray_and_mlflow_output(monkeypatch):

@@ -46,6 +46,7 @@ def _cfg(synth, tmp_path, teacher, steps, workers=2, **extra):
     return load_config("distill_cpu", overrides)
 
 
+@pytest.mark.slow  # two Ray Train fits (kill + resume) and a registration: ~12 min on the loaded 2-core machine
 def test_two_workers_learn_the_teacher_survive_a_kill_and_register_with_lineage(ray_train, synth, tmp_path,
                                                                                 teacher_file, monkeypatch):
     cfg = _cfg(synth, tmp_path, teacher_file, steps=14, **{"eval.data": synth})
@@ -118,3 +119,18 @@ def test_bad_teachers_and_pairs_are_refused_before_training_starts(tmp_path, syn
         distill(_cfg(synth, tmp_path, teacher_file, steps=2, **{"crops.global_crops_size": 60,
                                                                 "distill.teacher_img_size": 56}))
     assert not (tmp_path / "runs").exists()  # nothing started, nothing half-written
+
+
+def test_cli_refuses_a_bad_teacher_with_exit_2_and_takes_a_student_reference(tmp_path, teacher_file):
+    from typer.testing import CliRunner
+
+    from reddino.cli import app
+    from reddino.cli.distill import student_overrides
+
+    res = CliRunner().invoke(app, ["distill", "--teacher", str(tmp_path / "missing.pt"), "--data", str(tmp_path)])
+    assert res.exit_code == 2 and "does not load: FileNotFoundError" in res.output
+    # a student reference warm-starts: its arch, kwargs and weights
+    assert student_overrides(str(teacher_file)) == ["model.arch=vit_mini_patch8_reddino",
+                                                    f"model.pretrained={teacher_file}", "model.timm_kwargs=null",
+                                                    "model.patch_size=8"]
+    assert student_overrides("convnext_atto") == ["model.arch=convnext_atto"]

@@ -92,7 +92,7 @@ def extract_features(
     """Frozen features ``[N, D]`` (float32) of ``model`` for a table / list of images, in input order.
 
     ``model`` is a timm ViT (``forward_features``) or an extractor (``.extract``, e.g. the handcrafted
-    baseline of :func:`~reddino.evaluate.models.resolve_model`). ``img_size`` defaults to the
+    baseline of :func:`~reddino.features.models.resolve_model`). ``img_size`` defaults to the
     model's own input size; ``device`` to where the model's parameters live. The model's train/eval
     mode and device are restored afterwards, so a training loop can call this on its teacher.
     ``precision``: ``fp32``, ``bf16`` (autocast, as DINOv2's evaluations use reduced precision) or

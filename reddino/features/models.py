@@ -2,7 +2,7 @@
 
 A reference is one of:
 
-* ``handcrafted`` - the morphology feature baseline (:mod:`reddino.evaluate.handcrafted`);
+* ``handcrafted`` - the morphology feature baseline (:mod:`reddino.features.handcrafted`);
 * an exported backbone file (``*.safetensors`` / ``*.pt`` with a sidecar json);
 * a run checkpoint dir (any dir holding such an export; ``teacher_*`` files win);
 * an MLflow URI (``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/backbone``, ...): the artifacts
@@ -53,9 +53,17 @@ def _sidecar_info(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def find_backbone_file(directory: str | Path) -> Path:
-    """The exported backbone inside a run checkpoint / artifact dir (searched 3 levels deep)."""
-    directory = Path(directory)
+def find_backbone_file(path: str | Path) -> Path:
+    """The one rule for which file is the backbone, for evaluation, embedding, the registry and sweeps alike.
+
+    A file is itself. In a folder (a run dir, a checkpoint, a downloaded MLflow artifact dir; searched 3 levels
+    deep) the shallowest export wins: a run's own ``backbone.safetensors`` (where the trainer exports it, see
+    :func:`reddino.train.checkpoint.export_target`) before any checkpoint's copy; among checkpoints the latest
+    (``checkpoint_000007`` before ``checkpoint_000003``); then names saying ``backbone`` / ``teacher``, a sidecar
+    json, safetensors."""
+    directory = Path(path)
+    if directory.is_file():
+        return directory
     cands: list[Path] = []
     for depth in ("*", "*/*", "*/*/*"):
         cands += [p for p in directory.glob(depth) if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
@@ -64,19 +72,21 @@ def find_backbone_file(directory: str | Path) -> Path:
 
     def rank(p: Path) -> tuple:
         name = p.name.lower()
+        checkpoint = max((int(d) for part in p.relative_to(directory).parts[:-1]
+                          for d in [part.rsplit("_", 1)[-1]] if d.isdigit()), default=-1)
         return (
-            "teacher" not in name,
-            "backbone" not in name,
+            len(p.relative_to(directory).parts),
+            -checkpoint,
+            "backbone" not in name and "teacher" not in name,
             _sidecar(p) is None,
             p.suffix != ".safetensors",
-            len(p.relative_to(directory).parts),
             str(p),
         )
 
     return sorted(cands, key=rank)[0]
 
 
-file_hash = file_sha256  # a weights file's content hash (the feature cache key): the data layer's file hash
+file_hash = file_sha256  # a weights file's content hash (the embedding store's model key): the data layer's file hash
 
 
 def module_hash(model) -> str:
@@ -94,8 +104,10 @@ def module_hash(model) -> str:
     return h.hexdigest()
 
 
-def _load_backbone_file(path: Path):
-    return load_backbone(path)  # strict: every tensor present, nothing left over
+def load_backbone_file(path: str | Path, device: str = "cpu"):
+    """The one place reddino turns an exported backbone file into a module (strict: every tensor present, nothing
+    left over); evaluation, embedding, the registry's pyfunc and ``reddino.load_backbone`` all come through here."""
+    return load_backbone(Path(path), device=device)
 
 
 def _backbone_info(model, path: Path | None = None) -> dict[str, Any]:
@@ -106,19 +118,26 @@ def _backbone_info(model, path: Path | None = None) -> dict[str, Any]:
     return info
 
 
-def _mlflow_links(ref: str) -> dict[str, Any]:
-    """``model_name`` / ``model_version`` / ``model_run_id`` of an MLflow ref, when knowable (best effort: the
-    weights are already loaded, this only links the evaluation to the registry)."""
+def _mlflow_links(ref: str, uri: str) -> dict[str, Any]:
+    """``model_name`` / ``model_version`` / ``model_run_id`` of an MLflow ref, linking the features to the
+    registry entry the weights came from (read from the same store the weights were downloaded from)."""
     if ref.startswith("runs:/"):
         return {"model_run_id": ref[len("runs:/") :].split("/", 1)[0]}
     if not ref.startswith("models:/"):
         return {}
-    from reddino.registry.core import model_version  # noqa: PLC0415 - mlflow only for registry refs
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
-    try:
-        mv = model_version(ref)
-    except Exception:  # noqa: BLE001
-        return {}
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    body = ref[len("models:/") :]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias.split("/")[0])
+    else:
+        name, _, version = body.partition("/")
+        version = version.split("/")[0]
+        if not version.isdigit():
+            return {"model_name": name}  # a stage or "latest": the downloaded weights' hash identifies them
+        mv = client.get_model_version(name, version)
     return {"model_name": mv.name, "model_version": str(mv.version), **({"model_run_id": mv.run_id} if mv.run_id else {})}
 
 
@@ -139,13 +158,16 @@ def _random_model(arch: str, img_size: int | None, seed: int):
     return model.eval()
 
 
-def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache_dir: str | Path | None = None):
+def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache_dir: str | Path | None = None,
+                  tracking_uri: str | None = None):
     """Resolve a model reference to ``(module | extractor, info)`` (the extractor: handcrafted features).
 
     ``info`` always has ``ref``, ``kind`` (handcrafted/file/checkpoint/mlflow/random/module), ``hash``
     (content hash for the feature cache) and ``img_size``; ViTs add ``arch``, ``embed_dim``,
     ``patch_size``; MLflow refs add ``model_run_id`` / ``model_version`` when known.
     ``img_size`` overrides the model's own input size (random init builds the model at that size).
+    ``tracking_uri``: the MLflow store of ``models:/`` / ``runs:/`` refs (default
+    :func:`reddino.runtime.default_tracking_uri`); used as given, nothing global is set.
     """
     import torch  # noqa: PLC0415
 
@@ -169,27 +191,23 @@ def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache
         }
 
     if ref.startswith(_MLFLOW_SCHEMES):
-        import mlflow  # noqa: PLC0415
         import mlflow.artifacts  # noqa: PLC0415
 
         from reddino import paths  # noqa: PLC0415
-        from reddino.runtime import default_tracking_uri  # noqa: PLC0415
+        from reddino.runtime import default_tracking_uri, mlflow_at  # noqa: PLC0415
 
-        # The same store `reddino models register` wrote to ($MLFLOW_TRACKING_URI, else $REDDINO_HOME/mlflow.db).
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one model file: no bar
-        uri = default_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-
+        uri = tracking_uri or default_tracking_uri()
         dst = Path(cache_dir) if cache_dir else paths.model_cache()
-        dst = dst / hashlib.sha256(ref.encode()).hexdigest()[:16]
+        dst = dst / hashlib.sha256(f"{uri}|{ref}".encode()).hexdigest()[:16]
         dst.mkdir(parents=True, exist_ok=True)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst)))
+        with mlflow_at(uri):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst), tracking_uri=uri))
         path = local if local.is_file() else find_backbone_file(local)
-        model = _load_backbone_file(path).eval()
+        model = load_backbone_file(path).eval()
         info = _backbone_info(model, path)
         info.update(ref=ref, kind="mlflow", path=str(path), hash=file_hash(path))
-        info.update(_mlflow_links(ref))
+        info.update(_mlflow_links(ref, uri))
         if img_size:
             info["img_size"] = int(img_size)
         return model, info
@@ -199,7 +217,7 @@ def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache
         kind = "file"
         if path.is_dir():
             path, kind = find_backbone_file(path), "checkpoint"
-        model = _load_backbone_file(path).eval()
+        model = load_backbone_file(path).eval()
         info = _backbone_info(model, path)
         info.update(ref=ref, kind=kind, path=str(path), hash=file_hash(path))
         for key in ("model_run_id", "mlflow_run_id", "run_id"):
@@ -218,3 +236,18 @@ def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache
         info["img_size"] = int(img_size)
     info["hash"] = hashlib.sha256(f"random:{arch}:{info['img_size']}:{seed}:{module_hash(model)}".encode()).hexdigest()
     return model, info
+
+
+def resolve(ref: Any, img_size: int | None = None, *, tracking_uri: str | None = None, seed: int = 0):
+    """:func:`resolve_model` with one clear :class:`~reddino.features.store.EmbedError` for a reference that does not
+    exist (a missing file, an unknown arch, a registry name / alias / run MLflow does not know)."""
+    from .store import EmbedError  # noqa: PLC0415
+
+    try:
+        return resolve_model(ref, img_size=img_size, tracking_uri=tracking_uri, seed=seed)
+    except (FileNotFoundError, ValueError) as exc:
+        raise EmbedError(f"model {ref!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own type for a missing name / alias / run
+        if type(exc).__name__ in ("MlflowException", "RestException"):
+            raise EmbedError(f"model {ref!r}: {str(exc).splitlines()[0]}") from None
+        raise
