@@ -66,7 +66,7 @@ def test_ingest_detect_pretrain_classify_detect_end_to_end(ray_train, tmp_path, 
     by_smear = pd.read_csv(out / "summary_by_smear.csv")
     assert sorted(by_smear["group"]) == sorted(n_true)
     fr = by_smear[[c for c in by_smear.columns if c.startswith("frac_")]].sum(axis=1)
-    assert np.allclose(fr, 1.0)
+    assert np.allclose(fr, 1.0, atol=1e-3)  # the CSV keeps 4 decimals
     assert len(res.files["overlays"]) == 3 and all(Path(f).is_file() for f in res.files["overlays"])
     html = Path(res.files["report"]).read_text()
     assert html.count("<img src='overlays/") == 3 and "morphology.png" in html
