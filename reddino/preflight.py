@@ -6,17 +6,14 @@ The drivers call these with one line each: ``check_run(cfg)`` before `pretrain` 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from reddino.errors import PreflightError, ServiceUnreachable
+from reddino.errors import PreflightError
+from reddino.runtime import bound_mlflow_retries, check_tracking  # noqa: F401 - the drivers' one import
 
 if TYPE_CHECKING:
     from reddino.config import RunConfig
-
-PROBE_TIMEOUT_S = 5.0
-
 
 def _remote(path: str) -> bool:
     return "://" in str(path)
@@ -77,41 +74,6 @@ def check_eval_data(path: str | None, role: str = "eval.data", exclude: Iterable
 def check_file(path: str | None, role: str) -> None:
     if path and not _remote(path) and not Path(path).expanduser().exists():
         raise PreflightError(f"{role}: {path} does not exist")
-
-
-def check_tracking(uri: str | None) -> None:
-    """An http(s) MLflow tracking server answers within a few seconds, else one error naming it and the cause
-    (MLflow's own client would retry for minutes first). Other stores (sqlite, files) are not probed."""
-    if not uri or not uri.startswith(("http://", "https://")):
-        return
-    import requests
-
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S)
-    except requests.RequestException as exc:
-        raise ServiceUnreachable(f"MLflow tracking server {uri} is unreachable: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    """The innermost cause of a requests/urllib3 error, e.g. '[Errno 111] Connection refused'."""
-    seen = exc
-    while True:
-        nxt = getattr(seen, "reason", None) or seen.__cause__ or seen.__context__
-        if nxt is None or nxt is seen or not isinstance(nxt, BaseException):
-            break
-        seen = nxt
-    text = str(seen)
-    if ": " in text and text.startswith("<"):  # urllib3's "<HTTPConnection object at 0x..>: Failed to ..."
-        text = text.split(": ", 1)[1]
-    return f"{type(seen).__name__}: {text}" if text else type(seen).__name__
-
-
-def bound_mlflow_retries() -> None:
-    """MLflow's HTTP client retries an unreachable server for minutes by default; a command gives up after a
-    few seconds (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT`` set by the user win)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 def check_run(cfg: "RunConfig", tracking_uri: str | None = None, units: Iterable[str | None] | None = None) -> None:

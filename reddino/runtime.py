@@ -74,6 +74,46 @@ def mlflow_at(uri: str):
         trk._tracking_uri, reg._registry_uri = before
 
 
+PROBE_TIMEOUT_S = 5.0  # an http(s) MLflow server must answer within this
+
+
+def check_tracking(uri: str | None) -> None:
+    """An http(s) MLflow tracking server answers within a few seconds, else one error naming it and the cause
+    (MLflow's own client would retry for minutes first). Other stores (sqlite, files) are not probed."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    from reddino.errors import ServiceUnreachable
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise ServiceUnreachable(f"MLflow tracking server {uri} is unreachable: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a requests/urllib3 error, e.g. '[Errno 111] Connection refused'."""
+    seen = exc
+    while True:
+        nxt = getattr(seen, "reason", None) or seen.__cause__ or seen.__context__
+        if nxt is None or nxt is seen or not isinstance(nxt, BaseException):
+            break
+        seen = nxt
+    text = str(seen)
+    if ": " in text and text.startswith("<"):  # urllib3's "<HTTPConnection object at 0x..>: Failed to ..."
+        text = text.split(": ", 1)[1]
+    return f"{type(seen).__name__}: {text}" if text else type(seen).__name__
+
+
+def bound_mlflow_retries() -> None:
+    """MLflow's HTTP client retries an unreachable server for minutes by default; a command gives up after a
+    few seconds (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT`` set by the user win)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for a loopback listener: dashboard, MLflow server)."""
     import socket

@@ -194,7 +194,7 @@ def resolve_model(ref: Any, *, img_size: int | None = None, seed: int = 0, cache
         import mlflow.artifacts  # noqa: PLC0415
 
         from reddino import paths  # noqa: PLC0415
-        from reddino.preflight import check_tracking  # noqa: PLC0415
+        from reddino.runtime import check_tracking  # noqa: PLC0415
         from reddino.runtime import default_tracking_uri, mlflow_at  # noqa: PLC0415
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one model file: no bar

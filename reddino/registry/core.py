@@ -37,7 +37,7 @@ def _client(announce: bool = True) -> MlflowClient:
     writes its own), after checking that a server answers within seconds (one error naming it otherwise)."""
     import sys
 
-    from reddino.preflight import bound_mlflow_retries, check_tracking
+    from reddino.runtime import bound_mlflow_retries, check_tracking
 
     from reddino.runtime import verbose
 
