@@ -106,5 +106,5 @@ def test_cli_cross_source_and_errors(eval_mlflow_uri, synth_cells, tmp_path, mon
 
     bad = CliRunner().invoke(app, ["evaluate", "--model", "no_such_arch_xyz", "--data", str(synth_cells),
                                    "--no-mlflow", "--no-ray", "--out", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "unknown" in bad.output
+    assert bad.exit_code == 2 and "no_such_arch_xyz: not a file" in bad.output
     assert list((out / "figures").glob("*xsource_knn1.png"))

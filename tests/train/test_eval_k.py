@@ -24,13 +24,13 @@ def test_knn_eval_line_names_the_configured_k(tmp_path, capsys):
     from reddino.train.hooks import KnnEval
 
     generate_synthetic(tmp_path / "cells", n_per_class=4, sources=2, unit="cell", seed=0, size=32)
-    cfg = load_config("tiny_cpu", ["eval.k=10", f"eval.data={tmp_path / 'cells'}", "model.img_size=28",
+    cfg = load_config("tiny_cpu", ["eval.k=10", f"eval.data={tmp_path / 'cells'}", "model.img_size=32",
                                    "eval.max_images=200"])
 
     class Model(torch.nn.Module):  # the SSL wrapper's shape: a teacher dict holding the backbone
         def __init__(self):
             super().__init__()
-            self.teacher = torch.nn.ModuleDict({"backbone": create_backbone("vit_tiny_patch14_reddino", img_size=28)})
+            self.teacher = torch.nn.ModuleDict({"backbone": create_backbone("vit_mini_patch8_reddino", img_size=32)})
 
     out = KnnEval(cfg, "cpu")(Model(), step=4, is_last=False)
     assert cfg.eval.metric == "eval_knn10_balanced_accuracy" in out
