@@ -135,10 +135,14 @@ def load_space(name: str | Path) -> SweepSpace:
             raise ConfigError(f"{path}: space.{key} must be one of {{{', '.join(k + ': ...' for k in _KINDS)}}}")
         if key not in flat:
             raise ConfigError(f"{path}: space.{key} is not a config key")
-        # Validate every categorical value once, so a typo fails before any trial starts.
+        # Validate every categorical value once (with what is tied to it), so a typo fails before any trial starts.
         kind, arg = next(iter(spec.items()))
         for value in arg if kind == "choice" else arg[:1]:
-            load_config(raw["base"], list(raw.get("overrides") or []) + [f"{key}={yaml.safe_dump(value).strip().removesuffix('...').strip()}"])
+            tied_to = ((raw.get("tied") or {}).get(key) or {}).get(value) or {}
+            pairs = [(key, value), *tied_to.items()] if isinstance(tied_to, dict) else [(key, value)]
+            load_config(raw["base"], list(raw.get("overrides") or [])
+                        + [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                           for k, v in pairs])
     claims = dict(raw.get("claims") or {})
     for key, spec in claims.items():
         if key not in space:
