@@ -213,21 +213,10 @@ def _looks_like_safetensors(p: Path) -> bool:
 
 
 def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
-    """Descend into ``{"model": ...}`` / ``{"state_dict": ...}`` / ``{"teacher": ...}`` wrappers."""
-    for _ in range(4):
-        if not isinstance(obj, dict):
-            break
-        if any(isinstance(v, torch.Tensor) and k.endswith("pos_embed") for k, v in obj.items()):
-            break
-        for key in ("teacher", "model", "state_dict", "module", "student"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-        else:
-            break
-    if not isinstance(obj, dict):
-        raise ValueError("checkpoint is not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    """Descend into ``{"model": ...}`` / ``{"state_dict": ...}`` / ``{"teacher": ...}`` wrappers to a ViT's tensors."""
+    from reddino.model.convert import unwrap_state
+
+    return unwrap_state(obj, lambda k, v: isinstance(v, torch.Tensor) and k.endswith("pos_embed"))
 
 
 def _backbone_prefix(keys: list[str]) -> str:

@@ -32,11 +32,13 @@ _MARKERS = ("storage_tokens", "rope_embed.periods", "downsample_layers.0.0.weigh
 _ANCHORS = ("patch_embed.proj.weight", "downsample_layers.0.0.weight", "stem.0.weight")
 
 
-def _tensors(obj: Any) -> dict[str, torch.Tensor]:
+def unwrap_state(obj: Any, found=lambda k, v: isinstance(v, torch.Tensor)) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, descending into ``{"teacher"|"model"|"state_dict"|"module"|"student": ...}``
+    wrappers until an entry satisfies ``found(key, value)``."""
     for _ in range(4):
         if not isinstance(obj, dict):
             break
-        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+        if any(found(k, v) for k, v in obj.items()):
             break
         for key in ("teacher", "model", "state_dict", "module", "student"):
             if isinstance(obj.get(key), dict):
@@ -51,7 +53,7 @@ def _tensors(obj: Any) -> dict[str, torch.Tensor]:
 
 def backbone_part(state: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(the backbone's tensors with their prefix removed, all tensors). The teacher's backbone is preferred."""
-    full = _tensors(state)
+    full = unwrap_state(state)
     prefixes = [k[: -len(a)] for k in full for a in _ANCHORS  # never a Gram run's (older) Gram teacher
                 if k.endswith(a) and "ibot" not in k and not k.startswith("gram_teacher.")]
     if not prefixes:
