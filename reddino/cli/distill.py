@@ -67,14 +67,9 @@ def distill(
     except DistillInputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
-    typer.echo(f"run: {result.run_name}  dir: {result.run_dir}")
-    if result.backbone_path:
-        typer.echo(f"student backbone: {result.backbone_path}")
-    if result.mlflow_run_id:
-        typer.echo(f"mlflow run: {result.mlflow_run_id}")
-    if result.stopped:
-        typer.echo(f"STOPPED: {result.stopped}", err=True)
-        raise typer.Exit(code=3)
+    from reddino.cli.train import report_run  # noqa: PLC0415
+
+    report_run(result, "student backbone")
 
 
 def register(app: typer.Typer) -> None:

@@ -25,9 +25,14 @@ def pretrain(
     if resume and not run_name:
         raise typer.BadParameter("--resume needs --run-name")
     result = run_pretrain(cfg, run_name=run_name, resume=resume)
+    report_run(result, "teacher backbone")
+
+
+def report_run(result, backbone_label: str) -> None:
+    """The end of a training command: run, exported backbone, MLflow run; a stopped run exits 3."""
     typer.echo(f"run: {result.run_name}  dir: {result.run_dir}")
     if result.backbone_path:
-        typer.echo(f"teacher backbone: {result.backbone_path}")
+        typer.echo(f"{backbone_label}: {result.backbone_path}")
     if result.mlflow_run_id:
         typer.echo(f"mlflow run: {result.mlflow_run_id}")
     if result.stopped:
