@@ -35,9 +35,8 @@ from reddino.paths import fsync_dir, swap_dir_into_place
 from reddino.data.schema import RBC_SCHEMA, SCHEMA_VERSION, UNITS, SchemaError, rows_to_table, sha256_hex, validate_table
 
 # A leading "_" makes Parquet readers (pandas, pyarrow.dataset, polars, duckdb, Spark) skip the manifest, so a
-# dataset dir opens as plain Parquet. Datasets written before the rename keep their "manifest.json".
+# dataset dir opens as plain Parquet.
 MANIFEST_NAME = "_manifest.json"
-LEGACY_MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.parquet"
 MANIFEST_FORMAT = "reddino-rbc-parquet"
 DEFAULT_MAX_ROWS_PER_SHARD = 10_000
@@ -55,7 +54,7 @@ class ManifestError(ValueError):
 
 
 class Manifest(dict):
-    """The parsed ``manifest.json`` (a plain dict) plus the directory it lives in."""
+    """The parsed ``_manifest.json`` (a plain dict) plus the directory it lives in."""
 
     def __init__(self, data: Mapping[str, Any], path: str | os.PathLike | None = None):
         super().__init__(data)
@@ -199,11 +198,8 @@ def _is_empty_dir(path: Path) -> bool:
 
 
 def manifest_path(dataset_dir: str | os.PathLike) -> Path:
-    """Where ``dataset_dir``'s manifest is: ``_manifest.json``, or the legacy ``manifest.json`` when only that
-    exists (the new name when neither does)."""
-    d = Path(dataset_dir)
-    new, old = d / MANIFEST_NAME, d / LEGACY_MANIFEST_NAME
-    return old if (not new.exists() and old.exists()) else new
+    """Where ``dataset_dir``'s manifest is (``_manifest.json``)."""
+    return Path(dataset_dir) / MANIFEST_NAME
 
 
 def check_output_dir(out_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
@@ -355,13 +351,13 @@ def _shards_intact(out: Path, old: Mapping[str, Any]) -> bool:
 
 
 def read_manifest(path: str | os.PathLike, *, verify: bool = False) -> Manifest:
-    """Read ``DIR/_manifest.json`` (or a legacy ``DIR/manifest.json``) (``path`` may be the dir or the manifest file itself).
+    """Read ``DIR/_manifest.json`` (``path`` may be the dir or the manifest file itself).
 
     Raises :class:`ManifestError` naming the dir when it is missing, unreadable or has another
     schema version. With ``verify`` the shards are checked too (:func:`verify_dataset`, without decoding).
     """
     p = Path(path)
-    mpath = p if p.name in (MANIFEST_NAME, LEGACY_MANIFEST_NAME) else manifest_path(p)
+    mpath = p if p.name == MANIFEST_NAME else manifest_path(p)
     d = mpath.parent
     if not d.exists():
         raise ManifestError(f"dataset dir {d} does not exist")
@@ -437,7 +433,6 @@ __all__ = [
     "ManifestError",
     "DatasetExistsError",
     "MANIFEST_NAME",
-    "LEGACY_MANIFEST_NAME",
     "manifest_path",
     "write_dataset",
     "read_manifest",

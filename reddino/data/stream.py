@@ -175,7 +175,7 @@ def read_rbc_dataset(
 ):
     """A :class:`ray.data.Dataset` over one or more reddino dataset dirs (rows in RBC_SCHEMA).
 
-    Each dir must hold a ``_manifest.json`` (or legacy ``manifest.json``) of this schema version (else :class:`ManifestError`
+    Each dir must hold a ``_manifest.json`` of this schema version (else :class:`ManifestError`
     naming the dir); only the shards listed there are read. Filters and source weighting are
     described in the module doc; ``columns`` projects the output; ``shuffle_seed`` adds a seeded
     ``random_shuffle`` (a full shuffle; skip it for streaming-only use and shuffle locally instead);

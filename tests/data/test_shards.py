@@ -182,7 +182,7 @@ def test_read_manifest_errors(tmp_path):
         load_table(tmp_path / "ds")
 
 
-def test_dataset_dir_opens_in_other_parquet_readers_and_legacy_manifest_still_reads(tmp_path):
+def test_dataset_dir_opens_in_other_parquet_readers(tmp_path):
     import pandas as pd
     import pyarrow.dataset as pads
 
@@ -193,11 +193,8 @@ def test_dataset_dir_opens_in_other_parquet_readers_and_legacy_manifest_still_re
     df = pd.read_parquet(tmp_path / "ds")
     assert len(df) == 5 and {"image", "sha256", "source"} <= set(df.columns)
     assert pads.dataset(tmp_path / "ds", format="parquet").count_rows() == 5
-    # A dataset written before the rename (manifest.json) is still a reddino dataset.
-    (tmp_path / "ds" / "_manifest.json").rename(tmp_path / "ds" / "manifest.json")
     assert read_manifest(tmp_path / "ds").content_hash == m.content_hash
     assert load_table([tmp_path / "ds"]).num_rows == 5
-    assert write_dataset(_rows(5), tmp_path / "ds").content_hash == m.content_hash  # a re-run accepts it
 
 
 def test_verify_finds_what_the_manifest_alone_does_not(tmp_path):
