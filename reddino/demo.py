@@ -63,8 +63,8 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
     t0 = time.perf_counter()
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # The demo's own store unless the user chose one; handed to every step explicitly.
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # every component (and Ray workers) uses it
     result = DemoResult(out=out, tracking_uri=tracking_uri)
     n = 6 if with_sweep else 5
 
@@ -118,10 +118,10 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
     headline = {k: v for k, v in result.table[0].items() if isinstance(v, (int, float))}
     baseline = {k: v for k, v in result.table[1].items() if isinstance(v, (int, float))}  # random init, same arch
     version = register_backbone(str(trained.run_dir), name="reddino-demo-backbone", metrics=headline,
-                                baselines=baseline)
+                                baselines=baseline, tracking_uri=tracking_uri)
     result.model_version = str(version.version)
     metric = next((k for k in headline if "knn20" in k and "balanced" in k), next(iter(headline), "knn20_balanced_accuracy"))
-    moved, reason = promote("reddino-demo-backbone", metric=metric)
+    moved, reason = promote("reddino-demo-backbone", metric=metric, tracking_uri=tracking_uri)
     result.promoted = reason
 
     if with_sweep:

@@ -1,5 +1,8 @@
 import os
+import tempfile
 
+# Tests never write into the user's ~/.reddino (runs, the shared embedding store, the default registry).
+os.environ.setdefault("REDDINO_HOME", tempfile.mkdtemp(prefix="reddino-tests-home-"))
 # Before anything imports ray: keep every listener on loopback, no telemetry.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

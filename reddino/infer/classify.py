@@ -1,6 +1,7 @@
 """`reddino classify`: morphology predictions per cell and the per-smear / per-source fractions a reader wants.
 
-Embeds the dataset once (``out/embeddings``, resumable, see :mod:`reddino.features.embedding`), applies the probe, and
+Embeds the dataset once (in the shared embedding store, where a store ``reddino embed`` made is read instead; see
+:mod:`reddino.features.embedding`), applies the probe, and
 writes ``predictions.parquet`` / ``.csv`` (class id, class name, one probability column per class),
 ``summary_by_smear.csv``, ``summary_by_source.csv``, ``summary.md`` and ``morphology.png``; with labelled rows
 also ``metrics.json`` (balanced accuracy etc. of the probe on them). A probe fitted on another backbone is refused.
@@ -18,7 +19,7 @@ import pandas as pd
 
 from reddino.paths import atomic_path, save_figure
 
-from reddino.features.embedding import embed
+from reddino.features.embedding import DEFAULT_ROOT, embed
 from reddino.features.models import resolve
 from reddino.features.store import EmbedError, read_embeddings
 
@@ -119,6 +120,7 @@ def classify(
     num_cpus: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    cache_dir: str | Path = DEFAULT_ROOT,
 ) -> ClassifyResult:
     from reddino.evaluate.metrics import compute_metrics  # noqa: PLC0415
 
@@ -126,9 +128,11 @@ def classify(
     p = load_probe(probe)
     net, info = resolve(model, p.meta.get("img_size"))
     check_backbone(p, info, model, str(probe))
-    emb = embed((net, info), data, out / "embeddings", pooling=p.meta["pooling"], batch_size=batch_size,
-                concurrency=concurrency, precision=p.meta.get("precision", "fp32"), num_cpus=num_cpus,
-                overwrite=overwrite, progress=progress)
+    # The shared embedding store: a store `reddino embed` (or evaluate / probe fit) made of this model and data is
+    # read, not recomputed; a new one is listed there for the next consumer.
+    emb = embed((net, info), data, pooling=p.meta["pooling"], batch_size=batch_size, concurrency=concurrency,
+                precision=p.meta.get("precision", "fp32"), num_cpus=num_cpus, overwrite=overwrite,
+                progress=progress, root=cache_dir)
     table, X, manifest = read_embeddings(emb.out)
     if X.shape[1] != int(p.meta["feature_dim"]):
         raise EmbedError(f"{emb.out}: {X.shape[1]}-d embeddings, the probe takes {p.meta['feature_dim']}-d")
@@ -146,6 +150,7 @@ def classify(
     files = {k: str(out / v) for k, v in {
         "parquet": "predictions.parquet", "csv": "predictions.csv", "by_smear": "summary_by_smear.csv",
         "by_source": "summary_by_source.csv", "markdown": "summary.md", "plot": "morphology.png"}.items()}
+    files["embeddings"] = str(emb.out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic(Path(files["parquet"]), lambda t: pred.to_parquet(t, index=False))
     _atomic(Path(files["csv"]), lambda t: pred.to_csv(t, index=False))

@@ -256,21 +256,11 @@ def convert_state_dict(state: dict[str, Any], model: VisionTransformer) -> tuple
             log.info("ignoring classifier weight %s", k)
             out.pop(k)
 
-    w = out.get("patch_embed.proj.weight")
-    own_kernel = tuple(model.patch_embed.proj.weight.shape[-2:])
-    if w is not None and tuple(w.shape[-2:]) != own_kernel:
-        raise ValueError(
-            f"patch embedding is {w.shape[-2]}x{w.shape[-1]} but the model's patch is {own_kernel[0]}x{own_kernel[1]}: "
-            f"these weights need model.patch_size={w.shape[-1]} (or an arch with that patch); "
-            "reddino does not resample patch kernels silently"
-        )
+    from reddino.model.convert import check_tokens
+
+    check_tokens(out, model, "register tokens", hint="use a *_reg4_* arch for weights with registers and a plain "
+                 "arch for weights without registers")
     has_reg = "reg_token" in out
-    if has_reg != bool(getattr(model, "num_reg_tokens", 0)):
-        n = out["reg_token"].shape[1] if has_reg else 0
-        raise ValueError(
-            f"the checkpoint has {n} register tokens but the model has {getattr(model, 'num_reg_tokens', 0)}: "
-            "use a *_reg4_* arch for weights with registers and a plain arch for weights without registers"
-        )
     pe = out.get("pos_embed")
     if pe is not None and model.pos_embed is not None:
         n_prefix = 0 if model.no_embed_class else model.num_prefix_tokens

@@ -99,18 +99,21 @@ def check_layout(state: Any, model: nn.Module) -> None:
         )
 
 
-def _check_tokens(out: dict[str, torch.Tensor], model: nn.Module, what: str) -> None:
+def check_tokens(out: dict[str, torch.Tensor], model: nn.Module, what: str, hint: str = "") -> None:
+    """The file's patch kernel and number of register / storage tokens are the model's (never resampled)."""
     w = out.get("patch_embed.proj.weight")
     own = tuple(model.patch_embed.proj.weight.shape[-2:])
     if w is not None and tuple(w.shape[-2:]) != own:
         raise ValueError(
-            f"patch embedding is {w.shape[-2]}x{w.shape[-1]} but the model's patch is {own[0]}x{own[1]}: "
-            f"these weights need model.patch_size={w.shape[-1]}; reddino does not resample patch kernels silently"
+            f"patch embedding is {w.shape[-2]}x{w.shape[-1]} but the model's patch is {own[0]}x{own[1]}: these "
+            f"weights need model.patch_size={w.shape[-1]} (or an arch with that patch); reddino does not resample "
+            "patch kernels silently"
         )
     n_file = int(out["reg_token"].shape[1]) if "reg_token" in out else 0
     n_model = int(model.reg_token.shape[1]) if getattr(model, "reg_token", None) is not None else 0
     if n_file != n_model:
-        raise ValueError(f"the checkpoint has {n_file} {what} but the model has {n_model}")
+        raise ValueError(f"the checkpoint has {n_file} {what} but the model has {n_model}"
+                         + (f": {hint}" if hint else ""))
 
 
 def _dinov3_vit(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
@@ -142,7 +145,7 @@ def _dinov3_vit(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str
         k = re.sub(r"\.ls1\.gamma$", ".gamma_1", k)
         k = re.sub(r"\.ls2\.gamma$", ".gamma_2", k)
         out[k] = v
-    _check_tokens(out, model, "storage tokens")
+    check_tokens(out, model, "storage tokens")
     return out, mask_token
 
 
@@ -178,7 +181,7 @@ def convert_state_dict(state: Any, model: nn.Module) -> tuple[dict[str, torch.Te
         out = dict(sd)
         mask_token = out.pop("mask_token", None)
         if fam == "eva":
-            _check_tokens(out, model, "register tokens")
+            check_tokens(out, model, "register tokens")
     if mask_token is None:  # a reddino training checkpoint keeps it beside the backbones
         mask_token = full.get("mask_token")
     own = model.state_dict()

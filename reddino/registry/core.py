@@ -32,7 +32,7 @@ def registry_uri() -> str:
     return default_tracking_uri()
 
 
-def _client(announce: bool = True) -> MlflowClient:
+def _client(tracking_uri: str | None = None, announce: bool = True) -> MlflowClient:
     """A client of the registry store, said once on stderr (which store a command read is not obvious: the demo
     writes its own), after checking that a server answers within seconds (one error naming it otherwise)."""
     import sys
@@ -41,7 +41,7 @@ def _client(announce: bool = True) -> MlflowClient:
 
     from reddino.runtime import verbose
 
-    uri = registry_uri()
+    uri = tracking_uri or registry_uri()
     if not verbose():  # "Creating initial MLflow database tables...": not for our users
         import logging
 
@@ -63,11 +63,10 @@ def _not_found(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
-def _missing(ref: str, exc: BaseException) -> PreflightError:
+def _missing(ref: str, exc: BaseException, client: MlflowClient) -> PreflightError:
     """One line for a model, version or alias the registry does not hold, with what it does hold."""
     body = _parse_ref(ref)[len("models:/"):]
     name = body.split("@")[0].split("/")[0]
-    client = MlflowClient(tracking_uri=registry_uri(), registry_uri=registry_uri())
     try:
         rm = client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - the model itself is missing: list what is there
@@ -75,7 +74,7 @@ def _missing(ref: str, exc: BaseException) -> PreflightError:
             names = sorted(m.name for m in client.search_registered_models())
         except Exception:  # noqa: BLE001
             names = []
-        return PreflightError(f"{ref}: no registered model named {name!r} in {registry_uri()} (registered: "
+        return PreflightError(f"{ref}: no registered model named {name!r} in {client.tracking_uri} (registered: "
                               f"{', '.join(names) or 'none'}; `reddino models list`)")
     aliases = ", ".join(f"@{a} (v{v})" for a, v in sorted((rm.aliases or {}).items())) or "no aliases"
     return PreflightError(f"{ref}: {exc.message if hasattr(exc, 'message') else exc} ({name} has {aliases}; "
@@ -146,7 +145,7 @@ def _find_export(path: Path) -> Path:
     return find_backbone_file(path)
 
 
-def _resolve_run(run: str) -> tuple[Path, str | None]:
+def _resolve_run(run: str, client: MlflowClient) -> tuple[Path, str | None]:
     """A backbone file, a run/checkpoint folder, or an MLflow run id → (export path, training run id)."""
     p = Path(run).expanduser()
     if p.exists():
@@ -155,12 +154,11 @@ def _resolve_run(run: str) -> tuple[Path, str | None]:
             if cand.is_file():
                 run_id = cand.read_text().strip()
         return _find_export(p), run_id
-    client = _client()
     try:
         client.get_run(run)
     except Exception as exc:
         if _not_found(exc):
-            raise PreflightError(f"{run!r} is neither an existing path nor a run id in {registry_uri()}") from None
+            raise PreflightError(f"{run!r} is neither an existing path nor a run id in {client.tracking_uri}") from None
         raise
     local = mlflow.artifacts.download_artifacts(run_id=run, artifact_path=BACKBONE_ARTIFACT,
                                                 dst_path=tempfile.mkdtemp(prefix="reddino-reg-"))
@@ -187,6 +185,7 @@ def register_backbone(
     alias: str = "candidate",
     description: str | None = None,
     baselines: dict[str, float] | None = None,
+    tracking_uri: str | None = None,
 ):
     """Register the exported teacher backbone of `run` as a new version of `name` and alias it.
 
@@ -197,9 +196,9 @@ def register_backbone(
 
     from reddino.model.backbone import read_export_meta
 
-    export, train_run_id = _resolve_run(run)
+    client = _client(tracking_uri)
+    export, train_run_id = _resolve_run(run, client)
     meta = read_export_meta(export)
-    client = _client()
     examples = pd.DataFrame({"image": _example_images(int(meta["img_size"]))})
     artifacts = {"backbone": str(export)}
     side = export.with_name(export.name + ".json")
@@ -250,13 +249,14 @@ def register_backbone(
 
 def register_probe(probe, *, backbone: str, name: str | None = None, metrics: dict[str, float] | None = None,
                    classes: list[str] | None = None, class_ids: list[int] | None = None, alias: str = "candidate",
-                   tags: dict[str, str] | None = None, artifacts: list[str | Path] = ()):
+                   tags: dict[str, str] | None = None, artifacts: list[str | Path] = (),
+                   tracking_uri: str | None = None):
     """Register a fitted sklearn probe, tagged with the backbone version (`name/version`) it needs.
 
     Served by MLflow, it maps embedding rows to class ids (`reddino.class_ids` / `reddino.classes` name them)."""
     import mlflow.sklearn
 
-    client = _client()
+    client = _client(tracking_uri)
     bname, _, bversion = backbone.partition("/")
     name = name or f"{Path(bname).name}-probe"
     n_features = getattr(probe, "n_features_in_", None)
@@ -286,9 +286,9 @@ def register_probe(probe, *, backbone: str, name: str | None = None, metrics: di
     return client.get_model_version(name, version)
 
 
-def model_version(ref: str):
+def model_version(ref: str, tracking_uri: str | None = None):
     """The registry entry a `models:/`, `name@alias`, `name/version` or `name/latest` reference points at."""
-    client = _client()
+    client = _client(tracking_uri)
     body = _parse_ref(ref)[len("models:/"):]
     try:
         if "@" in body:
@@ -301,20 +301,21 @@ def model_version(ref: str):
         versions = client.search_model_versions(f"name='{name}'")
     except Exception as exc:
         if _not_found(exc):
-            raise _missing(ref, exc) from None
+            raise _missing(ref, exc, client) from None
         raise
     if not versions:
-        raise _missing(ref, ValueError(f"no registered model named {name!r}"))
+        raise _missing(ref, ValueError(f"no registered model named {name!r}"), client)
     return max(versions, key=lambda mv: int(mv.version))
 
 
-def load_probe_version(ref: str) -> tuple[Any, dict[str, Any]]:
+def load_probe_version(ref: str, tracking_uri: str | None = None) -> tuple[Any, dict[str, Any]]:
     """(sklearn estimator, probe.json metadata) of a registered probe."""
     import mlflow.sklearn
 
-    mv = model_version(ref)
+    mv = model_version(ref, tracking_uri)
     if (mv.tags or {}).get("reddino.kind") != "probe":
-        raise ValueError(f"{ref} (v{mv.version}) is not a reddino probe (tag reddino.kind={mv.tags.get('reddino.kind')!r})")
+        raise ValueError(f"{ref} (v{mv.version}) is not a reddino probe "
+                         f"(tag reddino.kind={mv.tags.get('reddino.kind')!r})")
     with _no_download_bars():
         estimator = mlflow.sklearn.load_model(f"models:/{mv.name}/{mv.version}")
     with tempfile.TemporaryDirectory() as tmp, _no_download_bars():
@@ -330,14 +331,15 @@ def _metric(version, metric: str, kind: str = "metric") -> float | None:
 
 
 def promote(name: str, *, alias: str = "champion", metric: str = "knn20_balanced_accuracy",
-            candidate_alias: str = "candidate", force: bool = False) -> tuple[bool, str]:
+            candidate_alias: str = "candidate", force: bool = False,
+            tracking_uri: str | None = None) -> tuple[bool, str]:
     """Move `alias` to the candidate if it beats the current holder on `metric` (or with force)."""
-    client = _client()
+    client = _client(tracking_uri)
     try:
         cand = client.get_model_version_by_alias(name, candidate_alias)
     except Exception as exc:
         if _not_found(exc):
-            raise _missing(f"{name}@{candidate_alias}", exc) from None
+            raise _missing(f"{name}@{candidate_alias}", exc, client) from None
         raise  # a connection or server error stays what it is
     try:
         champ = client.get_model_version_by_alias(name, alias)
@@ -383,9 +385,9 @@ def _parse_ref(ref: str) -> str:
     return f"models:/{ref}@champion"
 
 
-def pull(ref: str, out: str | Path) -> Path:
+def pull(ref: str, out: str | Path, tracking_uri: str | None = None) -> Path:
     """Download a registered backbone (`name@alias`, `name/version` or a models:/ URI) into `out`."""
-    mv = model_version(ref)  # a missing model or alias: one line, before any folder exists
+    mv = model_version(ref, tracking_uri)  # a missing model or alias: one line, before any folder exists
     if (mv.tags or {}).get("reddino.kind") == "probe":
         raise PreflightError(f"{ref} (v{mv.version}) is a probe, not a backbone: `reddino classify --probe {ref}` "
                              "uses it")
@@ -421,14 +423,14 @@ def _no_download_bars():
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
-def load_backbone(ref: str, device: str = "cpu"):
+def load_backbone(ref: str, device: str = "cpu", tracking_uri: str | None = None):
     """A ready timm model from `models:/name@alias` (or a local export path)."""
     from reddino.features.models import load_backbone_file as load_export
 
     if Path(ref).expanduser().exists():
         return load_export(_find_export(Path(ref).expanduser()), device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        return load_export(pull(ref, tmp), device=device)
+        return load_export(pull(ref, tmp, tracking_uri), device=device)
 
 
 def _teacher_label(tags: dict[str, str]) -> str:
@@ -440,9 +442,9 @@ def _teacher_label(tags: dict[str, str]) -> str:
             + f" (weights {tags['reddino.teacher.hash'][:12]})")
 
 
-def list_models(announce: bool = True) -> list[dict[str, Any]]:
+def list_models(announce: bool = True, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Every registered model version with its aliases and metric tags (``announce``: say the store on stderr)."""
-    client = _client(announce=announce)
+    client = _client(tracking_uri, announce=announce)
     rows = []
     for rm in client.search_registered_models():
         aliases_by_version: dict[str, list[str]] = {}

@@ -153,34 +153,6 @@ def check_export_path(base_cfg, runs: int) -> None:
                           "unset (each trial's own dir)")
 
 
-def _interrupt_after_trials(n: int):
-    """A Tune callback that interrupts the sweep once `n` trials have completed, exactly as Ctrl+C does.
-
-    It sends the driver SIGUSR1, which Tune handles like SIGINT: the experiment state is saved and the
-    loop ends without marking the search finished, so `--resume` generates the remaining trials. (A
-    `Stopper.stop_all` would mark the searcher finished and terminate queued trials: nothing to resume.)
-    The callback is pickled with the sweep's state; once restored it is disarmed.
-    """
-    import signal
-
-    from ray.tune import Callback
-
-    class _InterruptAfter(Callback):
-        def __init__(self, limit: int | None) -> None:
-            self.limit, self.completed, self.sent = limit, set(), False
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.completed.add(trial.trial_id)
-            if self.limit is not None and len(self.completed) >= self.limit and not self.sent:
-                self.sent = True
-                os.kill(os.getpid(), signal.SIGUSR1)
-
-        def __getstate__(self):
-            return {"limit": None, "completed": set(), "sent": True}
-
-    return _InterruptAfter(n)
-
-
 def _scheduler(space: SweepSpace, cfg) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
@@ -199,15 +171,16 @@ def sweep(
     out: str | Path | None = None,
     name: str | None = None,
     resume: str | Path | None = None,
-    stop_after_trials: int | None = None,
+    callbacks: list[Any] | None = None,
     report_only: bool = False,
     **settings: Any,
 ) -> SweepResult:
     """Run (or resume) a sweep. ``config`` (:class:`reddino.config.SweepConfig`) holds the settings, keyword
     ``settings`` override its fields (``sweep("ablation", data=[...], trials=4)``). ``mode="search"``: Optuna TPE +
     ASHA; ``mode="ablation"``: one factor at a time. ``resume``: a sweep dir; its ``sweep.yaml`` is the config.
-    ``report_only`` (with ``resume``): no new trials; the report (table, claims, plots) rewritten from the trials
-    finished so far (``trials.parquet``), e.g. after a sweep was stopped or its space's claims edited."""
+    ``callbacks``: extra Ray Tune callbacks (they see every trial event). ``report_only`` (with ``resume``): no
+    new trials; the report (table, claims, plots) rewritten from the trials finished so far (``trials.parquet``),
+    e.g. after a sweep was stopped or its space's claims edited."""
     if report_only and resume is None:
         raise ValueError("report_only needs the sweep dir to report on (resume=...)")
     from reddino.runtime import quiet_ray_logs
@@ -248,7 +221,7 @@ def sweep(
     settings = TrialSettings(base=str(space.base), overrides=tuple(space.overrides + extra + [
                                  f"mlflow.tracking_uri={tracking_uri}"]), storage=str(sweep_dir / "trials"),
                              experiment=experiment, parent_run_id=parent_run_id, metric=space.metric)
-    tuner = _tuner(cfg, space, base_cfg, settings, sweep_dir, optuna_storage, stop_after_trials,
+    tuner = _tuner(cfg, space, base_cfg, settings, sweep_dir, optuna_storage, list(callbacks or []),
                    resumed=resume is not None)
     with mlflow_at(tracking_uri):  # the trials' final reports, read back by _summarise
         grid = tuner.fit()
@@ -350,7 +323,7 @@ def _quiet_tune() -> None:
 
 
 def _tuner(cfg: SweepConfig, space: SweepSpace, base_cfg, settings: TrialSettings, sweep_dir: Path,
-           optuna_storage: str, stop_after_trials: int | None, resumed: bool):
+           optuna_storage: str, callbacks: list[Any], resumed: bool):
     from ray import tune
 
     from reddino.runtime import verbose
@@ -361,13 +334,12 @@ def _tuner(cfg: SweepConfig, space: SweepSpace, base_cfg, settings: TrialSetting
     trial_cpus = cfg.cpus_per_trial if cfg.cpus_per_trial is not None else 0.01  # Tune needs a non-empty request
     trainable = tune.with_resources(tune.with_parameters(_trial, settings=settings),
                                     {"cpu": trial_cpus, "gpu": cfg.gpus_per_trial})
-    interrupt = _interrupt_after_trials(stop_after_trials) if stop_after_trials else None
     lines = _trial_lines(space.metric, space.mode, n_trials)
     if not verbose():
         _quiet_tune()
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=1),
-                                callbacks=[lines] + ([interrupt] if interrupt else []),
+                                callbacks=[lines] + callbacks,
                                 verbose=None if verbose() else 0)
     if resumed and tune.Tuner.can_restore(str(sweep_dir / "tune")):
         return tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,

@@ -155,8 +155,8 @@ def test_classify_refuses_a_probe_of_another_backbone(world, ray_local, mlflow_u
 
 
 def test_embed_then_evaluate_and_probe_fit_read_the_store(world, ray_local, tmp_path, monkeypatch):
-    """`reddino embed`, then `reddino evaluate` and `reddino probe fit` on the same model and data: the model runs
-    once; a change of setting (pooling) or a deleted embed folder runs it again."""
+    """`reddino embed`, then `reddino evaluate`, `reddino probe fit` and `reddino classify` on the same model and
+    data: the model runs once; a change of setting (pooling) or a deleted embed folder runs it again."""
     import reddino.features.embedding as E
     from typer.testing import CliRunner
 
@@ -178,8 +178,10 @@ def test_embed_then_evaluate_and_probe_fit_read_the_store(world, ray_local, tmp_
     assert res.exit_code == 0, res.output + repr(res.exception)
     result = json.loads((out / "results.json").read_text())["models"][0]["evals"][0]["result"]
     assert result["cached_features"] and not ran
-    probe = fit_probe(bb, world["train"], folds=3)
+    probe = fit_probe(bb, world["train"], folds=3, out=tmp_path / "probe")
     assert not ran and probe.meta["data"]["rows"] == 108
+    cls = classify(bb, str(tmp_path / "probe"), world["train"], tmp_path / "cls", progress=False)
+    assert not ran and len(cls.predictions) == 108 and cls.files["embeddings"] == str(emb.resolve())
     fs = compute_features(*resolve_model(bb), world["train"], use_ray=False)  # the default root, as the CLI
     ids = table.column("image_id").to_pylist()
     np.testing.assert_array_equal(np.stack([dict(zip(fs.image_ids.tolist(), fs.features))[i] for i in ids]), X)

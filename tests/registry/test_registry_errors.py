@@ -48,7 +48,8 @@ def test_an_unreachable_server_is_one_line_naming_it_within_seconds(args, tmp_pa
             else a for a in args]
     start = time.monotonic()
     result = CliRunner().invoke(app, args)
-    assert time.monotonic() - start < 15
+    # MLflow's own retries took ~250 s; bounded ones take seconds (60: the imports alone on a loaded 2-core box).
+    assert time.monotonic() - start < 60
     assert result.exit_code == 1, (result.output, result.exception)
     lines = [ln for ln in result.output.strip().splitlines() if not ln.startswith("[reddino]")]
     assert lines == [f"error: MLflow tracking server {DEAD} is unreachable: ConnectionRefusedError: "

@@ -1,11 +1,14 @@
 """Sweeps on a real local Ray: Optuna + ASHA on in-training kNN, MLflow parent/child, resume."""
 
+import os
+import signal
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ray.tune import Callback
 
 from reddino.data import generate_synthetic
 from reddino.tune import sweep
@@ -19,6 +22,24 @@ TINY = [
     "train.checkpoint_every=6", "train.monitor_every=0", "eval.every=2", "eval.max_images=120",
     "optim.momentum_teacher=0.5",  # the teacher follows the student fast, so trials differ within 6 steps
 ]
+
+
+class InterruptAfter(Callback):
+    """Interrupts the sweep once `limit` trials have completed, exactly as Ctrl+C does: SIGUSR1 to this process,
+    which Tune handles like SIGINT (state saved, the search not marked finished, so a resume generates the rest).
+    Tune pickles callbacks with the sweep's state; a restored one is disarmed."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit, self.completed, self.sent = limit, set(), False
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.completed.add(trial.trial_id)
+        if self.limit is not None and len(self.completed) >= self.limit and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def __getstate__(self):
+        return {"limit": None, "completed": set(), "sent": True}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +112,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_fresh, 
                                                                        mlflow_uri):
     args = dict(data=[data / "patches"], eval_data=data / "cells", trials=4, out=tmp_path, name="r")
     # Interrupted after two trials, the way Ctrl+C interrupts Tune.
-    first = sweep(space_file, **args, stop_after_trials=2)
+    first = sweep(space_file, **args, callbacks=[InterruptAfter(2)])
     done_first = first.table.dropna(subset=["mlflow_run_id"])
     done_first = done_first[done_first["mlflow_run_id"] != ""]
     assert 2 <= len(done_first) < 6
@@ -226,7 +247,7 @@ def test_two_seed_ablation_evaluates_every_arm_writes_its_table_and_resumes_only
     }))
     args = dict(data=[data / "patches"], eval_data=data / "cells", out=tmp_path, name="abl", mode="ablation",
                 seeds=2)
-    first = sweep(space, **args, stop_after_trials=2)
+    first = sweep(space, **args, callbacks=[InterruptAfter(2)])
     done_first = set(first.table.dropna(subset=["mlflow_run_id"])["mlflow_run_id"]) - {""}
     assert 2 <= len(done_first) < 6
     assert f"of 6 ablation trials finished: the report covers those; `reddino sweep --resume" in capfd.readouterr().out
