@@ -352,6 +352,7 @@ class RunConfig(_Section):
                 if size % patch:
                     raise FieldError(key, f"must be a multiple of the patch size {patch} ({why}), got {size}",
                                      related=("model.patch_size", "model.arch"))
+        self._check_conv_stride()
         if self.crops.local_crops_number and self.crops.local_crops_size >= self.crops.global_crops_size:
             raise FieldError("crops.local_crops_size", f"must be smaller than crops.global_crops_size "
                              f"({self.crops.global_crops_size}), got {self.crops.local_crops_size}",
@@ -362,6 +363,21 @@ class RunConfig(_Section):
                 raise FieldError(key, f"must be <= train.epochs ({self.train.epochs}), the run's length; got {value}",
                                  related=("train.epochs",))
         return self
+
+    def _check_conv_stride(self) -> None:
+        # A ConvNeXt downsamples by 32 (timm's default; `output_stride` 16 or 8 dilates the last stages instead):
+        # a smaller crop would fail at the first step inside a worker.
+        if not self.model.arch.startswith("convnext"):
+            return
+        stride = int((self.model.timm_kwargs or {}).get("output_stride", 32))
+        sizes = [("model.img_size", self.model.img_size), ("crops.global_crops_size", self.crops.global_crops_size)]
+        if self.crops.local_crops_number:
+            sizes.append(("crops.local_crops_size", self.crops.local_crops_size))
+        for key, size in sizes:
+            if size < stride:
+                raise FieldError(key, f"must be at least the total stride {stride} of {self.model.arch} "
+                                 f"(model.timm_kwargs output_stride), got {size}",
+                                 related=("model.arch", "model.timm_kwargs"))
 
     @property
     def total_steps(self) -> int:

@@ -104,6 +104,8 @@ def test_pretrain_makes_local_relative_paths_absolute_for_the_workers(tmp_path, 
                                   "(model.arch vit_mini_patch8_reddino), got 7"),
     ("crops.local_crops_size=64", "crops.local_crops_size (command line): must be smaller than "
                                   "crops.global_crops_size (56), got 64"),
+    ("model.arch=convnext_atto", "crops.local_crops_size (command line): must be at least the total stride 32 of "
+                                 "convnext_atto (model.timm_kwargs output_stride), got 24"),
     ("optim.warmup_epochs=9", "optim.warmup_epochs (command line): must be <= train.epochs (4)"),
     ("crops.global_crops_scale=[0.5,0.2]", "crops.global_crops_scale (command line): must be [min, max]"),
     ("mask.ratio_min=0.9", "mask.ratio_min (command line): must be <= mask.ratio_max"),
