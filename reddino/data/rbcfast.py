@@ -1,0 +1,292 @@
+"""Cheaper implementations of the costliest of RedDino's ``rbc`` pixel transforms, pixel for pixel the same.
+
+Each class subclasses the albumentations transform it replaces, keeps its arguments and its random draws (same
+generators, same order, same number of values) and changes only how the pixels are computed, so a seeded
+pipeline gives the same crops as with albumentations (``tests/test_rbcfast.py`` checks every op against its
+albumentations original on fixed seeds):
+
+* ``RandomFog``: one blend per fog particle over the whole image becomes one count of the particles covering
+  each pixel and a table of the blend iterated that many times. Its particle positions (thousands of
+  ``random.randint`` calls) are drawn at once from CPython's own Mersenne Twister stream.
+* ``RandomSunFlare``: 40 whole-image blends of concentric discs become, per pixel, the index of the first disc
+  that covers it and a table of the blends from there; the small flare circles are blended on their pixels only.
+* ``GlassBlur``: the pixel swaps run on RGB packed into one uint32 per pixel with flat indices.
+* ``FancyPCA``: the per-pixel colour noise is an affine map of RGB (one ``cv2.transform``), and the 3×3
+  covariance is one float32 matrix product instead of ``np.cov``'s float64 copies.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+
+_MT_WORDS = 624  # CPython's and numpy's MT19937 state: 624 32-bit words + a position
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _mt19937(state: tuple) -> np.random.MT19937:
+    """numpy's MT19937 in the state of a CPython ``random.Random`` (``getstate()``): the same 32-bit words."""
+    mt = np.random.MT19937(0)
+    internal = state[1]
+    mt.state = {"bit_generator": "MT19937",
+                "state": {"key": np.array(internal[:_MT_WORDS], np.uint32), "pos": internal[_MT_WORDS]}}
+    return mt
+
+
+def py_randints(py: random.Random, draws: list[tuple[int, int, int]]) -> list[np.ndarray]:
+    """For each ``(lo, hi, count)`` in order, ``count`` values of ``py.randint(lo, hi)``, as CPython draws them
+    (``_randbelow``: the top ``k = n.bit_length()`` bits of a 32-bit word, rejected while ≥ n), all at once;
+    ``py`` is left as if the calls had been made."""
+    state = py.getstate()
+    mt = _mt19937(state)
+    words = mt.random_raw(2 * sum(c for _, _, c in draws) + 64)  # acceptance > 1/2 per word
+    out, used = [], 0
+    for lo, hi, count in draws:
+        n = hi - lo + 1
+        while True:
+            cand = words[used:] >> (32 - n.bit_length())
+            ok = np.flatnonzero(cand < n)[:count]
+            if len(ok) == count:
+                break
+            words = np.concatenate([words, mt.random_raw(len(words))])
+        out.append(lo + cand[ok].astype(np.int64))
+        used += int(ok[-1]) + 1 if count else 0
+    mt = _mt19937(state)
+    mt.random_raw(used)
+    s = mt.state["state"]
+    py.setstate((state[0], (*s["key"].tolist(), int(s["pos"])), state[2]))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _disc_rows(r: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last column offsets of each row (dy = -r..r) of ``cv2.circle``'s filled disc of radius r."""
+    canvas = np.zeros((2 * r + 1, 2 * r + 1), np.uint8)
+    cv2.circle(canvas, (r, r), r, 1, -1)
+    first = canvas.argmax(1) - r
+    last = r - canvas[:, ::-1].argmax(1)
+    empty = ~canvas.any(1)
+    first[empty], last[empty] = 1, -1
+    return first, last
+
+
+def disc_cover_counts(shape: tuple[int, int], xs: np.ndarray, ys: np.ndarray, rs: np.ndarray) -> np.ndarray:
+    """int [H, W]: how many of the filled discs (centres ``xs, ys``, radii ``rs``, as ``cv2.circle`` draws them)
+    cover each pixel; one +1/-1 pair per disc row, summed along the rows."""
+    h, w = shape
+    rmax = int(rs.max())
+    first = np.ones((rmax + 1, 2 * rmax + 1), np.int64)
+    last = -first
+    for r in range(int(rs.min()), rmax + 1):
+        first[r, rmax - r : rmax + r + 1], last[r, rmax - r : rmax + r + 1] = _disc_rows(r)
+    rows = ys[:, None] + np.arange(-rmax, rmax + 1)
+    lo = np.clip(xs[:, None] + first[rs], 0, w)
+    hi = np.clip(xs[:, None] + last[rs] + 1, 0, w)
+    keep = (rows >= 0) & (rows < h) & (lo < hi)
+    start = rows[keep] * (w + 1)
+    n = h * (w + 1)
+    diff = np.bincount(start + lo[keep], minlength=n) - np.bincount(start + hi[keep], minlength=n)
+    return diff.reshape(h, w + 1).cumsum(1)[:, :w]
+
+
+def _iterated(table: np.ndarray, times: int) -> np.ndarray:
+    """uint8 [times + 1, 256]: row n is the 256-entry lookup ``table`` applied n times."""
+    out = np.empty((times + 1, 256), np.uint8)
+    out[0] = np.arange(256)
+    for n in range(1, times + 1):
+        out[n] = table[out[n - 1]]
+    return out
+
+
+def _lookup(tables: np.ndarray, index: np.ndarray, img: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, C]: ``tables[index[y, x], c, img[y, x, c]]`` for every pixel and channel; ``tables`` is
+    [K, C, 256], or [K, 1, 256] for one table per K shared by all channels."""
+    k, c, _ = tables.shape
+    dtype = np.uint16 if tables.size <= 1 << 16 else np.intp  # uint16 indices: a third of int64's time
+    row = index.astype(dtype)[..., None]
+    if c > 1:
+        row = row * dtype(c) + np.arange(c, dtype=dtype)
+    return np.take(tables.ravel(), (row << 8) | img)
+
+
+def _blends(values: tuple[int, ...], alphas: np.ndarray) -> np.ndarray:
+    """uint8 [len(alphas), len(values), 256]: ``v → round(alpha * value + (1 - alpha) * v)`` per alpha and
+    channel value, in float32 as albumentations' ``add_weighted`` and ``cv2.addWeighted`` compute it."""
+    a = np.asarray(alphas, np.float64)[:, None, None]
+    value = np.asarray(values, np.float32)[None, :, None]
+    mixed = a.astype(np.float32) * value + (1 - a).astype(np.float32) * np.arange(256, dtype=np.float32)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def _rgb_uint8(img: np.ndarray) -> bool:
+    return img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The transforms
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RandomFog(A.RandomFog):
+    """albumentations' RandomFog: fog particles (discs) blended one by one toward white, then a Gaussian blur."""
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        if h != w:  # x and y then alternate between two ranges: albumentations' draws, one by one
+            return super().get_params_dependent_on_data(params, data)
+        intensity = self.py_random.uniform(*self.fog_coef_range)
+        size = max(1, int(w // 3 * intensity))
+        centre = int(w / 2 - 0.5)
+        side, draws = w, []
+        for _ in range(10):  # albumentations' regions, shrinking by 10 % around the centre
+            if side <= size:
+                break
+            n = int(side * side / (size * size) * intensity * 10)
+            draws.append((centre - side // 2, centre + side // 2, 2 * n))  # x, y, x, y, ...
+            side = int(side * (1 - 0.1))
+        xy = np.concatenate(py_randints(self.py_random, draws)).reshape(-1, 2) if draws else np.zeros((0, 2), int)
+        r_max = max(2, int(w * 0.1 * intensity))
+        radii = self.random_generator.integers(max(1, r_max // 2), r_max, size=len(xy))
+        return {"particle_positions": xy, "intensity": intensity, "radiuses": radii}
+
+    def apply(self, img: np.ndarray, particle_positions: Any, radiuses: Any, intensity: float,
+              **params: Any) -> np.ndarray:
+        if not _rgb_uint8(img):
+            return super().apply(img, particle_positions, radiuses, intensity, **params)
+        xy, radii = np.asarray(particle_positions, np.int64).reshape(-1, 2), np.asarray(radiuses, np.int64)
+        alpha = self.alpha_coef * intensity
+        out = img.copy()
+        if len(radii):
+            counts = disc_cover_counts(img.shape[:2], xy[:, 0], xy[:, 1], radii)
+            step = _blends((255,), np.array([alpha]))[0, 0]
+            out = _lookup(_iterated(step, int(counts.max()))[:, None], counts, img)
+        k = max(3, min(img.shape[:2]) // 30)
+        k += 1 - k % 2
+        return cv2.GaussianBlur(out, (k, k), 0)
+
+
+class RandomSunFlare(A.RandomSunFlare):
+    """albumentations' RandomSunFlare (``method="overlay"``): small flare circles, then ``src_radius // 10``
+    concentric discs around the flare centre, each blended over the whole image."""
+
+    def apply(self, img: np.ndarray, flare_center: tuple[float, float], circles: list[Any],
+              **params: Any) -> np.ndarray:
+        if self.method != "overlay" or not _rgb_uint8(img):
+            return super().apply(img, flare_center, circles, **params)
+        out = self._circles(img, circles)
+        return self._sun(out, tuple(int(v) for v in flare_center), circles)
+
+    @staticmethod
+    def _circles(img: np.ndarray, circles: list[Any]) -> np.ndarray:
+        """Each circle is drawn onto a running overlay, then the overlay is blended with its alpha: only pixels
+        under some circle change, so the blends run on those pixels alone."""
+        h, w = img.shape[:2]
+        under = np.zeros((h, w), np.uint8)
+        for _, centre, radius, _ in circles:
+            cv2.circle(under, centre, radius, 1, -1)
+        idx = np.flatnonzero(under)
+        ys, xs = np.divmod(idx, w)
+        flat = img.reshape(-1, 3)
+        overlay, out = flat[idx], flat[idx].astype(np.float32)
+        for alpha, (cx, cy), radius, colour in circles:
+            first, last = _disc_rows(radius)
+            dy = ys - cy
+            inside = np.abs(dy) <= radius
+            row = np.clip(dy + radius, 0, 2 * radius)
+            inside &= (xs - cx >= first[row]) & (xs - cx <= last[row])
+            overlay[inside] = colour
+            out = np.clip(np.rint(np.float32(alpha) * overlay + np.float32(1 - alpha) * out), 0, 255)
+        res = img.copy()
+        res.reshape(-1, 3)[idx] = out.astype(np.uint8)
+        return res
+
+    def _sun(self, img: np.ndarray, centre: tuple[int, int], circles: list[Any]) -> np.ndarray:
+        """Disc i (growing radii) is blended toward ``src_color`` with alpha a[n - 1 - i]³: a pixel first covered
+        by disc j gets blends j..n-1 (the discs nest), one table per j."""
+        n = self.src_radius // 10
+        if n == 0:
+            return img
+        radii = sum(c[2] for c in circles)
+        a_max = min(sum(c[0] * c[2] for c in circles) / radii * 5, 1.0)
+        a = np.linspace(0.0, a_max, num=n)[::-1]
+        alphas = a * a * a  # albumentations' product, to the last bit
+        discs = np.linspace(1, self.src_radius, num=n).astype(int)
+        first = np.full(img.shape[:2], n, np.uint8)
+        for i in range(n - 1, -1, -1):  # largest first: each pixel keeps the smallest disc that covers it
+            cv2.circle(first, centre, int(discs[i]), i, -1)
+        steps = _blends(tuple(self.src_color[:3]), alphas)
+        tables = np.empty((n + 1, 3, 256), np.uint8)
+        tables[n] = np.arange(256)
+        for j in range(n - 1, -1, -1):
+            tables[j] = np.take_along_axis(tables[j + 1], steps[j].astype(np.intp), axis=1)
+        return _lookup(tables, first, img)
+
+
+class GlassBlur(A.GlassBlur):
+    """albumentations' GlassBlur (``mode="fast"``): Gaussian blur, then each inner pixel swapped with a random
+    neighbour, ``iterations`` times, then blurred again."""
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, np.ndarray]:
+        h, w = params["shape"][:2]
+        n = (h - 2 * self.max_delta) * (w - 2 * self.max_delta)
+        # int32: the same values as albumentations' int64 draw (both take one 32-bit word per value), half the bytes
+        dxy = self.random_generator.integers(-self.max_delta, self.max_delta, size=(n, self.iterations, 2),
+                                             dtype=np.int32)
+        return {"dxy": dxy}
+
+    def apply(self, img: np.ndarray, *args: Any, dxy: np.ndarray, **params: Any) -> np.ndarray:
+        if self.mode != "fast" or not _rgb_uint8(img):
+            return super().apply(img, *args, dxy=dxy, **params)
+        h, w = img.shape[:2]
+        x = cv2.GaussianBlur(img, sigmaX=self.sigma, ksize=(0, 0))
+        px = np.ascontiguousarray(cv2.cvtColor(x, cv2.COLOR_RGB2RGBA)).view(np.uint32).reshape(-1)
+        p = _glass_pixels(h, w, self.max_delta)
+        for i in range(self.iterations):
+            q = p + dxy[:, i, 0] * w + dxy[:, i, 1]
+            px[p], px[q] = px[q], px[p]  # in this order, as albumentations: later duplicates of q win
+        swapped = cv2.cvtColor(px.view(np.uint8).reshape(h, w, 4), cv2.COLOR_RGBA2RGB)
+        return cv2.GaussianBlur(swapped, sigmaX=self.sigma, ksize=(0, 0))
+
+
+@functools.lru_cache(maxsize=8)
+def _glass_pixels(h: int, w: int, d: int) -> np.ndarray:
+    """Flat indices of GlassBlur's inner pixels, in albumentations' order (rows fastest, both descending)."""
+    rows, cols = np.arange(h - d, d, -1), np.arange(w - d, d, -1)
+    return (np.tile(rows, len(cols)) * w + np.repeat(cols, len(rows))).astype(np.int32)
+
+
+class FancyPCA(A.FancyPCA):
+    """albumentations' FancyPCA: RGB in [0, 1] plus ``(x - mean) · (V · diag(alpha · eigenvalues))ᵀ`` with the
+    eigenvectors V (descending eigenvalues) of the image's colour covariance."""
+
+    def apply(self, img: np.ndarray, alpha_vector: np.ndarray, **params: Any) -> np.ndarray:
+        if not _rgb_uint8(img):
+            return super().apply(img, alpha_vector, **params)
+        x = _UNIT[img]
+        flat = x.reshape(-1, 3)
+        mean = flat.mean(0)  # float32, as albumentations sums it: its rounding moves every pixel alike
+        xc = flat - mean
+        cov = (xc.T @ xc).astype(np.float64) / (len(flat) - 1)
+        vals, vecs = np.linalg.eigh(cov)
+        order = vals[::-1].argsort()
+        a = vecs[:, order] * (alpha_vector * vals[order])
+        y = cv2.transform(x, np.hstack([np.eye(3) + a, (-a @ mean)[:, None]]))
+        return np.rint(np.clip(y, 0, 1, out=y) * np.float32(255), out=y).astype(np.uint8)
+
+
+_UNIT = np.arange(256, dtype=np.float32) / 255  # albumentations' uint8 → float32 [0, 1]
+
+
+#: albumentations class name → its cheaper equal (:data:`reddino.data.augment.RBC_TRANSFORMS` uses these).
+FAST: dict[str, type[A.BasicTransform]] = {
+    "RandomFog": RandomFog, "RandomSunFlare": RandomSunFlare, "GlassBlur": GlassBlur, "FancyPCA": FancyPCA,
+}
