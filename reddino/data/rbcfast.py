@@ -79,15 +79,23 @@ def _disc_rows(r: int) -> tuple[np.ndarray, np.ndarray]:
     return first, last
 
 
-def disc_cover_counts(shape: tuple[int, int], xs: np.ndarray, ys: np.ndarray, rs: np.ndarray) -> np.ndarray:
-    """int [H, W]: how many of the filled discs (centres ``xs, ys``, radii ``rs``, as ``cv2.circle`` draws them)
-    cover each pixel; one +1/-1 pair per disc row, summed along the rows."""
-    h, w = shape
+def _disc_tables(rs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[max(rs) + 1, 2·max(rs) + 1]: :func:`_disc_rows` of each radius up to max(rs), rows centred on the middle
+    column; rows a disc does not reach are empty (first > last)."""
     rmax = int(rs.max())
     first = np.ones((rmax + 1, 2 * rmax + 1), np.int64)
     last = -first
     for r in range(int(rs.min()), rmax + 1):
         first[r, rmax - r : rmax + r + 1], last[r, rmax - r : rmax + r + 1] = _disc_rows(r)
+    return first, last
+
+
+def disc_cover_counts(shape: tuple[int, int], xs: np.ndarray, ys: np.ndarray, rs: np.ndarray) -> np.ndarray:
+    """int [H, W]: how many of the filled discs (centres ``xs, ys``, radii ``rs``, as ``cv2.circle`` draws them)
+    cover each pixel; one +1/-1 pair per disc row, summed along the rows."""
+    h, w = shape
+    first, last = _disc_tables(rs)
+    rmax = first.shape[1] // 2
     rows = ys[:, None] + np.arange(-rmax, rmax + 1)
     lo = np.clip(xs[:, None] + first[rs], 0, w)
     hi = np.clip(xs[:, None] + last[rs] + 1, 0, w)
@@ -110,12 +118,12 @@ def _iterated(table: np.ndarray, times: int) -> np.ndarray:
 def _lookup(tables: np.ndarray, index: np.ndarray, img: np.ndarray) -> np.ndarray:
     """uint8 [H, W, C]: ``tables[index[y, x], c, img[y, x, c]]`` for every pixel and channel; ``tables`` is
     [K, C, 256], or [K, 1, 256] for one table per K shared by all channels."""
-    k, c, _ = tables.shape
-    dtype = np.uint16 if tables.size <= 1 << 16 else np.intp  # uint16 indices: a third of int64's time
-    row = index.astype(dtype)[..., None]
-    if c > 1:
-        row = row * dtype(c) + np.arange(c, dtype=dtype)
-    return np.take(tables.ravel(), (row << 8) | img)
+    dtype = np.uint16 if len(tables) <= 256 else np.intp  # uint16 indices: a third of int64's time
+    row = index.astype(dtype) << 8
+    out = np.empty_like(img)
+    for c in range(img.shape[2]):  # per channel: numpy is slow on a trailing axis of 3
+        out[..., c] = np.take(tables[:, min(c, tables.shape[1] - 1)].ravel(), row | img[..., c])
+    return out
 
 
 def _blends(values: tuple[int, ...], alphas: np.ndarray) -> np.ndarray:
@@ -194,19 +202,16 @@ class RandomSunFlare(A.RandomSunFlare):
         for _, centre, radius, _ in circles:
             cv2.circle(under, centre, radius, 1, -1)
         idx = np.flatnonzero(under)
-        ys, xs = np.divmod(idx, w)
+        inside = _in_discs(np.divmod(idx, w), circles)
         flat = img.reshape(-1, 3)
-        overlay, out = flat[idx], flat[idx].astype(np.float32)
-        for alpha, (cx, cy), radius, colour in circles:
-            first, last = _disc_rows(radius)
-            dy = ys - cy
-            inside = np.abs(dy) <= radius
-            row = np.clip(dy + radius, 0, 2 * radius)
-            inside &= (xs - cx >= first[row]) & (xs - cx <= last[row])
-            overlay[inside] = colour
-            out = np.clip(np.rint(np.float32(alpha) * overlay + np.float32(1 - alpha) * out), 0, 255)
+        overlay, out = flat[idx].astype(np.float32), flat[idx].astype(np.float32)
+        for k, (alpha, _, _, colour) in enumerate(circles):
+            overlay[inside[k]] = colour
+            out *= np.float32(1 - alpha)
+            out += np.float32(alpha) * overlay
+            np.rint(out, out=out)  # albumentations rounds to uint8 after every blend
         res = img.copy()
-        res.reshape(-1, 3)[idx] = out.astype(np.uint8)
+        res.reshape(-1, 3)[idx] = out
         return res
 
     def _sun(self, img: np.ndarray, centre: tuple[int, int], circles: list[Any]) -> np.ndarray:
@@ -220,15 +225,33 @@ class RandomSunFlare(A.RandomSunFlare):
         a = np.linspace(0.0, a_max, num=n)[::-1]
         alphas = a * a * a  # albumentations' product, to the last bit
         discs = np.linspace(1, self.src_radius, num=n).astype(int)
-        first = np.full(img.shape[:2], n, np.uint8)
-        for i in range(n - 1, -1, -1):  # largest first: each pixel keeps the smallest disc that covers it
+        h, w = img.shape[:2]
+        corner = max(np.hypot(x - centre[0], y - centre[1]) for x in (0, w - 1) for y in (0, h - 1))
+        whole = int(np.searchsorted(discs, corner + 2))  # discs from here on cover every pixel
+        first = np.full((h, w), whole, np.uint16)
+        for i in range(min(whole, n) - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
             cv2.circle(first, centre, int(discs[i]), i, -1)
-        steps = _blends(tuple(self.src_color[:3]), alphas)
+        steps = _blends(tuple(self.src_color[:3]), alphas) + np.arange(0, 768, 256, dtype=np.intp)[:, None]
         tables = np.empty((n + 1, 3, 256), np.uint8)
         tables[n] = np.arange(256)
         for j in range(n - 1, -1, -1):
-            tables[j] = np.take_along_axis(tables[j + 1], steps[j].astype(np.intp), axis=1)
+            tables[j] = np.take(tables[j + 1], steps[j])
         return _lookup(tables, first, img)
+
+
+def _in_discs(yx: tuple[np.ndarray, np.ndarray], circles: list[Any]) -> np.ndarray:
+    """bool [len(circles), len(pixels)]: which of the pixels at rows, columns ``yx`` each circle (``cv2.circle``'s
+    filled disc) covers."""
+    ys, xs = yx
+    cx, cy, rs = (np.array([c[1][0] for c in circles]), np.array([c[1][1] for c in circles]),
+                  np.array([c[2] for c in circles]))
+    first, last = _disc_tables(rs)
+    rmax = first.shape[1] // 2
+    dy = ys[None] - cy[:, None]
+    row = np.clip(dy + rmax, 0, 2 * rmax)
+    dx = xs[None] - cx[:, None]
+    lo, hi = np.take_along_axis(first[rs], row, 1), np.take_along_axis(last[rs], row, 1)
+    return (np.abs(dy) <= rmax) & (dx >= lo) & (dx <= hi)
 
 
 class GlassBlur(A.GlassBlur):
@@ -261,7 +284,7 @@ class GlassBlur(A.GlassBlur):
 def _glass_pixels(h: int, w: int, d: int) -> np.ndarray:
     """Flat indices of GlassBlur's inner pixels, in albumentations' order (rows fastest, both descending)."""
     rows, cols = np.arange(h - d, d, -1), np.arange(w - d, d, -1)
-    return (np.tile(rows, len(cols)) * w + np.repeat(cols, len(rows))).astype(np.int32)
+    return np.tile(rows, len(cols)) * w + np.repeat(cols, len(rows))
 
 
 class FancyPCA(A.FancyPCA):
@@ -271,11 +294,10 @@ class FancyPCA(A.FancyPCA):
     def apply(self, img: np.ndarray, alpha_vector: np.ndarray, **params: Any) -> np.ndarray:
         if not _rgb_uint8(img):
             return super().apply(img, alpha_vector, **params)
-        x = _UNIT[img]
-        flat = x.reshape(-1, 3)
-        mean = flat.mean(0)  # float32, as albumentations sums it: its rounding moves every pixel alike
-        xc = flat - mean
-        cov = (xc.T @ xc).astype(np.float64) / (len(flat) - 1)
+        x = cv2.LUT(img, _UNIT)
+        mean = np.array(cv2.mean(x)[:3])
+        cov = cv2.mulTransposed(x.reshape(-1, 3), True, delta=mean[None].astype(np.float32), dtype=cv2.CV_64F)
+        cov /= img.shape[0] * img.shape[1] - 1
         vals, vecs = np.linalg.eigh(cov)
         order = vals[::-1].argsort()
         a = vecs[:, order] * (alpha_vector * vals[order])
