@@ -9,7 +9,7 @@ Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` (al
   draws them, applied with cv2 (:mod:`reddino.data.fastaug`), or on the training device (``crops.on_device``).
 * ``rbc``: RedDino (Zedda et al., MICCAI 2025): RandomResizedCrop → ``rbc_pick`` of 33 pixel-level
   albumentations transforms (each with p=``rbc_p``) → HorizontalFlip, VerticalFlip, RandomRotate90 (each
-  p=``flip_rotate_p``). The costliest four (RandomFog, GlassBlur, RandomSunFlare, FancyPCA) run as
+  p=``flip_rotate_p``). The costliest (RandomFog, GlassBlur, RandomSunFlare, FancyPCA, RandomRotate90) run as
   :mod:`reddino.data.rbcfast`'s cheaper equals: same draws, same pixels.
 * ``cell``: ours, for single-cell crops: the cues that name an RBC class (size, outline, aspect ratio,
   central pallor, colour) survive, the ones that do not (orientation, position, focus, noise, stain
@@ -104,8 +104,11 @@ def build_dinov2(crops: CropConfig) -> list[CropRecipe]:
 def rbc_pixel_transforms(p: float, fast: bool = True) -> list[A.BasicTransform]:
     """Fresh instances of RedDino's 33 pixel-level transforms, each with probability ``p``; ``fast=False``: all
     albumentations' own (the reference :mod:`reddino.data.rbcfast` is tested and benchmarked against)."""
-    classes = FAST if fast else {}
-    return [classes.get(name, getattr(A, name))(p=p) for name in RBC_TRANSFORMS]
+    return [_rbc_op(name, fast)(p=p) for name in RBC_TRANSFORMS]
+
+
+def _rbc_op(name: str, fast: bool) -> type[A.BasicTransform]:
+    return (FAST if fast else {}).get(name, getattr(A, name))
 
 
 def build_rbc(crops: CropConfig, fast: bool = True) -> CropPipelines:
@@ -117,7 +120,7 @@ def build_rbc(crops: CropConfig, fast: bool = True) -> CropPipelines:
             n = min(crops.rbc_pick, len(RBC_TRANSFORMS))
             ts.append(A.SomeOf(rbc_pixel_transforms(crops.rbc_p, fast), n=n, replace=False, p=1.0))
         fr = crops.flip_rotate_p
-        ts += [A.HorizontalFlip(p=fr), A.VerticalFlip(p=fr), A.RandomRotate90(p=fr)]
+        ts += [A.HorizontalFlip(p=fr), A.VerticalFlip(p=fr), _rbc_op("RandomRotate90", fast)(p=fr)]
         return _compose(ts)
 
     globals_ = [pipeline(crops.global_crops_size, crops.global_crops_scale) for _ in range(crops.global_crops_number)]
