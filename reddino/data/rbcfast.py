@@ -78,26 +78,27 @@ def _disc_rows(r: int) -> tuple[np.ndarray, np.ndarray]:
     return first, last
 
 
-def _disc_tables(rs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[max(rs) + 1, 2·max(rs) + 1]: :func:`_disc_rows` of each radius up to max(rs), rows centred on the middle
-    column; rows a disc does not reach are empty (first > last)."""
-    rmax = int(rs.max())
-    first = np.ones((rmax + 1, 2 * rmax + 1), np.int64)
+def _disc_spans(rs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int [len(rs), 2·max(rs) + 1] twice: per disc, :func:`_disc_rows` of its radius with rows centred on the
+    middle one; rows a disc does not reach are empty (first > last)."""
+    radii, which = np.unique(rs, return_inverse=True)
+    rmax = int(radii[-1])
+    first = np.ones((len(radii), 2 * rmax + 1), np.int64)
     last = -first
-    for r in range(int(rs.min()), rmax + 1):
-        first[r, rmax - r : rmax + r + 1], last[r, rmax - r : rmax + r + 1] = _disc_rows(r)
-    return first, last
+    for k, r in enumerate(radii.tolist()):
+        first[k, rmax - r : rmax + r + 1], last[k, rmax - r : rmax + r + 1] = _disc_rows(r)
+    return first[which], last[which]
 
 
 def disc_cover_counts(shape: tuple[int, int], xs: np.ndarray, ys: np.ndarray, rs: np.ndarray) -> np.ndarray:
     """int [H, W]: how many of the filled discs (centres ``xs, ys``, radii ``rs``, as ``cv2.circle`` draws them)
     cover each pixel; one +1/-1 pair per disc row, summed along the rows."""
     h, w = shape
-    first, last = _disc_tables(rs)
+    first, last = _disc_spans(rs)
     rmax = first.shape[1] // 2
     rows = ys[:, None] + np.arange(-rmax, rmax + 1)
-    lo = np.clip(xs[:, None] + first[rs], 0, w)
-    hi = np.clip(xs[:, None] + last[rs] + 1, 0, w)
+    lo = np.clip(xs[:, None] + first, 0, w)
+    hi = np.clip(xs[:, None] + last + 1, 0, w)
     keep = (rows >= 0) & (rows < h) & (lo < hi)
     start = rows[keep] * (w + 1)
     n = h * (w + 1)
@@ -232,9 +233,9 @@ class RandomSunFlare(A.RandomSunFlare):
         discs = np.linspace(1, self.src_radius, num=n).astype(int)
         h, w = img.shape[:2]
         corner = max(np.hypot(x - centre[0], y - centre[1]) for x in (0, w - 1) for y in (0, h - 1))
-        whole = int(np.searchsorted(discs, corner + 2))  # discs from here on cover every pixel
+        whole = min(int(np.searchsorted(discs, corner + 2)), n)  # discs from here on cover every pixel
         first = np.full((h, w), whole, np.uint16)
-        for i in range(min(whole, n) - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
+        for i in range(whole - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
             cv2.circle(first, centre, int(discs[i]), i, -1)
         steps = _blends(tuple(self.src_color[:3]), alphas) + np.arange(0, 768, 256, dtype=np.intp)[:, None]
         tables = np.empty((n + 1, 3, 256), np.uint8)
@@ -250,12 +251,12 @@ def _in_discs(yx: tuple[np.ndarray, np.ndarray], circles: list[Any]) -> np.ndarr
     ys, xs = yx
     cx, cy, rs = (np.array([c[1][0] for c in circles]), np.array([c[1][1] for c in circles]),
                   np.array([c[2] for c in circles]))
-    first, last = _disc_tables(rs)
+    first, last = _disc_spans(rs)
     rmax = first.shape[1] // 2
     dy = ys[None] - cy[:, None]
     row = np.clip(dy + rmax, 0, 2 * rmax)
     dx = xs[None] - cx[:, None]
-    lo, hi = np.take_along_axis(first[rs], row, 1), np.take_along_axis(last[rs], row, 1)
+    lo, hi = np.take_along_axis(first, row, 1), np.take_along_axis(last, row, 1)
     return (np.abs(dy) <= rmax) & (dx >= lo) & (dx <= hi)
 
 
@@ -277,10 +278,14 @@ class GlassBlur(A.GlassBlur):
         h, w = img.shape[:2]
         x = cv2.GaussianBlur(img, sigmaX=self.sigma, ksize=(0, 0))
         px = np.ascontiguousarray(cv2.cvtColor(x, cv2.COLOR_RGB2RGBA)).view(np.uint32).reshape(-1)
-        p = _glass_pixels(h, w, self.max_delta)
+        d = self.max_delta
+        p = _glass_pixels(h, w, d)
+        inner = px.reshape(h, w)[d + 1 : h - d + 1, d + 1 : w - d + 1][::-1, ::-1].T  # px[p], as a view
         for i in range(self.iterations):
             q = p + dxy[:, i, 0] * w + dxy[:, i, 1]
-            px[p], px[q] = px[q], px[p]  # in this order, as albumentations: later duplicates of q win
+            moved, kept = px[q], inner.ravel()
+            inner[...] = moved.reshape(inner.shape)
+            px[q] = kept  # in this order, as albumentations: later duplicates of q win
         swapped = cv2.cvtColor(px.view(np.uint8).reshape(h, w, 4), cv2.COLOR_RGBA2RGB)
         return cv2.GaussianBlur(swapped, sigmaX=self.sigma, ksize=(0, 0))
 
