@@ -24,7 +24,8 @@ patches from a reddino Parquet dataset) with fixed seeds, for:
   parameters and masks and ships the decoded image; the crops are made on the training device
   (``fastaug.augment_on_device``), whose CPU cost *if run on a CPU* is printed as the work that left the workers.
 
-Each column first runs on 8 images untimed (first calls: lazy imports and set-up, once per data worker). Per stage
+Each column first runs on 8 images untimed, and every rbc pixel op once (first calls: lazy imports and set-up,
+once per data worker). Per stage
 the same op runs on the same image: read = the encoded bytes (a file for official, the Parquet column
 for reddino); transfer = serialising the collated batch and reading it back (one copy each way: the worker →
 trainer hop of a DataLoader's shared memory or Ray's object store); masks = reddino's block masks for every side
@@ -33,6 +34,7 @@ CPU ms per image (goal >= 3, i.e. <= 1/3 of the official cost); on_device worker
 
     python benchmarks/augment_cost.py --data data/chula-patches            # 256 images, ~1 min
     python benchmarks/augment_cost.py --quick                              # 16 synthetic images, tiny_cpu crops
+    python benchmarks/augment_cost.py --data data/chula-patches --per-op   # + each rbcfast op vs albumentations
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ STAGES = ("read", "decode", "crop+resize", "flip/rotate", "colour", "rbc pixel p
 GOAL_RATIO = 3.0
 GOAL_DEVICE_MS = 2.0
 WARM_UP = 8  # images each column runs untimed first
+PER_OP_IMAGES = 32
 
 
 class Clock:
@@ -226,6 +229,55 @@ def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch
     return clock.ms_per_image(len(blobs))
 
 
+def per_op(blobs: list[bytes], cfg) -> None:
+    """ms of CPU per call of each op :mod:`reddino.data.rbcfast` replaces, albumentations' and rbcfast's, at the
+    global and local crop sizes, same images and seeds; and whether their outputs are the same."""
+    import random
+
+    import albumentations as A
+    import cv2
+    import numpy as np
+
+    from reddino.data.images import decode_for_size, resize_square
+    from reddino.data.rbcfast import FAST
+
+    c = cfg.crops
+    imgs = [resize_square(decode_for_size(b, cfg.data.resize), cfg.data.resize) for b in blobs[:PER_OP_IMAGES]]
+    print(f"\nper op, ms of CPU per call (p=1, {len(imgs)} images, same seeds): albumentations -> rbcfast")
+    for name, fast in FAST.items():
+        row, same = [], True
+        for size in (c.global_crops_size, c.local_crops_size):
+            sized = [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in imgs]
+            outs = {}
+            for label, cls in (("alb", getattr(A, name)), ("fast", fast)):
+                t, ns, outs[label] = cls(p=1.0), 0, []
+                for k, im in enumerate(sized):
+                    t.set_random_state(np.random.default_rng(k), random.Random(k))
+                    t0 = time.thread_time_ns()
+                    outs[label].append(t(image=im)["image"])
+                    ns += time.thread_time_ns() - t0
+                row.append(ns / 1e6 / len(sized))
+            same &= all(np.array_equal(a, b) for a, b in zip(outs["alb"], outs["fast"]))
+        print(f"  {name:16s} {c.global_crops_size} px {row[0]:7.3f} -> {row[1]:6.3f}   {c.local_crops_size} px "
+              f"{row[2]:7.3f} -> {row[3]:6.3f}   same pixels: {'yes' if same else 'no'}")
+
+
+def warm_rbc_ops(blob: bytes, cfg) -> None:
+    """Every rbc pixel op, rbcfast's and albumentations', once at each crop size: the warm-up images draw only
+    some, and an op's first call (lazy imports, set-up) would land in whichever column draws it first."""
+    import cv2
+
+    from reddino.data.augment import rbc_pixel_transforms
+    from reddino.data.images import decode_for_size, resize_square
+
+    img = resize_square(decode_for_size(blob, cfg.data.resize), cfg.data.resize)
+    for size in (cfg.crops.global_crops_size, cfg.crops.local_crops_size):
+        crop = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+        for fast in (True, False):
+            for t in rbc_pixel_transforms(1.0, fast):
+                t(image=crop)
+
+
 def parquet_read_ms(files: list[str], n: int) -> float:
     import pyarrow.parquet as pq
 
@@ -285,6 +337,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="rows per collated batch (default 64)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 16 synthetic images, tiny_cpu crops")
     ap.add_argument("--json", type=Path, help="also write the table as JSON here")
+    ap.add_argument("--per-op", action="store_true", help="also time each rbcfast op against albumentations'")
     args = ap.parse_args()
     if args.quick:
         args.images, args.preset, args.batch_size = 16, "tiny_cpu", 8
@@ -315,6 +368,7 @@ def main() -> None:
     official(paths[:warm], c, masks_fn, args.batch_size, cfg.train.seed)
     for mode in modes:
         reddino(blobs[:warm], shas[:warm], cfg, mode, masks_fn, args.batch_size)
+    warm_rbc_ops(blobs[0], cfg)
     cols = {}
     cols["official"] = official(paths, c, masks_fn, args.batch_size, cfg.train.seed)
     read = parquet_read_ms(files, n)
@@ -334,6 +388,8 @@ def main() -> None:
     print(f"{'official / this':16s}" + "".join(f"{totals['official'] / totals[k]:20.2f}" for k in cols))
     print(f"on_device: crops made by the training device cost {dev:.3f} ms per image when that device is this CPU "
           f"(1 thread) — the work that left the data workers")
+    if args.per_op:
+        per_op(blobs, cfg)
     if args.json:
         import json
 
