@@ -16,19 +16,25 @@ patches from a reddino Parquet dataset) with fixed seeds, for:
 * **reddino dinov2 (albumentations)**: the recipe as albumentations ops (reddino's ``dinov2`` policy before
   fastaug), for the per-op choice.
 * **reddino rbc**: the preset's own ``rbc`` policy (RedDino: crop → 4 of 33 albumentations pixel transforms → flips
-  / 90° rotations); a different distribution, printed for what the shipped recipe costs.
+  / 90° rotations; its costliest four as :mod:`reddino.data.rbcfast`'s pixel-exact equals); a different
+  distribution from the official recipe, printed for what the shipped recipe costs.
+* **rbc (albumentations)**: the same policy with all 33 transforms albumentations' own (before rbcfast), for the
+  per-op choice.
 * **reddino on_device (worker side)**: ``crops.on_device=true``: the data worker reads, decodes, draws the crop
   parameters and masks and ships the decoded image; the crops are made on the training device
   (``fastaug.augment_on_device``), whose CPU cost *if run on a CPU* is printed as the work that left the workers.
 
-Per stage the same op runs on the same image: read = the encoded bytes (a file for official, the Parquet column
+Each column first runs on 8 images untimed, and every rbc pixel op once (first calls: lazy imports and set-up,
+once per data worker). Per stage
+the same op runs on the same image: read = the encoded bytes (a file for official, the Parquet column
 for reddino); transfer = serialising the collated batch and reading it back (one copy each way: the worker →
 trainer hop of a DataLoader's shared memory or Ray's object store); masks = reddino's block masks for every side
-(the official MaskingGenerator is the same algorithm). RATIO: official / reddino dinov2 CPU ms per image (goal
->= 3, i.e. <= 1/3 of the official cost); on_device worker side goal <= 2 ms per image.
+(the official MaskingGenerator is the same algorithm). RATIOs: official / reddino dinov2 and official / reddino rbc
+CPU ms per image (goal >= 3, i.e. <= 1/3 of the official cost); on_device worker side goal <= 2 ms per image.
 
     python benchmarks/augment_cost.py --data data/chula-patches            # 256 images, ~1 min
     python benchmarks/augment_cost.py --quick                              # 16 synthetic images, tiny_cpu crops
+    python benchmarks/augment_cost.py --data data/chula-patches --per-op   # + each rbcfast op vs albumentations
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ STAGES = ("read", "decode", "crop+resize", "flip/rotate", "colour", "rbc pixel p
           "normalise", "params", "masks", "collation", "transfer")
 GOAL_RATIO = 3.0
 GOAL_DEVICE_MS = 2.0
+WARM_UP = 8  # images each column runs untimed first
+PER_OP_IMAGES = 32
 
 
 class Clock:
@@ -156,22 +164,26 @@ _ALB_STAGE = {"RandomResizedCrop": "crop+resize", "HorizontalFlip": "flip/rotate
 
 
 def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch: int) -> dict[str, float]:
-    """mode: dinov2 (fastaug on CPU) | albumentations (dinov2 recipe) | rbc | on_device (worker side)."""
+    """mode: dinov2 (fastaug on CPU) | albumentations (dinov2 recipe) | rbc | rbc_albumentations | on_device
+    (worker side)."""
     import random
 
     import cv2
     import numpy as np
 
     from reddino.data import fastaug as fa
-    from reddino.data.augment import MultiCropTransform
+    from reddino.data.augment import MultiCropTransform, build_rbc
     from reddino.data.images import decode_for_size, resize_square
 
     c = cfg.crops
-    policy = {"dinov2": "dinov2", "albumentations": "rbc", "rbc": "rbc", "on_device": "dinov2"}[mode]
+    policy = {"dinov2": "dinov2", "albumentations": "rbc", "rbc": "rbc", "rbc_albumentations": "rbc",
+              "on_device": "dinov2"}[mode]
     t = MultiCropTransform(c.model_copy(update={"policy": policy}), cfg.mask, 14, resize=cfg.data.resize,
                            seed=cfg.train.seed, normalize=False)
+    if mode == "rbc_albumentations":
+        t.pipelines = build_rbc(c.model_copy(update={"policy": "rbc"}), fast=False)
     pipes = _albumentations_dinov2(c) if mode == "albumentations" else (
-        t.pipelines.global_crops + [t.pipelines.local_crops] * c.local_crops_number if mode == "rbc" else None)
+        t.pipelines.global_crops + [t.pipelines.local_crops] * c.local_crops_number if policy == "rbc" else None)
     recipes = fa.dinov2_recipes(c)
     clock, rows = Clock(), []
     for i, blob in enumerate(blobs):
@@ -190,7 +202,7 @@ def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch
                 x = clock("colour", fa.colour_cpu, x, p[k])
                 x = clock("blur", fa.blur_cpu, x, p[k])
                 out.append(clock("solarize", fa.solarize_cpu, x, p[k]))
-        elif mode in ("albumentations", "rbc"):
+        elif mode in ("albumentations", "rbc", "rbc_albumentations"):
             py = random.Random(seed)
             for pipe in pipes:
                 pipe.set_random_state(rng, py)
@@ -215,6 +227,55 @@ def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch
             rows = []
     # read: the Parquet image column, per image (the whole table's read / rows)
     return clock.ms_per_image(len(blobs))
+
+
+def per_op(blobs: list[bytes], cfg) -> None:
+    """ms of CPU per call of each op :mod:`reddino.data.rbcfast` replaces, albumentations' and rbcfast's, at the
+    global and local crop sizes, same images and seeds; and whether their outputs are the same."""
+    import random
+
+    import albumentations as A
+    import cv2
+    import numpy as np
+
+    from reddino.data.images import decode_for_size, resize_square
+    from reddino.data.rbcfast import FAST
+
+    c = cfg.crops
+    imgs = [resize_square(decode_for_size(b, cfg.data.resize), cfg.data.resize) for b in blobs[:PER_OP_IMAGES]]
+    print(f"\nper op, ms of CPU per call (p=1, {len(imgs)} images, same seeds): albumentations -> rbcfast")
+    for name, fast in FAST.items():
+        row, same = [], True
+        for size in (c.global_crops_size, c.local_crops_size):
+            sized = [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in imgs]
+            outs = {}
+            for label, cls in (("alb", getattr(A, name)), ("fast", fast)):
+                t, ns, outs[label] = cls(p=1.0), 0, []
+                for k, im in enumerate(sized):
+                    t.set_random_state(np.random.default_rng(k), random.Random(k))
+                    t0 = time.thread_time_ns()
+                    outs[label].append(t(image=im)["image"])
+                    ns += time.thread_time_ns() - t0
+                row.append(ns / 1e6 / len(sized))
+            same &= all(np.array_equal(a, b) for a, b in zip(outs["alb"], outs["fast"]))
+        print(f"  {name:16s} {c.global_crops_size} px {row[0]:7.3f} -> {row[1]:6.3f}   {c.local_crops_size} px "
+              f"{row[2]:7.3f} -> {row[3]:6.3f}   same pixels: {'yes' if same else 'no'}")
+
+
+def warm_rbc_ops(blob: bytes, cfg) -> None:
+    """Every rbc pixel op, rbcfast's and albumentations', once at each crop size: the warm-up images draw only
+    some, and an op's first call (lazy imports, set-up) would land in whichever column draws it first."""
+    import cv2
+
+    from reddino.data.augment import rbc_pixel_transforms
+    from reddino.data.images import decode_for_size, resize_square
+
+    img = resize_square(decode_for_size(blob, cfg.data.resize), cfg.data.resize)
+    for size in (cfg.crops.global_crops_size, cfg.crops.local_crops_size):
+        crop = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+        for fast in (True, False):
+            for t in rbc_pixel_transforms(1.0, fast):
+                t(image=crop)
 
 
 def parquet_read_ms(files: list[str], n: int) -> float:
@@ -276,6 +337,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="rows per collated batch (default 64)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 16 synthetic images, tiny_cpu crops")
     ap.add_argument("--json", type=Path, help="also write the table as JSON here")
+    ap.add_argument("--per-op", action="store_true", help="also time each rbcfast op against albumentations'")
     args = ap.parse_args()
     if args.quick:
         args.images, args.preset, args.batch_size = 16, "tiny_cpu", 8
@@ -301,15 +363,21 @@ def main() -> None:
     log(f"{n} images from {data}; crops {c.global_crops_number}x{c.global_crops_size} + {c.local_crops_number}x"
         f"{c.local_crops_size}, resize {cfg.data.resize}, batch {args.batch_size}; 1 thread, thread CPU time")
 
+    modes = ("dinov2", "albumentations", "rbc", "rbc_albumentations", "on_device")
+    warm = min(WARM_UP, n)  # first calls set things up (lazy imports, cv2 state): once per worker, not per image
+    official(paths[:warm], c, masks_fn, args.batch_size, cfg.train.seed)
+    for mode in modes:
+        reddino(blobs[:warm], shas[:warm], cfg, mode, masks_fn, args.batch_size)
+    warm_rbc_ops(blobs[0], cfg)
     cols = {}
     cols["official"] = official(paths, c, masks_fn, args.batch_size, cfg.train.seed)
     read = parquet_read_ms(files, n)
-    for mode in ("dinov2", "albumentations", "rbc", "on_device"):
+    for mode in modes:
         rngs = [np.random.default_rng([cfg.train.seed, i, 1]) for i in range(n)]
         cols[mode] = {"read": read, **reddino(blobs, shas, cfg, mode, masks_fn, args.batch_size)}
     dev = device_side_ms(blobs, shas, cfg, min(args.batch_size, n))
     names = {"official": "official DINOv2", "dinov2": "reddino dinov2", "albumentations": "dinov2 (albument.)",
-             "rbc": "reddino rbc", "on_device": "on_device worker"}
+             "rbc": "reddino rbc", "rbc_albumentations": "rbc (albument.)", "on_device": "on_device worker"}
     print(f"\nms of CPU per image per core ({n} images, {args.preset} crops):")
     print(f"{'stage':16s}" + "".join(f"{names[k]:>20s}" for k in cols))
     totals = {k: sum(v.values()) for k, v in cols.items()}
@@ -320,6 +388,8 @@ def main() -> None:
     print(f"{'official / this':16s}" + "".join(f"{totals['official'] / totals[k]:20.2f}" for k in cols))
     print(f"on_device: crops made by the training device cost {dev:.3f} ms per image when that device is this CPU "
           f"(1 thread) — the work that left the data workers")
+    if args.per_op:
+        per_op(blobs, cfg)
     if args.json:
         import json
 
@@ -327,8 +397,11 @@ def main() -> None:
                                          "totals": totals, "device_side_cpu_ms": dev}, indent=1))
     r = totals["official"] / totals["dinov2"]
     ratio_line("augment_cost official/reddino dinov2 CPU ms per image", r, f">= {GOAL_RATIO}", r >= GOAL_RATIO,
-               f"[official {totals['official']:.2f} ms vs reddino {totals['dinov2']:.2f} ms; rbc "
-               f"{totals['rbc']:.2f} ms]")
+               f"[official {totals['official']:.2f} ms vs reddino {totals['dinov2']:.2f} ms]")
+    r = totals["official"] / totals["rbc"]
+    ratio_line("augment_cost official/reddino rbc CPU ms per image", r, f">= {GOAL_RATIO}", r >= GOAL_RATIO,
+               f"[official {totals['official']:.2f} ms vs reddino rbc {totals['rbc']:.2f} ms; with albumentations' "
+               f"own ops {totals['rbc_albumentations']:.2f} ms]")
     ratio_line("augment_cost on_device worker-side ms per image", totals["on_device"], f"<= {GOAL_DEVICE_MS}",
                totals["on_device"] <= GOAL_DEVICE_MS, f"[official/on_device {totals['official'] / totals['on_device']:.1f}x]")
 

@@ -64,7 +64,8 @@ CLAIMS = {
     "gpu_efficiency.py": ["model FLOPs per image (forward+backward, teacher+student)"],
     "recipe_probe.py": ["step 0 kNN-20", "RankMe"],
     "pass_overlap.py": ["overlap_passes=False:", "overlap_passes=True:", "whole-run img/s"],
-    "augment_cost.py": ["official DINOv2", "reddino dinov2", "on_device worker", "TOTAL"],
+    "augment_cost.py": ["official DINOv2", "reddino dinov2", "rbc (albument.)", "official/reddino rbc", "on_device worker",
+                        "TOTAL"],
 }
 
 

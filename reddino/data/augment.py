@@ -9,7 +9,8 @@ Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` (al
   draws them, applied with cv2 (:mod:`reddino.data.fastaug`), or on the training device (``crops.on_device``).
 * ``rbc``: RedDino (Zedda et al., MICCAI 2025): RandomResizedCrop → ``rbc_pick`` of 33 pixel-level
   albumentations transforms (each with p=``rbc_p``) → HorizontalFlip, VerticalFlip, RandomRotate90 (each
-  p=``flip_rotate_p``).
+  p=``flip_rotate_p``). The costliest (RandomFog, GlassBlur, RandomSunFlare, FancyPCA, RandomRotate90) run as
+  :mod:`reddino.data.rbcfast`'s cheaper equals: same draws, same pixels.
 * ``cell``: ours, for single-cell crops: the cues that name an RBC class (size, outline, aspect ratio,
   central pallor, colour) survive, the ones that do not (orientation, position, focus, noise, stain
   drift) vary. Square crops (aspect 1) at ``*_crops_scale`` → any-angle rotation (reflect border) → flips →
@@ -46,6 +47,7 @@ from reddino.data.fastaug import (
     solarize_cpu,
 )
 from reddino.data.images import decode_for_size, normalize_chw, resize_square
+from reddino.data.rbcfast import FAST
 
 
 #: Bump a policy's version whenever its output distribution changes (recorded with each run).
@@ -99,21 +101,26 @@ def build_dinov2(crops: CropConfig) -> list[CropRecipe]:
     return dinov2_recipes(crops)
 
 
-def rbc_pixel_transforms(p: float) -> list[A.BasicTransform]:
-    """Fresh instances of RedDino's 33 pixel-level transforms, each with probability ``p``."""
-    return [getattr(A, name)(p=p) for name in RBC_TRANSFORMS]
+def rbc_pixel_transforms(p: float, fast: bool = True) -> list[A.BasicTransform]:
+    """Fresh instances of RedDino's 33 pixel-level transforms, each with probability ``p``; ``fast=False``: all
+    albumentations' own (the reference :mod:`reddino.data.rbcfast` is tested and benchmarked against)."""
+    return [_rbc_op(name, fast)(p=p) for name in RBC_TRANSFORMS]
 
 
-def build_rbc(crops: CropConfig) -> CropPipelines:
+def _rbc_op(name: str, fast: bool) -> type[A.BasicTransform]:
+    return (FAST if fast else {}).get(name, getattr(A, name))
+
+
+def build_rbc(crops: CropConfig, fast: bool = True) -> CropPipelines:
     """RedDino's RBC policy: crop → ``rbc_pick`` of 33 pixel transforms → flips / 90° rotations."""
 
     def pipeline(size: int, scale: tuple[float, float]) -> A.Compose:
         ts: list[Any] = [_crop(size, scale)]
         if crops.rbc_pick > 0:
             n = min(crops.rbc_pick, len(RBC_TRANSFORMS))
-            ts.append(A.SomeOf(rbc_pixel_transforms(crops.rbc_p), n=n, replace=False, p=1.0))
+            ts.append(A.SomeOf(rbc_pixel_transforms(crops.rbc_p, fast), n=n, replace=False, p=1.0))
         fr = crops.flip_rotate_p
-        ts += [A.HorizontalFlip(p=fr), A.VerticalFlip(p=fr), A.RandomRotate90(p=fr)]
+        ts += [A.HorizontalFlip(p=fr), A.VerticalFlip(p=fr), _rbc_op("RandomRotate90", fast)(p=fr)]
         return _compose(ts)
 
     globals_ = [pipeline(crops.global_crops_size, crops.global_crops_scale) for _ in range(crops.global_crops_number)]

@@ -1,0 +1,339 @@
+"""Cheaper implementations of the costliest of RedDino's ``rbc`` transforms, pixel for pixel the same.
+
+Each class subclasses the albumentations transform it replaces, keeps its arguments and its random draws (same
+generators, same order, same number of values) and changes only how the pixels are computed, so a seeded
+pipeline gives the same crops as with albumentations (``tests/test_rbcfast.py`` checks every op against its
+albumentations original on fixed seeds):
+
+* ``RandomFog``: one blend per fog particle over the whole image becomes one count of the particles covering
+  each pixel and a table of the blend iterated that many times. Its particle positions (thousands of
+  ``random.randint`` calls) are drawn at once from CPython's own Mersenne Twister stream.
+* ``RandomSunFlare``: 40 whole-image blends of concentric discs become, per pixel, the index of the first disc
+  that covers it and a table of the blends from there; the small flare circles are blended on their pixels only.
+* ``GlassBlur``: the pixel swaps run on RGB packed into one uint32 per pixel with flat indices.
+* ``RandomRotate90`` (after the pixel transforms): ``cv2.rotate`` instead of a contiguous copy of ``np.rot90``.
+* ``FancyPCA``: the per-pixel colour noise is an affine map of RGB (one ``cv2.transform``), and the 3×3
+  covariance is one ``cv2.mulTransposed`` instead of ``np.cov``'s float64 copies. Its mean colour is exact where
+  albumentations' is a float32 running sum: a value may round 1 grey level the other way (none seen on Chula
+  patches at the default alpha).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+
+_MT_WORDS = 624  # CPython's and numpy's MT19937 state: 624 32-bit words + a position
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _load(mt: np.random.MT19937, state: tuple) -> None:
+    """Put ``mt`` in the state of a CPython ``random.Random`` (``getstate()``): it then gives the same 32-bit words."""
+    internal = state[1]
+    mt.state = {"bit_generator": "MT19937",
+                "state": {"key": np.array(internal[:_MT_WORDS], np.uint32), "pos": internal[_MT_WORDS]}}
+
+
+def py_randints(py: random.Random, draws: list[tuple[int, int, int]], mt: np.random.MT19937) -> list[np.ndarray]:
+    """For each ``(lo, hi, count)`` in order, ``count`` values of ``py.randint(lo, hi)``, as CPython draws them
+    (``_randbelow``: the top ``k = n.bit_length()`` bits of a 32-bit word, rejected while ≥ n), all at once
+    through ``mt`` (scratch: its state is overwritten); ``py`` is left as if the calls had been made."""
+    state = py.getstate()
+    _load(mt, state)
+    words = mt.random_raw(2 * sum(c for _, _, c in draws) + 64)  # acceptance > 1/2 per word
+    out, used = [], 0
+    for lo, hi, count in draws:
+        n = hi - lo + 1
+        while True:
+            cand = words[used:] >> (32 - n.bit_length())
+            ok = np.flatnonzero(cand < n)[:count]
+            if len(ok) == count:
+                break
+            words = np.concatenate([words, mt.random_raw(len(words))])
+        out.append(lo + cand[ok].astype(np.int64))
+        used += int(ok[-1]) + 1 if count else 0
+    _load(mt, state)
+    mt.random_raw(used)
+    s = mt.state["state"]
+    py.setstate((state[0], (*s["key"].tolist(), int(s["pos"])), state[2]))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _disc_rows(r: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last column offsets of each row (dy = -r..r) of ``cv2.circle``'s filled disc of radius r."""
+    canvas = np.zeros((2 * r + 1, 2 * r + 1), np.uint8)
+    cv2.circle(canvas, (r, r), r, 1, -1)
+    first = canvas.argmax(1) - r
+    last = r - canvas[:, ::-1].argmax(1)
+    empty = ~canvas.any(1)
+    first[empty], last[empty] = 1, -1
+    return first, last
+
+
+def _disc_spans(rs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int [len(rs), 2·max(rs) + 1] twice: per disc, :func:`_disc_rows` of its radius with rows centred on the
+    middle one; rows a disc does not reach are empty (first > last)."""
+    radii, which = np.unique(rs, return_inverse=True)
+    rmax = int(radii[-1])
+    first = np.ones((len(radii), 2 * rmax + 1), np.int64)
+    last = -first
+    for k, r in enumerate(radii.tolist()):
+        first[k, rmax - r : rmax + r + 1], last[k, rmax - r : rmax + r + 1] = _disc_rows(r)
+    return first[which], last[which]
+
+
+def disc_cover_counts(shape: tuple[int, int], xs: np.ndarray, ys: np.ndarray, rs: np.ndarray) -> np.ndarray:
+    """int [H, W]: how many of the filled discs (centres ``xs, ys``, radii ``rs``, as ``cv2.circle`` draws them)
+    cover each pixel; one +1/-1 pair per disc row, summed along the rows."""
+    h, w = shape
+    first, last = _disc_spans(rs)
+    rmax = first.shape[1] // 2
+    rows = ys[:, None] + np.arange(-rmax, rmax + 1)
+    lo = np.clip(xs[:, None] + first, 0, w)
+    hi = np.clip(xs[:, None] + last + 1, 0, w)
+    keep = (rows >= 0) & (rows < h) & (lo < hi)
+    start = rows[keep] * (w + 1)
+    n = h * (w + 1)
+    diff = np.bincount(start + lo[keep], minlength=n) - np.bincount(start + hi[keep], minlength=n)
+    return diff.reshape(h, w + 1).cumsum(1)[:, :w]
+
+
+def _iterated(table: np.ndarray, times: int) -> np.ndarray:
+    """uint8 [times + 1, 256]: row n is the 256-entry lookup ``table`` applied n times."""
+    out = np.empty((times + 1, 256), np.uint8)
+    out[0] = np.arange(256)
+    for n in range(1, times + 1):
+        out[n] = table[out[n - 1]]
+    return out
+
+
+def _lookup(tables: np.ndarray, index: np.ndarray, img: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, C]: ``tables[index[y, x], c, img[y, x, c]]`` for every pixel and channel; ``tables`` is
+    [K, C, 256], or [K, 1, 256] for one table per K shared by all channels."""
+    dtype = np.uint16 if len(tables) <= 256 else np.intp  # uint16 indices: a third of int64's time
+    row = index.astype(dtype) << 8
+    out = np.empty_like(img)
+    for c in range(img.shape[2]):  # per channel: numpy is slow on a trailing axis of 3
+        out[..., c] = np.take(tables[:, min(c, tables.shape[1] - 1)].ravel(), row | img[..., c])
+    return out
+
+
+def _blends(values: tuple[int, ...], alphas: np.ndarray) -> np.ndarray:
+    """uint8 [len(alphas), len(values), 256]: ``v → round(alpha * value + (1 - alpha) * v)`` per alpha and
+    channel value, in float32 as albumentations' ``add_weighted`` and ``cv2.addWeighted`` compute it."""
+    a = np.asarray(alphas, np.float64)[:, None, None]
+    value = np.asarray(values, np.float32)[None, :, None]
+    mixed = a.astype(np.float32) * value + (1 - a).astype(np.float32) * np.arange(256, dtype=np.float32)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def _rgb_uint8(img: np.ndarray) -> bool:
+    return img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The transforms
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RandomFog(A.RandomFog):
+    """albumentations' RandomFog: fog particles (discs) blended one by one toward white, then a Gaussian blur."""
+
+    @functools.cached_property
+    def _mt(self) -> np.random.MT19937:
+        return np.random.MT19937(0)  # scratch for py_randints, made once: seeding one costs ~0.1 ms
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        if h != w:  # x and y then alternate between two ranges: albumentations' draws, one by one
+            return super().get_params_dependent_on_data(params, data)
+        intensity = self.py_random.uniform(*self.fog_coef_range)
+        size = max(1, int(w // 3 * intensity))
+        centre = int(w / 2 - 0.5)
+        side, draws = w, []
+        for _ in range(10):  # albumentations' regions, shrinking by 10 % around the centre
+            if side <= size:
+                break
+            n = int(side * side / (size * size) * intensity * 10)
+            draws.append((centre - side // 2, centre + side // 2, 2 * n))  # x, y, x, y, ...
+            side = int(side * (1 - 0.1))
+        xy = np.zeros((0, 2), np.int64)
+        if draws:  # none on images of a few pixels
+            xy = np.concatenate(py_randints(self.py_random, draws, self._mt)).reshape(-1, 2)
+        r_max = max(2, int(w * 0.1 * intensity))
+        radii = self.random_generator.integers(max(1, r_max // 2), r_max, size=len(xy))
+        return {"particle_positions": xy, "intensity": intensity, "radiuses": radii}
+
+    def apply(self, img: np.ndarray, particle_positions: Any, radiuses: Any, intensity: float,
+              **params: Any) -> np.ndarray:
+        if not _rgb_uint8(img):
+            return super().apply(img, particle_positions, radiuses, intensity, **params)
+        xy, radii = np.asarray(particle_positions, np.int64).reshape(-1, 2), np.asarray(radiuses, np.int64)
+        alpha = self.alpha_coef * intensity
+        out = img.copy()
+        if len(radii):
+            counts = disc_cover_counts(img.shape[:2], xy[:, 0], xy[:, 1], radii)
+            step = _blends((255,), np.array([alpha]))[0, 0]
+            out = _lookup(_iterated(step, int(counts.max()))[:, None], counts, img)
+        k = max(3, min(img.shape[:2]) // 30)
+        k += 1 - k % 2
+        return cv2.GaussianBlur(out, (k, k), 0)
+
+
+class RandomSunFlare(A.RandomSunFlare):
+    """albumentations' RandomSunFlare (``method="overlay"``): small flare circles, then ``src_radius // 10``
+    concentric discs around the flare centre, each blended over the whole image."""
+
+    def apply(self, img: np.ndarray, flare_center: tuple[float, float], circles: list[Any],
+              **params: Any) -> np.ndarray:
+        if self.method != "overlay" or not _rgb_uint8(img):
+            return super().apply(img, flare_center, circles, **params)
+        out = self._circles(img, circles)
+        return self._sun(out, tuple(int(v) for v in flare_center), circles)
+
+    @staticmethod
+    def _circles(img: np.ndarray, circles: list[Any]) -> np.ndarray:
+        """Each circle is drawn onto a running overlay, then the overlay is blended with its alpha: only pixels
+        under some circle change, so the blends run on those pixels alone."""
+        h, w = img.shape[:2]
+        under = np.zeros((h, w), np.uint8)
+        for _, centre, radius, _ in circles:
+            cv2.circle(under, centre, radius, 1, -1)
+        idx = np.flatnonzero(under)
+        inside = _in_discs(np.divmod(idx, w), circles)
+        flat = img.reshape(-1, 3)
+        overlay, out = flat[idx].astype(np.float32), flat[idx].astype(np.float32)
+        for k, (alpha, _, _, colour) in enumerate(circles):
+            overlay[inside[k]] = colour
+            out *= np.float32(1 - alpha)
+            out += np.float32(alpha) * overlay
+            np.rint(out, out=out)  # albumentations rounds to uint8 after every blend
+        res = img.copy()
+        res.reshape(-1, 3)[idx] = out
+        return res
+
+    def _sun(self, img: np.ndarray, centre: tuple[int, int], circles: list[Any]) -> np.ndarray:
+        """Disc i (growing radii) is blended toward ``src_color`` with alpha a[n - 1 - i]³: a pixel first covered
+        by disc j gets blends j..n-1 (the discs nest), one table per j."""
+        n = self.src_radius // 10
+        if n == 0:
+            return img
+        radii = sum(c[2] for c in circles)
+        a_max = min(sum(c[0] * c[2] for c in circles) / radii * 5, 1.0)
+        a = np.linspace(0.0, a_max, num=n)[::-1]
+        alphas = a * a * a  # albumentations' product, to the last bit
+        discs = np.linspace(1, self.src_radius, num=n).astype(int)
+        h, w = img.shape[:2]
+        corner = max(np.hypot(x - centre[0], y - centre[1]) for x in (0, w - 1) for y in (0, h - 1))
+        whole = min(int(np.searchsorted(discs, corner + 2)), n)  # discs from here on cover every pixel
+        first = np.full((h, w), whole, np.uint16)
+        for i in range(whole - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
+            cv2.circle(first, centre, int(discs[i]), i, -1)
+        steps = _blends(tuple(self.src_color[:3]), alphas) + np.arange(0, 768, 256, dtype=np.intp)[:, None]
+        tables = np.empty((n + 1, 3, 256), np.uint8)
+        tables[n] = np.arange(256)
+        for j in range(n - 1, -1, -1):
+            tables[j] = np.take(tables[j + 1], steps[j])
+        return _lookup(tables, first, img)
+
+
+def _in_discs(yx: tuple[np.ndarray, np.ndarray], circles: list[Any]) -> np.ndarray:
+    """bool [len(circles), len(pixels)]: which of the pixels at rows, columns ``yx`` each circle (``cv2.circle``'s
+    filled disc) covers."""
+    ys, xs = yx
+    cx, cy, rs = (np.array([c[1][0] for c in circles]), np.array([c[1][1] for c in circles]),
+                  np.array([c[2] for c in circles]))
+    first, last = _disc_spans(rs)
+    rmax = first.shape[1] // 2
+    dy = ys[None] - cy[:, None]
+    row = np.clip(dy + rmax, 0, 2 * rmax)
+    dx = xs[None] - cx[:, None]
+    lo, hi = np.take_along_axis(first, row, 1), np.take_along_axis(last, row, 1)
+    return (np.abs(dy) <= rmax) & (dx >= lo) & (dx <= hi)
+
+
+class GlassBlur(A.GlassBlur):
+    """albumentations' GlassBlur (``mode="fast"``): Gaussian blur, then each inner pixel swapped with a random
+    neighbour, ``iterations`` times, then blurred again."""
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, np.ndarray]:
+        h, w = params["shape"][:2]
+        n = (h - 2 * self.max_delta) * (w - 2 * self.max_delta)
+        # int32: the same values as albumentations' int64 draw (both take one 32-bit word per value), half the bytes
+        dxy = self.random_generator.integers(-self.max_delta, self.max_delta, size=(n, self.iterations, 2),
+                                             dtype=np.int32)
+        return {"dxy": dxy}
+
+    def apply(self, img: np.ndarray, *args: Any, dxy: np.ndarray, **params: Any) -> np.ndarray:
+        if self.mode != "fast" or not _rgb_uint8(img):
+            return super().apply(img, *args, dxy=dxy, **params)
+        h, w = img.shape[:2]
+        x = cv2.GaussianBlur(img, sigmaX=self.sigma, ksize=(0, 0))
+        px = np.ascontiguousarray(cv2.cvtColor(x, cv2.COLOR_RGB2RGBA)).view(np.uint32).reshape(-1)
+        d = self.max_delta
+        p = _glass_pixels(h, w, d)
+        inner = px.reshape(h, w)[d + 1 : h - d + 1, d + 1 : w - d + 1][::-1, ::-1].T  # px[p], as a view
+        for i in range(self.iterations):
+            q = p + dxy[:, i, 0] * w + dxy[:, i, 1]
+            moved, kept = px[q], inner.ravel()
+            inner[...] = moved.reshape(inner.shape)
+            px[q] = kept  # in this order, as albumentations: later duplicates of q win
+        swapped = cv2.cvtColor(px.view(np.uint8).reshape(h, w, 4), cv2.COLOR_RGBA2RGB)
+        return cv2.GaussianBlur(swapped, sigmaX=self.sigma, ksize=(0, 0))
+
+
+@functools.lru_cache(maxsize=8)
+def _glass_pixels(h: int, w: int, d: int) -> np.ndarray:
+    """Flat indices of GlassBlur's inner pixels, in albumentations' order (rows fastest, both descending)."""
+    rows, cols = np.arange(h - d, d, -1), np.arange(w - d, d, -1)
+    return np.tile(rows, len(cols)) * w + np.repeat(cols, len(rows))
+
+
+class FancyPCA(A.FancyPCA):
+    """albumentations' FancyPCA: RGB in [0, 1] plus ``(x - mean) · (V · diag(alpha · eigenvalues))ᵀ`` with the
+    eigenvectors V (descending eigenvalues) of the image's colour covariance."""
+
+    def apply(self, img: np.ndarray, alpha_vector: np.ndarray, **params: Any) -> np.ndarray:
+        if not _rgb_uint8(img):
+            return super().apply(img, alpha_vector, **params)
+        x = cv2.LUT(img, _UNIT)
+        mean = np.array(cv2.mean(x)[:3])
+        cov = cv2.mulTransposed(x.reshape(-1, 3), True, delta=mean[None].astype(np.float32), dtype=cv2.CV_64F)
+        cov /= img.shape[0] * img.shape[1] - 1
+        vals, vecs = np.linalg.eigh(cov)
+        order = vals[::-1].argsort()
+        a = vecs[:, order] * (alpha_vector * vals[order])
+        y = cv2.transform(x, np.hstack([np.eye(3) + a, (-a @ mean)[:, None]]))
+        return np.rint(np.clip(y, 0, 1, out=y) * np.float32(255), out=y).astype(np.uint8)
+
+
+_UNIT = np.arange(256, dtype=np.float32) / 255  # albumentations' uint8 → float32 [0, 1]
+
+
+class RandomRotate90(A.RandomRotate90):
+    """albumentations' RandomRotate90 with its image rotated by ``cv2.rotate``: albumentations makes ``np.rot90``'s
+    view contiguous, a strided copy ~15x slower on RGB."""
+
+    def apply(self, img: np.ndarray, factor: int, **params: Any) -> np.ndarray:
+        if not _rgb_uint8(img):
+            return super().apply(img, factor, **params)
+        return cv2.rotate(img, _ROTATIONS[factor]) if factor else img
+
+
+_ROTATIONS = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}  # np.rot90's k
+
+#: albumentations class name → its cheaper equal (the ``rbc`` policy, :func:`reddino.data.augment.build_rbc`).
+FAST: dict[str, type[A.BasicTransform]] = {
+    "RandomFog": RandomFog, "RandomSunFlare": RandomSunFlare, "GlassBlur": GlassBlur, "FancyPCA": FancyPCA,
+    "RandomRotate90": RandomRotate90,
+}

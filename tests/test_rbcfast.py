@@ -1,0 +1,105 @@
+"""reddino.data.rbcfast: each cheaper op gives albumentations' pixels from albumentations' draws."""
+
+import random
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+
+from reddino.config import CropConfig, MaskConfig
+from reddino.data import rbcfast
+from reddino.data.augment import MultiCropTransform, build_rbc
+
+
+def _smear(size: int, seed: int) -> np.ndarray:
+    """A smear-like RGB image: pale background, reddish discs with pale centres, noise."""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size, 3), (225, 205, 215), np.uint8)
+    for _ in range(size // 12):
+        c, r = tuple(int(v) for v in rng.integers(0, size, 2)), int(rng.integers(size // 16, size // 7))
+        cv2.circle(img, c, r, tuple(int(v) for v in rng.integers(120, 200, 3)), -1)
+        cv2.circle(img, c, r // 3, (200, 170, 185), -1)
+    noisy = img.astype(np.int16) + rng.integers(-12, 13, img.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def _run(cls, img: np.ndarray, seed: int, **kw):
+    t = cls(p=1.0, **kw)
+    t.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    out = t(image=img)["image"]
+    return out, t.py_random.random(), t.random_generator.random()  # the generators' states after the op
+
+
+# FancyPCA's default alpha (0.1) moves a smear's pixels by < 0.5 grey level: a larger one tests its colour map.
+# Its mean colour is exact here and a float32 running sum there (~1e-4 off), which the large alpha turns into a
+# few pixels one grey level apart (none at the default alpha on 24 Chula patches).
+_ARGS = {"FancyPCA": {"alpha": 50.0}}
+_OFF_BY_ONE = {"FancyPCA": 0.01}  # at most this fraction of values 1 grey level off; all others exact
+
+
+@pytest.mark.parametrize("name", sorted(rbcfast.FAST))
+@pytest.mark.parametrize("size", [98, 64])
+def test_same_pixels_and_draws_as_albumentations(name, size):
+    changes = []
+    for seed in range(4):
+        img = _smear(size, seed)
+        fast, fast_py, fast_np = _run(rbcfast.FAST[name], img, seed, **_ARGS.get(name, {}))
+        ref, ref_py, ref_np = _run(getattr(A, name), img, seed, **_ARGS.get(name, {}))
+        assert fast.dtype == np.uint8 and fast.shape == img.shape
+        diff = np.abs(fast.astype(int) - ref)
+        assert diff.max() <= (1 if name in _OFF_BY_ONE else 0), f"{name} seed {seed}"
+        assert (diff > 0).mean() <= _OFF_BY_ONE.get(name, 0.0), f"{name} seed {seed}"
+        assert (fast_py, fast_np) == (ref_py, ref_np)  # the ops after it draw the same values too
+        changes.append(np.abs(fast.astype(int) - img).mean())
+    assert min(changes) > 0.5 or (name == "RandomRotate90" and max(changes) > 0.5), (name, changes)  # 0° is a draw
+
+
+def test_rotate90_every_factor_is_np_rot90():
+    img = _smear(40, 0)[:, :30]  # not square: the axes must not swap the wrong way
+    for k in range(4):
+        np.testing.assert_array_equal(rbcfast.RandomRotate90(p=1.0).apply(img, factor=k), np.rot90(img, k))
+
+
+def test_non_square_images_fall_back_to_albumentations_draws():
+    img = _smear(80, 0)[:, :56]
+    fast, *fast_state = _run(rbcfast.RandomFog, img, 3)
+    ref, *ref_state = _run(A.RandomFog, img, 3)
+    np.testing.assert_array_equal(fast, ref)
+    assert fast_state == ref_state
+
+
+def test_py_randints_is_cpythons_randint_stream():
+    draws = [(0, 223, 500), (-5, 5, 7), (3, 3, 4), (10, 17, 300), (0, 1, 0), (0, 2**20, 50)]
+    a, b = random.Random(11), random.Random(11)
+    got = rbcfast.py_randints(a, draws, np.random.MT19937(5))
+    for (lo, hi, count), values in zip(draws, got):
+        assert values.tolist() == [b.randint(lo, hi) for _ in range(count)]
+    assert a.random() == b.random()
+
+
+def test_disc_cover_counts_match_cv2_circles():
+    rng = np.random.default_rng(0)
+    n = 60
+    xs, ys, rs = rng.integers(-10, 70, n), rng.integers(-10, 60, n), rng.integers(1, 15, n)
+    expected = np.zeros((50, 64), np.int64)
+    for x, y, r in zip(xs, ys, rs):
+        disc = np.zeros((50, 64), np.uint8)
+        cv2.circle(disc, (int(x), int(y)), int(r), 1, -1)
+        expected += disc
+    np.testing.assert_array_equal(rbcfast.disc_cover_counts((50, 64), xs, ys, rs), expected)
+
+
+def test_rbc_policy_crops_equal_albumentations_only_policy():
+    # every transform applied (33 of 33, p=1), so each fast op runs on every crop
+    crops = CropConfig(policy="rbc", global_crops_size=56, local_crops_size=28, local_crops_number=1, rbc_pick=33,
+                       rbc_p=1.0)
+    imgs = [_smear(64, s) for s in range(2)]
+    batch = {"image": [cv2.imencode(".png", im)[1].tobytes() for im in imgs], "sha256": np.array(["a", "b"])}
+    fast = MultiCropTransform(crops, MaskConfig(), 14, resize=64, normalize=False)
+    ref = MultiCropTransform(crops, MaskConfig(), 14, resize=64, normalize=False)
+    ref.pipelines = build_rbc(crops, fast=False)
+    assert any(isinstance(t, rbcfast.RandomFog) for t in fast.pipelines.local_crops.transforms[1].transforms)
+    a, b = fast(batch), ref(batch)
+    for k in ("global_crops", "local_crops", "masks"):
+        np.testing.assert_array_equal(a[k], b[k])
