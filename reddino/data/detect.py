@@ -41,7 +41,7 @@ from typing import Any, Callable, Protocol
 import cv2
 import numpy as np
 
-CLASSICAL_VERSION = "1.0"
+CLASSICAL_VERSION = "1.1"
 BORDER_CUT = "border_cut"
 CLUMP = "clump"
 
@@ -131,7 +131,8 @@ class ClassicalParams:
     nucleus_min_area: float = 0.04  # nuclear blobs of at least this many cell areas are nuclei (white cells)
     nucleus_frac: float = 0.15  # drop pieces with more nuclear pixels than this fraction ...
     nucleus_near: float = 0.5  # ... or more than half inside a nucleus grown by this many radii
-    clump_cell_area: float = 1.1  # a clump with fewer distance maxima than area / (this x cell area) is k-means split
+    clump_cell_area: float = 1.05  # a clump with fewer distance maxima than area / (this x cell area) is k-means split
+    # (1.05, not 1.1: overlapping cells take less than a cell area each; 1.1 left 13 % of dense Chula fields merged)
     clump_area: float = 2.2  # flag pieces still bigger than this many cell areas
     tile: int = 1024  # process images larger than this (either side) in tiles (memory grows with the tile)
     tile_overlap: float = 3.0  # tile margin, in cell radii
