@@ -82,6 +82,27 @@ def test_border_cut_cells_are_flagged_and_boxes_hold_their_centres():
             assert BORDER_CUT not in c.flags
 
 
+def test_grey_dust_of_cell_size_is_dropped_not_reported():
+    # a neutral-density blob (a fibre, dust, a pointer shadow): as dark as a cell but as dense in red as in green
+    img, cells = _smear(0, n_cells=15, touching=2)
+    r = cells[0]["r"]
+    yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
+    far = [(x, y) for y in range(60, img.shape[0] - 60, 10) for x in range(60, img.shape[1] - 60, 10)
+           if min(np.hypot(x - c["x"], y - c["y"]) for c in cells) > 3 * r]
+    x, y = far[0]
+    img = img.copy()
+    blob = np.hypot(xx - x, yy - y) < r
+    img[blob] = (img[blob] * 0.6).astype(np.uint8)
+
+    def near(det):
+        return [c for c in det.cells if np.hypot(c.cx - x, c.cy - y) < r]
+
+    det = get_detector().detect(img)
+    assert not near(det) and det.dropped.get("grey", 0) >= 1, det.dropped
+    assert near(get_detector(grey_frac=1.01).detect(img)), "without the grey filter the blob is a cell"
+    assert len(det.cells) >= len(cells) - 1
+
+
 # --------------------------------------------------------------------------- bad input
 
 
