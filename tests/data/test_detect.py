@@ -82,6 +82,27 @@ def test_border_cut_cells_are_flagged_and_boxes_hold_their_centres():
             assert BORDER_CUT not in c.flags
 
 
+def test_grey_dust_of_cell_size_is_dropped_not_reported():
+    # a neutral-density blob (a fibre, dust, a pointer shadow): as dark as a cell but as dense in red as in green
+    img, cells = _smear(0, n_cells=15, touching=2)
+    r = cells[0]["r"]
+    yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
+    far = [(x, y) for y in range(60, img.shape[0] - 60, 10) for x in range(60, img.shape[1] - 60, 10)
+           if min(np.hypot(x - c["x"], y - c["y"]) for c in cells) > 3 * r]
+    x, y = far[0]
+    img = img.copy()
+    blob = np.hypot(xx - x, yy - y) < r
+    img[blob] = (img[blob] * 0.6).astype(np.uint8)
+
+    def near(det):
+        return [c for c in det.cells if np.hypot(c.cx - x, c.cy - y) < r]
+
+    det = get_detector().detect(img)
+    assert not near(det) and det.dropped.get("grey", 0) >= 1, det.dropped
+    assert near(get_detector(grey_frac=1.01).detect(img)), "without the grey filter the blob is a cell"
+    assert len(det.cells) >= len(cells) - 1
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -171,6 +192,20 @@ def test_chula_smears_recall_of_labelled_centres(n, min_recall):
         whole = [i for i, c in enumerate(det.cells) if BORDER_CUT not in c.flags]
         hit = set(m.label_to_cell[m.label_to_cell >= 0].tolist())
         assert sum(i in hit for i in whole) / len(whole) >= 0.9
+
+
+@pytest.mark.skipif(not CHULA.is_dir(), reason=f"Chula RBC-12 not found at {CHULA} (shared data absent)")
+def test_dense_chula_fields_clumps_are_cut_into_as_many_cells_as_their_area_holds():
+    # photos 251 and 263: clumps of overlapping cells; clump_cell_area 1.1 matched 0.868 of their centres, 1.05 0.892
+    from reddino.data.images import decode_image_strict
+
+    hit = tot = 0
+    for n in (251, 263):
+        img = decode_image_strict((CHULA / "Dataset" / f"{n}.jpg").read_bytes())
+        pts, _ = chula_points(CHULA / "Label" / f"{n}.txt")
+        m = match_centres(get_detector().detect(img, keep_labels=True), pts)
+        hit, tot = hit + m.matched, tot + m.n_labels
+    assert hit / tot >= 0.88, (hit, tot)
 
 
 @pytest.mark.skipif(not BCCD.is_dir(), reason=f"BCCD not found at {BCCD} (shared data absent)")
