@@ -345,10 +345,7 @@ class RunConfig(_Section):
             found = re.search(r"patch(\d+)", self.model.arch)
             patch, why = (int(found.group(1)), f"model.arch {self.model.arch}") if found else (None, "")
         if patch:
-            sizes = [("model.img_size", self.model.img_size), ("crops.global_crops_size", self.crops.global_crops_size)]
-            if self.crops.local_crops_number:
-                sizes.append(("crops.local_crops_size", self.crops.local_crops_size))
-            for key, size in sizes:
+            for key, size in self._input_sizes():
                 if size % patch:
                     raise FieldError(key, f"must be a multiple of the patch size {patch} ({why}), got {size}",
                                      related=("model.patch_size", "model.arch"))
@@ -364,16 +361,20 @@ class RunConfig(_Section):
                                  related=("train.epochs",))
         return self
 
+    def _input_sizes(self) -> list[tuple[str, int]]:
+        """(key, size) of every image size the backbone sees: the model's own and each crop in use."""
+        sizes = [("model.img_size", self.model.img_size), ("crops.global_crops_size", self.crops.global_crops_size)]
+        if self.crops.local_crops_number:
+            sizes.append(("crops.local_crops_size", self.crops.local_crops_size))
+        return sizes
+
     def _check_conv_stride(self) -> None:
         # A ConvNeXt downsamples by 32 (timm's default; `output_stride` 16 or 8 dilates the last stages instead):
         # a smaller crop would fail at the first step inside a worker.
         if not self.model.arch.startswith("convnext"):
             return
         stride = int((self.model.timm_kwargs or {}).get("output_stride", 32))
-        sizes = [("model.img_size", self.model.img_size), ("crops.global_crops_size", self.crops.global_crops_size)]
-        if self.crops.local_crops_number:
-            sizes.append(("crops.local_crops_size", self.crops.local_crops_size))
-        for key, size in sizes:
+        for key, size in self._input_sizes():
             if size < stride:
                 raise FieldError(key, f"must be at least the total stride {stride} of {self.model.arch} "
                                  f"(model.timm_kwargs output_stride), got {size}",
