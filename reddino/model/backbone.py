@@ -43,7 +43,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from reddino.model import family
+from reddino.model import convert, family
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +214,7 @@ def _looks_like_safetensors(p: Path) -> bool:
 
 def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
     """Descend into ``{"model": ...}`` / ``{"state_dict": ...}`` / ``{"teacher": ...}`` wrappers to a ViT's tensors."""
-    from reddino.model.convert import unwrap_state
-
-    return unwrap_state(obj, lambda k, v: isinstance(v, torch.Tensor) and k.endswith("pos_embed"))
+    return convert.unwrap_state(obj, lambda k, v: isinstance(v, torch.Tensor) and k.endswith("pos_embed"))
 
 
 def _backbone_prefix(keys: list[str]) -> str:
@@ -256,10 +254,8 @@ def convert_state_dict(state: dict[str, Any], model: VisionTransformer) -> tuple
             log.info("ignoring classifier weight %s", k)
             out.pop(k)
 
-    from reddino.model.convert import check_tokens
-
-    check_tokens(out, model, "register tokens", hint="use a *_reg4_* arch for weights with registers and a plain "
-                 "arch for weights without registers")
+    convert.check_tokens(out, model, "register tokens", hint="use a *_reg4_* arch for weights with registers "
+                         "and a plain arch for weights without registers")
     has_reg = "reg_token" in out
     pe = out.get("pos_embed")
     if pe is not None and model.pos_embed is not None:
@@ -301,8 +297,6 @@ def load_pretrained(model: nn.Module, path: str | Path) -> torch.Tensor | None:
 
     Returns the DINOv2 / DINOv3 ``mask_token`` ([1, D]) if the file had one, else None.
     """
-    from reddino.model import convert
-
     state = read_state_dict(path)
     try:
         convert.check_layout(state, model)
