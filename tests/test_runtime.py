@@ -18,13 +18,20 @@ class Marker:
 
 marker = Marker.options(name="reddino-probe-marker").remote()
 ray.get(marker.ping.remote())
+# A Parquet read on the local Ray: Ray Data's footer readers are actors (a process each), few on a small machine.
+import tempfile, pyarrow as pa, pyarrow.parquet as pq
+shards = tempfile.mkdtemp()
+pq.write_table(pa.table({"x": [1, 2, 3]}), shards + "/a.parquet")
+assert len(ray.data.read_parquet(shards).take_all()) == 3
 info = ray._private.worker.global_worker.node.address_info
 procs = [psutil.Process()] + psutil.Process().children(recursive=True)
 pids = {p.pid for p in procs}
 listen = [f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections(kind="inet")
           if c.status == psutil.CONN_LISTEN and c.pid in pids]
 print("RESULT", json.dumps({"gcs": info["gcs_address"], "webui": info["webui_url"], "listen": listen,
-                            "actors": [a.name for a in list_actors(address=info["gcs_address"])]}))
+                            "actors": [a.name for a in list_actors(address=info["gcs_address"])],
+                            "footer_readers": sum(a.class_name == "FooterReader"
+                                                  for a in list_actors(address=info["gcs_address"], limit=1000))}))
 ray.shutdown()
 """
 
@@ -46,6 +53,8 @@ def test_local_ray_is_loopback_only_with_its_own_state_api():
     assert not exposed, f"listeners outside loopback: {exposed}"
     # The State API answered with this session's actors (it raises without this session's own dashboard).
     assert "reddino-probe-marker" in res["actors"]
+    # Ray's default is 32 footer-reader processes per read: tens of seconds of start-up on 2 cores, per dataset.
+    assert res["footer_readers"] == 1, res["footer_readers"]
 
 
 NOTICE_PROBE = r"""
