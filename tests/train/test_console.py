@@ -47,6 +47,7 @@ def test_pretrain_console_has_no_ray_chatter_and_no_repeats(tmp_path):
     assert len(out.splitlines()) < 60, out
 
 
+@pytest.mark.slow  # the quick demo test asserts the same of its Ray Data evaluation
 def test_embed_and_evaluate_consoles_are_their_own_lines_only(tmp_path):
     """Ray Data batch inference (forced for evaluate) prints no Ray internals: only the command's own result."""
     import torch
@@ -103,6 +104,7 @@ def _on_a_terminal(cmd: list[str]) -> tuple[int, str]:
     return proc.returncode, b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow  # the collapse-guard test in test_pretrain.py runs the worker -> progress.json -> bar path
 def test_pretrain_on_a_terminal_draws_one_live_bar_instead_of_step_lines(tmp_path):
     """Under a pseudo-terminal: a rich bar fed by the worker's progress.json, no per-step lines."""
     returncode, out = _on_a_terminal(_pretrain_cmd(tmp_path))

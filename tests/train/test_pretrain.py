@@ -95,9 +95,16 @@ def test_kill_then_resume_past_a_damaged_checkpoint_continues_step_and_data_posi
     assert any(p.endswith(".safetensors") for p in artifacts)
 
 
-def test_collapse_guard_warns_once_then_a_non_finite_loss_stops_cleanly(ray_train, synth, tmp_path):
+def test_collapse_guard_warns_once_then_a_non_finite_loss_stops_cleanly(ray_train, synth, tmp_path, monkeypatch,
+                                                                         capfd):
     # Collapse thresholds every run meets, so the guard's plumbing is what is tested (the signs themselves:
     # test_ssl); then a NaN loss at step 7 stops the run, keeping the last good checkpoint.
+    # The driver acts as on a terminal: the worker feeds the live bar through progress.json (tests/train/
+    # test_console.py runs the CLI under a real pseudo-terminal, marked slow).
+    import reddino.train.progress
+
+    monkeypatch.setattr(reddino.train.progress, "live_wanted", lambda: True)
+    monkeypatch.setenv("COLUMNS", "200")  # the whole bar on one line
     cfg = _cfg(synth, tmp_path, steps=10, workers=1, **{"train.collapse_uniform_frac": 0.0})
 
     def nan_at_7(step, loss, parts):
@@ -120,6 +127,12 @@ def test_collapse_guard_warns_once_then_a_non_finite_loss_stops_cleanly(ray_trai
     # Every run draws its learning curve, a stopped one too (RankMe and losses here; kNN when eval.data is set).
     curve = result.run_dir / "learning_curve.png"
     assert curve.stat().st_size > 5000 and curve.read_bytes()[:4] == b"\x89PNG"
+    import json
+
+    progress = json.loads((result.run_dir / "progress.json").read_text())
+    assert progress["step"] == 7 and {"loss", "lr", "ips"} <= set(progress), progress  # the last finished step
+    bar = capfd.readouterr().out
+    assert "pretrain nan" in bar and "7/10" in bar and "img/s" in bar, bar  # the bar the driver drew from it
 
 
 
