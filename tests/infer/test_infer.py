@@ -198,6 +198,10 @@ def test_embed_then_evaluate_and_probe_fit_read_the_store(world, ray_local, tmp_
 
 
 def _serve(model_uri: str, tmp_path: Path, tag: str):
+    return _ready(*_start_server(model_uri, tmp_path, tag), tmp_path, tag)
+
+
+def _start_server(model_uri: str, tmp_path: Path, tag: str):
     port = free_port()
     log = open(tmp_path / f"serve-{tag}.log", "w")
     proc = subprocess.Popen(
@@ -206,7 +210,10 @@ def _serve(model_uri: str, tmp_path: Path, tag: str):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # mlflow execs `uvicorn` by name: the venv's bin dir must be on PATH, as in an activated venv.
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _ready(proc, url: str, tmp_path: Path, tag: str):
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -247,23 +254,22 @@ def test_mlflow_scoring_server_answers_embeddings_and_probe_predictions(world, m
     model, _ = resolve_model(str(world["bb1"]))
     local = extract_features(model, [decode_image(b) for b in blobs])
 
-    proc, url = _serve("models:/bbs@candidate", tmp_path, "bb")
+    probe = fit_probe(str(world["bb1"]), world["train"], cache_dir=tmp_path / "c")
+    register_probe(probe, "bbs-probe")
+    # Both servers start side by side (each spends its start-up importing MLflow and torch).
+    servers = {tag: _start_server(uri, tmp_path, tag)
+               for tag, uri in (("bb", "models:/bbs@candidate"), ("probe", "models:/bbs-probe@candidate"))}
     try:
+        (_, url), (_, probe_url) = (_ready(*servers[tag], tmp_path, tag) for tag in ("bb", "probe"))
         body = {"dataframe_split": {"columns": ["image"],
                                     "data": [[base64.b64encode(b).decode()] for b in blobs]}}
         emb = np.asarray(_post(url, body)["predictions"], dtype=np.float32)
+        preds = _post(probe_url, {"inputs": emb.tolist()})["predictions"]
     finally:
-        _stop(proc)
+        for proc, _ in servers.values():
+            _stop(proc)
     assert emb.shape == (2, 192)
     np.testing.assert_allclose(emb, local, rtol=1e-4, atol=1e-4)
-
-    probe = fit_probe(str(world["bb1"]), world["train"], cache_dir=tmp_path / "c")
-    register_probe(probe, "bbs-probe")
-    proc, url = _serve("models:/bbs-probe@candidate", tmp_path, "probe")
-    try:
-        preds = _post(url, {"inputs": emb.tolist()})["predictions"]
-    finally:
-        _stop(proc)
     assert preds == probe.estimator.predict(local).tolist()
 
 
