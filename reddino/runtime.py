@@ -75,12 +75,19 @@ def mlflow_at(uri: str):
     from mlflow.tracking._tracking_service import utils as trk  # noqa: PLC0415
 
     before = (trk._tracking_uri, reg._registry_uri)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses): put the variables back too.
+    env_before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield uri
     finally:
         trk._tracking_uri, reg._registry_uri = before
+        for key, value in env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 PROBE_TIMEOUT_S = 5.0  # an http(s) MLflow server must answer within this

@@ -16,7 +16,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 
 from reddino.errors import PreflightError
-from reddino.runtime import default_tracking_uri
+from reddino.runtime import default_tracking_uri, mlflow_at
 
 DEFAULT_NAME = "reddino-backbone"
 BACKBONE_ARTIFACT = "backbone"
@@ -51,8 +51,6 @@ def _client(tracking_uri: str | None = None, announce: bool = True) -> MlflowCli
     if announce and uri not in _ANNOUNCED:
         _ANNOUNCED.add(uri)
         print(f"[reddino] model registry: {uri}", file=sys.stderr, flush=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -160,8 +158,9 @@ def _resolve_run(run: str, client: MlflowClient) -> tuple[Path, str | None]:
         if _not_found(exc):
             raise PreflightError(f"{run!r} is neither an existing path nor a run id in {client.tracking_uri}") from None
         raise
-    local = mlflow.artifacts.download_artifacts(run_id=run, artifact_path=BACKBONE_ARTIFACT,
-                                                dst_path=tempfile.mkdtemp(prefix="reddino-reg-"))
+    with mlflow_at(client.tracking_uri):
+        local = mlflow.artifacts.download_artifacts(run_id=run, artifact_path=BACKBONE_ARTIFACT,
+                                                    dst_path=tempfile.mkdtemp(prefix="reddino-reg-"))
     return _find_export(Path(local)), run
 
 
@@ -221,21 +220,22 @@ def register_backbone(
         tags[f"metric.{key}"] = f"{float(value):.6f}"
     for key, value in (baselines or {}).items():
         tags[f"baseline.{key}"] = f"{float(value):.6f}"
-    mlflow.set_experiment("reddino-registry")
-    with mlflow.start_run(run_name=f"register-{name}") as reg_run:
-        mlflow.set_tags(tags)
-        if metrics:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        with _quiet_log_model():
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=BackboneEmbedder(),
-                artifacts=artifacts,
-                input_example=examples,
-                pip_requirements=["reddino", "torch", "timm", "mlflow"],
-                registered_model_name=name,
-                metadata={"reddino": {k: v for k, v in meta.items() if isinstance(v, (str, int, float))}},
-            )
+    with mlflow_at(client.tracking_uri):  # start_run and log_model read MLflow's process-wide URIs
+        mlflow.set_experiment("reddino-registry")
+        with mlflow.start_run(run_name=f"register-{name}") as reg_run:
+            mlflow.set_tags(tags)
+            if metrics:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+            with _quiet_log_model():
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=BackboneEmbedder(),
+                    artifacts=artifacts,
+                    input_example=examples,
+                    pip_requirements=["reddino", "torch", "timm", "mlflow"],
+                    registered_model_name=name,
+                    metadata={"reddino": {k: v for k, v in meta.items() if isinstance(v, (str, int, float))}},
+                )
     version = info.registered_model_version
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
@@ -261,16 +261,17 @@ def register_probe(probe, *, backbone: str, name: str | None = None, metrics: di
     name = name or f"{Path(bname).name}-probe"
     n_features = getattr(probe, "n_features_in_", None)
     example = np.zeros((1, int(n_features)), dtype=np.float32) if n_features else None
-    mlflow.set_experiment("reddino-registry")
-    with mlflow.start_run(run_name=f"register-{name}"):
-        if metrics:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        for path in artifacts:
-            mlflow.log_artifact(str(path), artifact_path="probe")
-        with _quiet_log_model():
-            info = mlflow.sklearn.log_model(probe, name="model", registered_model_name=name, input_example=example,
-                                            pip_requirements=["scikit-learn", "reddino"],
-                                            skops_trusted_types=PROBE_TYPES)
+    with mlflow_at(client.tracking_uri):
+        mlflow.set_experiment("reddino-registry")
+        with mlflow.start_run(run_name=f"register-{name}"):
+            if metrics:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+            for path in artifacts:
+                mlflow.log_artifact(str(path), artifact_path="probe")
+            with _quiet_log_model():
+                info = mlflow.sklearn.log_model(probe, name="model", registered_model_name=name, input_example=example,
+                                                pip_requirements=["scikit-learn", "reddino"],
+                                                skops_trusted_types=PROBE_TYPES)
     version = str(info.registered_model_version)
     all_tags = {"reddino.kind": "probe", "reddino.backbone": backbone, **(tags or {})}
     if classes:
@@ -316,11 +317,12 @@ def load_probe_version(ref: str, tracking_uri: str | None = None) -> tuple[Any, 
     if (mv.tags or {}).get("reddino.kind") != "probe":
         raise ValueError(f"{ref} (v{mv.version}) is not a reddino probe "
                          f"(tag reddino.kind={mv.tags.get('reddino.kind')!r})")
-    with _no_download_bars():
+    with mlflow_at(tracking_uri or registry_uri()), _no_download_bars():  # models:/ resolves through the globals
         estimator = mlflow.sklearn.load_model(f"models:/{mv.name}/{mv.version}")
-    with tempfile.TemporaryDirectory() as tmp, _no_download_bars():
-        local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="probe/probe.json", dst_path=tmp)
-        meta = json.loads(Path(local).read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="probe/probe.json",
+                                                        dst_path=tmp)
+            meta = json.loads(Path(local).read_text())
     meta["registered"] = {"name": mv.name, "version": str(mv.version)}
     return estimator, meta
 
@@ -392,7 +394,7 @@ def pull(ref: str, out: str | Path, tracking_uri: str | None = None) -> Path:
         raise PreflightError(f"{ref} (v{mv.version}) is a probe, not a backbone: `reddino classify --probe {ref}` "
                              "uses it")
     out = Path(out).expanduser()
-    with tempfile.TemporaryDirectory() as tmp, _no_download_bars():
+    with tempfile.TemporaryDirectory() as tmp, _no_download_bars(), mlflow_at(tracking_uri or registry_uri()):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp))
         export = _find_export(local)
         out.mkdir(parents=True, exist_ok=True)

@@ -117,3 +117,25 @@ def test_probe_registered_and_predicts_with_pulled_backbone(export, cells, mlflo
     loaded = mlflow.sklearn.load_model("models:/bb3-probe@candidate")
     again = extract_features(reddino.load_backbone("models:/bb3@candidate"), images, img_size=56, batch_size=16)
     assert (loaded.predict(again) == probe.predict(feats)).all()
+
+
+def test_an_explicit_store_is_used_for_the_call_only(export, tmp_path, mlflow_uri):
+    """tracking_uri= writes and reads that store and leaves MLflow's process-wide URIs where they were."""
+    from reddino.registry.core import load_probe_version
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mv = register_backbone(str(export), name="elsewhere", tracking_uri=other)
+    probe = LogisticRegression(max_iter=50).fit(np.eye(192, dtype=np.float32)[:4], [0, 1, 0, 1])
+    meta = tmp_path / "probe.json"
+    meta.write_text('{"classes": ["a", "b"]}')
+    register_probe(probe, backbone=f"elsewhere/{mv.version}", name="elsewhere-probe", artifacts=[meta],
+                   tracking_uri=other)
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+    assert pull("elsewhere@candidate", tmp_path / "pulled", tracking_uri=other).exists()
+    estimator, meta = load_probe_version("elsewhere-probe@candidate", tracking_uri=other)
+    assert meta["registered"]["name"] == "elsewhere-probe" and estimator.predict(np.eye(192)[:1]).shape == (1,)
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+    assert [m.name for m in mlflow.MlflowClient(tracking_uri=other).search_registered_models()] == [
+        "elsewhere", "elsewhere-probe"]
+    assert not mlflow.MlflowClient(tracking_uri=mlflow_uri).search_registered_models()
