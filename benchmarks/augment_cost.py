@@ -172,6 +172,7 @@ def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch
     import numpy as np
 
     from reddino.data import fastaug as fa
+    from reddino.data import rbcfast
     from reddino.data.augment import MultiCropTransform, build_rbc
     from reddino.data.images import decode_for_size, resize_square
 
@@ -202,13 +203,22 @@ def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch
                 x = clock("colour", fa.colour_cpu, x, p[k])
                 x = clock("blur", fa.blur_cpu, x, p[k])
                 out.append(clock("solarize", fa.solarize_cpu, x, p[k]))
-        elif mode in ("albumentations", "rbc", "rbc_albumentations"):
+        elif mode in ("albumentations", "rbc_albumentations"):  # albumentations' own calls
             py = random.Random(seed)
             for pipe in pipes:
                 pipe.set_random_state(rng, py)
                 x = img
                 for tr in pipe.transforms:
                     x = clock(_ALB_STAGE[type(tr).__name__], lambda tr=tr, x=x: tr(image=x)["image"])
+                out.append(x)
+        elif mode == "rbc":  # as MultiCropTransform runs it: rbcfast.run (same draws and pixels, less plumbing)
+            py = random.Random(seed)
+            for pipe in pipes:
+                clock("rbc pixel pick", rbcfast.set_random_state, pipe, rng, py)
+                pipe.py_random.random()  # Compose's own draw, which rbcfast.run(pipe) would make
+                x = img
+                for tr in pipe.transforms:
+                    x = clock(_ALB_STAGE[type(tr).__name__], rbcfast.run, tr, x)
                 out.append(x)
         m = clock("masks", masks_fn, i)
         rows.append((out, m) if mode != "on_device" else ((img, p), m))

@@ -9,7 +9,7 @@ import pytest
 
 from reddino.config import CropConfig, MaskConfig
 from reddino.data import rbcfast
-from reddino.data.augment import MultiCropTransform, build_rbc
+from reddino.data.augment import MultiCropTransform, build_cell, build_rbc
 
 
 def _smear(size: int, seed: int) -> np.ndarray:
@@ -149,3 +149,21 @@ def test_rbc_policy_crops_equal_albumentations_only_policy():
     a, b = fast(batch), ref(batch)
     for k in ("global_crops", "local_crops", "masks"):
         np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("policy", ["rbc", "rbc_albumentations", "cell"])
+def test_run_is_the_pipeline_call(policy):
+    """rbcfast.run / set_random_state: the same pixels and the same generator states as albumentations' own call."""
+    crops = CropConfig(policy="rbc" if policy.startswith("rbc") else policy, global_crops_size=56, local_crops_size=28,
+                       rbc_pick=6, rbc_p=0.85)
+    build = build_cell if policy == "cell" else (lambda c: build_rbc(c, fast=policy == "rbc"))
+    ours, theirs = build(crops), build(crops)
+    for seed in range(12):
+        img = _smear(64, seed % 3)
+        for a, b in zip([*ours.global_crops, ours.local_crops], [*theirs.global_crops, theirs.local_crops]):
+            rng_a, py_a, rng_b, py_b = (np.random.default_rng(seed), random.Random(seed), np.random.default_rng(seed),
+                                        random.Random(seed))
+            rbcfast.set_random_state(a, rng_a, py_a)
+            b.set_random_state(rng_b, py_b)
+            np.testing.assert_array_equal(rbcfast.run(a, img), b(image=img)["image"])
+            assert (rng_a.random(), py_a.random()) == (rng_b.random(), py_b.random())

@@ -142,6 +142,57 @@ def _rgb_uint8(img: np.ndarray) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Running a pipeline without albumentations' per-call plumbing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run(t: Any, img: np.ndarray) -> np.ndarray:
+    """``t(image=img)["image"]`` for an image-only call of a ``Compose`` / ``SomeOf`` / transform tree, with the same
+    draws in the same order and the same pixels, minus albumentations' per-call plumbing (argument and shape
+    checks, the data dict, parameter tracking: ~10-60 µs a call, ~9 calls a crop). Anything else (replay, processors,
+    other compositions) goes through albumentations' own call."""
+    cls = type(t)
+    if cls is A.Compose and not (t.replay_mode or t.processors or t.save_applied_params or t.check_each_transform):
+        if t.py_random.random() < t.p:  # drawn even at p=1 (force_apply is False)
+            for x in t.transforms:
+                img = run(x, img)
+        return img
+    if cls is A.SomeOf and not (t.replay_mode or t.check_each_transform):
+        if t.py_random.random() < t.p:
+            for i in t._get_idx():
+                img = run(t.transforms[i], img)
+        return img
+    if isinstance(t, A.BasicTransform) and not (t.replay_mode or t.deterministic) and "image" in t._key2func:
+        t.params = {}
+        if not t.should_apply():
+            return img
+        data = {"image": img}
+        params = t.update_transform_params(t.get_params(), data)
+        params.update(t.get_params_dependent_on_data(params, data))
+        t.params = params
+        return np.ascontiguousarray(t._key2func["image"](np.ascontiguousarray(img), **params))
+    return t(image=img)["image"]
+
+
+def set_random_state(pipe: Any, random_generator: np.random.Generator, py_random: random.Random) -> None:
+    """``pipe.set_random_state(...)``: every transform in the tree draws from these generators; the tree is walked
+    once per pipeline and cached (albumentations walks it with ``isinstance`` checks on every call)."""
+    nodes = pipe.__dict__.get("_reddino_nodes")
+    if nodes is None:
+        nodes = []
+        stack = [pipe]
+        while stack:
+            x = stack.pop()
+            nodes.append(x)
+            if isinstance(x, A.BaseCompose):
+                stack.extend(y for y in x.transforms if isinstance(y, (A.BasicTransform, A.BaseCompose)))
+        pipe._reddino_nodes = nodes
+    for x in nodes:
+        x.random_generator = random_generator
+        x.py_random = py_random
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The transforms
 # --------------------------------------------------------------------------------------------------------------
 
