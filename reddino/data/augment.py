@@ -9,8 +9,9 @@ Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` (al
   draws them, applied with cv2 (:mod:`reddino.data.fastaug`), or on the training device (``crops.on_device``).
 * ``rbc``: RedDino (Zedda et al., MICCAI 2025): RandomResizedCrop → ``rbc_pick`` of 33 pixel-level
   albumentations transforms (each with p=``rbc_p``) → HorizontalFlip, VerticalFlip, RandomRotate90 (each
-  p=``flip_rotate_p``). The costliest (RandomFog, GlassBlur, RandomSunFlare, FancyPCA, RandomRotate90) run as
-  :mod:`reddino.data.rbcfast`'s cheaper equals: same draws, same pixels.
+  p=``flip_rotate_p``). The costliest (RandomFog, GlassBlur, RandomSunFlare, FancyPCA, RandomRotate90, GaussNoise,
+  RandomShadow, ISONoise) run as :mod:`reddino.data.rbcfast`'s cheaper equals: same draws, same pixels (ISONoise:
+  equal in distribution), called through :func:`reddino.data.rbcfast.run`.
 * ``cell``: ours, for single-cell crops: the cues that name an RBC class (size, outline, aspect ratio,
   central pallor, colour) survive, the ones that do not (orientation, position, focus, noise, stain
   drift) vary. Square crops (aspect 1) at ``*_crops_scale`` → any-angle rotation (reflect border) → flips →

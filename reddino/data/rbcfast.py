@@ -1,9 +1,10 @@
-"""Cheaper implementations of the costliest of RedDino's ``rbc`` transforms, pixel for pixel the same.
+"""Cheaper implementations of the costliest of RedDino's ``rbc`` transforms, and a cheaper way to call a pipeline.
 
 Each class subclasses the albumentations transform it replaces, keeps its arguments and its random draws (same
 generators, same order, same number of values) and changes only how the pixels are computed, so a seeded
 pipeline gives the same crops as with albumentations (``tests/test_rbcfast.py`` checks every op against its
-albumentations original on fixed seeds):
+albumentations original on fixed seeds). All but one give the same pixels; ISONoise (:data:`IN_DISTRIBUTION`)
+gives pixels equal in distribution, from the same parameter draws:
 
 * ``RandomFog``: one blend per fog particle over the whole image becomes one count of the particles covering
   each pixel and a table of the blend iterated that many times. Its particle positions (thousands of
@@ -16,6 +17,14 @@ albumentations original on fixed seeds):
   covariance is one ``cv2.mulTransposed`` instead of ``np.cov``'s float64 copies. Its mean colour is exact where
   albumentations' is a float32 running sum: a value may round 1 grey level the other way (none seen on Chula
   patches at the default alpha).
+* ``GaussNoise``: the float32 noise written by ``cv2.randn`` directly, summed, clipped and cast in one buffer.
+* ``RandomShadow``: each polygon's darkening as a 256-entry table (``cv2.LUT``) copied onto its pixels.
+* ``ISONoise`` (equal in distribution): the same parameters, arithmetic and per-pixel noise distributions, the
+  Poisson counts drawn by inverting their CDF and the normals by ``cv2.randn``, both seeded from albumentations'
+  own per-call seed (so the same seed still gives the same pixels).
+
+:func:`run` and :func:`set_random_state` call a ``Compose`` / ``SomeOf`` tree as albumentations does (same draws,
+same pixels) without its per-call plumbing.
 """
 
 from __future__ import annotations
