@@ -53,7 +53,8 @@ from reddino.data.rbcfast import FAST
 
 
 #: Bump a policy's version whenever its output distribution changes (recorded with each run).
-POLICY_VERSIONS = {"dinov2": 2, "rbc": 1, "cell": 1, "none": 2}  # dinov2/none 2: fastaug (torchvision's draws)
+POLICY_VERSIONS = {"dinov2": 2, "rbc": 2, "cell": 1, "none": 2}  # dinov2/none 2: fastaug (torchvision's draws)
+# rbc 2: rbcfast.ISONoise, equal in distribution to albumentations' (same draws) but not the same pixels for a seed
 
 #: Policies made of explicit per-crop parameters (:mod:`reddino.data.fastaug`), which ``crops.on_device`` can run on
 #: the training device; the others are albumentations pipelines and run on the CPU.
