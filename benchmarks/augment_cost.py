@@ -16,8 +16,9 @@ patches from a reddino Parquet dataset) with fixed seeds, for:
 * **reddino dinov2 (albumentations)**: the recipe as albumentations ops (reddino's ``dinov2`` policy before
   fastaug), for the per-op choice.
 * **reddino rbc**: the preset's own ``rbc`` policy (RedDino: crop → 4 of 33 albumentations pixel transforms → flips
-  / 90° rotations; its costliest four as :mod:`reddino.data.rbcfast`'s pixel-exact equals); a different
-  distribution from the official recipe, printed for what the shipped recipe costs.
+  / 90° rotations; its costliest ops as :mod:`reddino.data.rbcfast`'s equals, each transform called through
+  ``rbcfast.run`` as ``MultiCropTransform`` calls it); a different distribution from the official recipe, printed
+  for what the shipped recipe costs.
 * **rbc (albumentations)**: the same policy with all 33 transforms albumentations' own (before rbcfast), for the
   per-op choice.
 * **reddino on_device (worker side)**: ``crops.on_device=true``: the data worker reads, decodes, draws the crop
@@ -34,7 +35,8 @@ CPU ms per image (goal >= 3, i.e. <= 1/3 of the official cost); on_device worker
 
     python benchmarks/augment_cost.py --data data/chula-patches            # 256 images, ~1 min
     python benchmarks/augment_cost.py --quick                              # 16 synthetic images, tiny_cpu crops
-    python benchmarks/augment_cost.py --data data/chula-patches --per-op   # + each rbcfast op vs albumentations
+    python benchmarks/augment_cost.py --data data/chula-patches --per-op   # + each rbcfast op vs albumentations,
+                                                                           #   and all 33 pick ops as run
 """
 
 from __future__ import annotations
@@ -172,6 +174,7 @@ def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch
     import numpy as np
 
     from reddino.data import fastaug as fa
+    from reddino.data import rbcfast
     from reddino.data.augment import MultiCropTransform, build_rbc
     from reddino.data.images import decode_for_size, resize_square
 
@@ -202,13 +205,22 @@ def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch
                 x = clock("colour", fa.colour_cpu, x, p[k])
                 x = clock("blur", fa.blur_cpu, x, p[k])
                 out.append(clock("solarize", fa.solarize_cpu, x, p[k]))
-        elif mode in ("albumentations", "rbc", "rbc_albumentations"):
+        elif mode in ("albumentations", "rbc_albumentations"):  # albumentations' own calls
             py = random.Random(seed)
             for pipe in pipes:
                 pipe.set_random_state(rng, py)
                 x = img
                 for tr in pipe.transforms:
                     x = clock(_ALB_STAGE[type(tr).__name__], lambda tr=tr, x=x: tr(image=x)["image"])
+                out.append(x)
+        elif mode == "rbc":  # as MultiCropTransform runs it: rbcfast.run (same draws and pixels, less plumbing)
+            py = random.Random(seed)
+            for pipe in pipes:
+                clock("rbc pixel pick", rbcfast.set_random_state, pipe, rng, py)
+                pipe.py_random.random()  # Compose's own draw, which rbcfast.run(pipe) would make
+                x = img
+                for tr in pipe.transforms:
+                    x = clock(_ALB_STAGE[type(tr).__name__], rbcfast.run, tr, x)
                 out.append(x)
         m = clock("masks", masks_fn, i)
         rows.append((out, m) if mode != "on_device" else ((img, p), m))
@@ -239,7 +251,7 @@ def per_op(blobs: list[bytes], cfg) -> None:
     import numpy as np
 
     from reddino.data.images import decode_for_size, resize_square
-    from reddino.data.rbcfast import FAST
+    from reddino.data.rbcfast import FAST, IN_DISTRIBUTION
 
     c = cfg.crops
     imgs = [resize_square(decode_for_size(b, cfg.data.resize), cfg.data.resize) for b in blobs[:PER_OP_IMAGES]]
@@ -258,8 +270,43 @@ def per_op(blobs: list[bytes], cfg) -> None:
                     ns += time.thread_time_ns() - t0
                 row.append(ns / 1e6 / len(sized))
             same &= all(np.array_equal(a, b) for a, b in zip(outs["alb"], outs["fast"]))
+        verdict = "yes" if same else ("no (equal in distribution)" if name in IN_DISTRIBUTION else "no")
         print(f"  {name:16s} {c.global_crops_size} px {row[0]:7.3f} -> {row[1]:6.3f}   {c.local_crops_size} px "
-              f"{row[2]:7.3f} -> {row[3]:6.3f}   same pixels: {'yes' if same else 'no'}")
+              f"{row[2]:7.3f} -> {row[3]:6.3f}   same pixels: {verdict}")
+    pick_profile(imgs, cfg)
+
+
+def pick_profile(imgs, cfg) -> None:
+    """ms of CPU per call of each of the rbc policy's 33 pixel ops as the policy runs them (rbcfast's where it has
+    one, through ``rbcfast.run``), at both crop sizes, and its share of the pick's cost per image: ms per call at
+    each crop size x crops of that size x rbc_pick x rbc_p / 33."""
+    import random
+
+    import cv2
+    import numpy as np
+
+    from reddino.data.augment import RBC_TRANSFORMS, rbc_pixel_transforms
+    from reddino.data.rbcfast import run
+
+    c = cfg.crops
+    sizes = (c.global_crops_size, c.local_crops_size)
+    ms: dict[str, list[float]] = {name: [] for name in RBC_TRANSFORMS}
+    for size in sizes:
+        sized = [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in imgs]
+        for name, t in zip(RBC_TRANSFORMS, rbc_pixel_transforms(1.0)):
+            ns = 0
+            for k, im in enumerate(sized):
+                t.set_random_state(np.random.default_rng(k), random.Random(k))
+                t0 = time.thread_time_ns()
+                run(t, im)
+                ns += time.thread_time_ns() - t0
+            ms[name].append(ns / 1e6 / len(sized))
+    weight = min(c.rbc_pick, len(RBC_TRANSFORMS)) * c.rbc_p / len(RBC_TRANSFORMS)
+    share = {n: weight * (v[0] * c.global_crops_number + v[1] * c.local_crops_number) for n, v in ms.items()}
+    print(f"\nthe pick's 33 ops as the policy runs them, ms of CPU per call (p=1, {len(imgs)} images) and ms per image "
+          f"of the pick (sum {sum(share.values()):.3f}):")
+    for n in sorted(share, key=share.get, reverse=True):
+        print(f"  {n:24s} {sizes[0]} px {ms[n][0]:7.3f}   {sizes[1]} px {ms[n][1]:7.3f}   per image {share[n]:6.3f}")
 
 
 def warm_rbc_ops(blob: bytes, cfg) -> None:
@@ -337,7 +384,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="rows per collated batch (default 64)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 16 synthetic images, tiny_cpu crops")
     ap.add_argument("--json", type=Path, help="also write the table as JSON here")
-    ap.add_argument("--per-op", action="store_true", help="also time each rbcfast op against albumentations'")
+    ap.add_argument("--per-op", action="store_true", help="also time each rbcfast op against albumentations', and "
+                    "all 33 ops of the rbc pick as the policy runs them")
     args = ap.parse_args()
     if args.quick:
         args.images, args.preset, args.batch_size = 16, "tiny_cpu", 8

@@ -9,8 +9,9 @@ Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` (al
   draws them, applied with cv2 (:mod:`reddino.data.fastaug`), or on the training device (``crops.on_device``).
 * ``rbc``: RedDino (Zedda et al., MICCAI 2025): RandomResizedCrop → ``rbc_pick`` of 33 pixel-level
   albumentations transforms (each with p=``rbc_p``) → HorizontalFlip, VerticalFlip, RandomRotate90 (each
-  p=``flip_rotate_p``). The costliest (RandomFog, GlassBlur, RandomSunFlare, FancyPCA, RandomRotate90) run as
-  :mod:`reddino.data.rbcfast`'s cheaper equals: same draws, same pixels.
+  p=``flip_rotate_p``). The costliest (RandomFog, GlassBlur, RandomSunFlare, FancyPCA, RandomRotate90, GaussNoise,
+  RandomShadow, ISONoise) run as :mod:`reddino.data.rbcfast`'s cheaper equals: same draws, same pixels (ISONoise:
+  equal in distribution), called through :func:`reddino.data.rbcfast.run`.
 * ``cell``: ours, for single-cell crops: the cues that name an RBC class (size, outline, aspect ratio,
   central pallor, colour) survive, the ones that do not (orientation, position, focus, noise, stain
   drift) vary. Square crops (aspect 1) at ``*_crops_scale`` → any-angle rotation (reflect border) → flips →
@@ -47,11 +48,13 @@ from reddino.data.fastaug import (
     solarize_cpu,
 )
 from reddino.data.images import decode_for_size, normalize_chw, resize_square
+from reddino.data import rbcfast
 from reddino.data.rbcfast import FAST
 
 
 #: Bump a policy's version whenever its output distribution changes (recorded with each run).
-POLICY_VERSIONS = {"dinov2": 2, "rbc": 1, "cell": 1, "none": 2}  # dinov2/none 2: fastaug (torchvision's draws)
+POLICY_VERSIONS = {"dinov2": 2, "rbc": 2, "cell": 1, "none": 2}  # dinov2/none 2: fastaug (torchvision's draws)
+# rbc 2: rbcfast.ISONoise, equal in distribution to albumentations' (same draws) but not the same pixels for a seed
 
 #: Policies made of explicit per-crop parameters (:mod:`reddino.data.fastaug`), which ``crops.on_device`` can run on
 #: the training device; the others are albumentations pipelines and run on the CPU.
@@ -320,8 +323,8 @@ class MultiCropTransform:
         return int.from_bytes(digest, "little")
 
     def _apply(self, pipe: A.Compose, img: np.ndarray, rng: np.random.Generator, py: random.Random) -> np.ndarray:
-        pipe.set_random_state(rng, py)
-        return pipe(image=img)["image"]
+        rbcfast.set_random_state(pipe, rng, py)
+        return rbcfast.run(pipe, img)  # pipe(image=img)["image"]: same draws and pixels, less plumbing
 
     def __call__(self, batch: dict[str, np.ndarray], epoch: int | None = None) -> dict[str, np.ndarray]:
         images = batch["image"]
