@@ -1,4 +1,4 @@
-"""`reddino pretrain` and `reddino config`."""
+"""`reddino pretrain`, `reddino export` and `reddino config`."""
 
 from __future__ import annotations
 
@@ -55,3 +55,16 @@ def show_config(
 def register(app: typer.Typer) -> None:
     app.command("pretrain")(pretrain)
     app.command("config")(show_config)
+    app.command("export")(export)
+
+
+def export(
+    run: str = typer.Argument(..., help="A run dir (its latest checkpoint, or --step) or a checkpoint dir."),
+    step: Optional[int] = typer.Option(None, "--step", help="The checkpoint of this step (default: the latest)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o",
+                                      help="Backbone file to write (default: <checkpoint>/backbone.safetensors)."),
+) -> None:
+    """A checkpoint's EMA teacher backbone as an export, e.g. of a run stopped before its end."""
+    from reddino.train.checkpoint import export_checkpoint
+
+    typer.echo(f"backbone: {export_checkpoint(run, step=step, out=out)}")

@@ -66,9 +66,13 @@ def find_backbone_file(path: str | Path) -> Path:
         return directory
     cands: list[Path] = []
     for depth in ("*", "*/*", "*/*/*"):
-        cands += [p for p in directory.glob(depth) if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+        cands += [p for p in directory.glob(depth)
+                  if p.is_file() and p.suffix in WEIGHT_SUFFIXES and p.name != "state.pt"]  # not a training state
     if not cands:
-        raise FileNotFoundError(f"no exported backbone (*.safetensors / *.pt) under {directory}")
+        hint = ""
+        if any(directory.glob("checkpoint_*/state.pt")) or (directory / "state.pt").is_file():
+            hint = f" (it holds checkpoints: `reddino export {directory}` writes one from the latest)"
+        raise FileNotFoundError(f"no exported backbone (*.safetensors / *.pt) under {directory}{hint}")
 
     def rank(p: Path) -> tuple:
         name = p.name.lower()

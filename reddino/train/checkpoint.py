@@ -93,3 +93,50 @@ def load(directory: Path, *, model, optimizer=None, scaler=None) -> TrainState:
         consumed=data["consumed"].astype(np.int64),
         images_seen=int(payload.get("images_seen", 0)),
     )
+
+
+def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
+    """A checkpoint directory: ``path`` itself when it holds ``state.pt``, else the run dir's checkpoint of
+    ``step`` (the latest when None). One error naming the folder and the steps it has otherwise."""
+    from reddino.errors import PreflightError  # noqa: PLC0415
+
+    path = Path(path).expanduser()
+    if (path / STATE_FILE).is_file():
+        if step is not None and not path.name.endswith(f"_{step:07d}"):
+            raise PreflightError(f"{path} is the checkpoint of another step than --step {step}")
+        return path
+    found = {int(d.name.rsplit("_", 1)[1]): d for d in path.glob("checkpoint_*")
+             if d.name.rsplit("_", 1)[1].isdigit() and (d / STATE_FILE).is_file()}
+    if not found:
+        raise PreflightError(f"{path}: no reddino checkpoint here (a folder with {STATE_FILE}, or a run dir with "
+                             "checkpoint_NNNNNNN folders)")
+    if step is None:
+        return found[max(found)]
+    if step not in found:
+        raise PreflightError(f"{path}: no checkpoint of step {step}; it has steps {sorted(found)}")
+    return found[step]
+
+
+def export_checkpoint(path: str | Path, *, step: int | None = None, out: str | Path | None = None) -> Path:
+    """The EMA teacher backbone of a checkpoint as a backbone export (what every reddino command reads), for a
+    run stopped before its end or an intermediate step. Default ``out``: ``<checkpoint>/backbone.safetensors``."""
+    from reddino.config import load_config  # noqa: PLC0415
+    from reddino.errors import PreflightError  # noqa: PLC0415
+    from reddino.model.backbone import create_backbone, export_backbone  # noqa: PLC0415
+
+    ckpt = find_checkpoint(path, step)
+    cfg = load_config(ckpt / CONFIG_FILE)  # the run's own config, as the checkpoint recorded it
+    try:
+        payload = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: say which
+        raise PreflightError(f"{ckpt / STATE_FILE} cannot be read ({type(exc).__name__}: {exc})") from None
+    prefix = "teacher.backbone."
+    weights = {k[len(prefix):]: v for k, v in payload["model"].items() if k.startswith(prefix)}
+    m = cfg.model
+    backbone = create_backbone(m.arch, m.img_size, m.patch_size, timm_kwargs=m.timm_kwargs)
+    backbone.load_state_dict(weights)  # strict: every tensor of the architecture, nothing left over
+    meta: dict[str, Any] = {"run_name": cfg.train.run_name or ckpt.parent.name, "step": int(payload["step"]),
+                            "config_hash": cfg.hash(), "checkpoint": str(ckpt)}
+    if cfg.distill.enabled:
+        meta.update({"method": "distill", "teacher": {"ref": cfg.distill.teacher}})
+    return export_backbone(backbone, Path(out).expanduser() if out else ckpt / EXPORT_FILE, meta=meta)
