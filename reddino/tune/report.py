@@ -314,7 +314,8 @@ def trial_curves(table: pd.DataFrame, space: SweepSpace, out: Path, client=None)
         steps, values = zip(*hist)
         style = styles[seeds.index(seed) % len(styles)] if seed is not None and len(seeds) > 1 else "-"
         ax.plot(steps, values, marker="o", ms=3, color=colours[name], ls=style,
-                label=None if name in named else name, lw=2.2 if name == "recipe" else 1.2)
+                # matplotlib hides labels starting with "_" (Tune names trials after our `_trial` function)
+                label=None if name in named else name.lstrip("_"), lw=2.2 if name == "recipe" else 1.2)
         named.add(name)
     ax.set_xlabel("step")
     ax.set_ylabel(space.metric.removeprefix("eval_").replace("_", " "))
