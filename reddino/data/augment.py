@@ -10,8 +10,9 @@ Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` (al
 * ``rbc``: RedDino (Zedda et al., MICCAI 2025): RandomResizedCrop → ``rbc_pick`` of 33 pixel-level
   albumentations transforms (each with p=``rbc_p``) → HorizontalFlip, VerticalFlip, RandomRotate90 (each
   p=``flip_rotate_p``). The costliest (RandomFog, GlassBlur, RandomSunFlare, FancyPCA, RandomRotate90, GaussNoise,
-  RandomShadow, ISONoise) run as :mod:`reddino.data.rbcfast`'s cheaper equals: same draws, same pixels (ISONoise:
-  equal in distribution), called through :func:`reddino.data.rbcfast.run`.
+  RandomShadow, ISONoise, MotionBlur, RingingOvershoot, and the crop) run as :mod:`reddino.data.rbcfast`'s cheaper
+  equals: same draws, same pixels (ISONoise: equal in distribution), called through :func:`reddino.data.rbcfast.run`
+  (which runs the flips and rotation as one step).
 * ``cell``: ours, for single-cell crops: the cues that name an RBC class (size, outline, aspect ratio,
   central pallor, colour) survive, the ones that do not (orientation, position, focus, noise, stain
   drift) vary. Square crops (aspect 1) at ``*_crops_scale`` → any-angle rotation (reflect border) → flips →

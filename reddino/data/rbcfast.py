@@ -23,8 +23,13 @@ gives pixels equal in distribution, from the same parameter draws:
   Poisson counts drawn by inverting their CDF and the normals by ``cv2.randn``, both seeded from albumentations'
   own per-call seed (so the same seed still gives the same pixels).
 
+* ``MotionBlur``, ``RingingOvershoot``: the same kernels, built with less numpy overhead (RingingOvershoot's grid
+  of distances made once per size), convolved by albumentations' ``cv2.filter2D`` call without its wrappers.
+* ``RandomResizedCrop`` (the ``rbc`` policy's crop, not in :data:`FAST`): one ``cv2.resize`` of the crop's view.
+
 :func:`run` and :func:`set_random_state` call a ``Compose`` / ``SomeOf`` tree as albumentations does (same draws,
-same pixels) without its per-call plumbing.
+same pixels) without its per-call plumbing; a HorizontalFlip, VerticalFlip, RandomRotate90 triple runs as one
+:class:`FlipsRotate` step (each draws as alone, then one ``cv2`` call moves the image).
 """
 
 from __future__ import annotations
