@@ -162,7 +162,7 @@ def _albumentations_dinov2(crops):
 
 _ALB_STAGE = {"RandomResizedCrop": "crop+resize", "HorizontalFlip": "flip/rotate", "VerticalFlip": "flip/rotate",
               "RandomRotate90": "flip/rotate", "ColorJitter": "colour", "ToGray": "colour",
-              "GaussianBlur": "blur", "Solarize": "solarize", "SomeOf": "rbc pixel pick"}
+              "GaussianBlur": "blur", "Solarize": "solarize", "SomeOf": "rbc pixel pick", "FlipsRotate": "flip/rotate"}
 
 
 def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch: int) -> dict[str, float]:
@@ -219,7 +219,7 @@ def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch
                 clock("rbc pixel pick", rbcfast.set_random_state, pipe, rng, py)
                 pipe.py_random.random()  # Compose's own draw, which rbcfast.run(pipe) would make
                 x = img
-                for tr in pipe.transforms:
+                for tr in rbcfast.compose_steps(pipe):  # the steps rbcfast.run(pipe) runs (flips + rotation as one)
                     x = clock(_ALB_STAGE[type(tr).__name__], rbcfast.run, tr, x)
                 out.append(x)
         m = clock("masks", masks_fn, i)

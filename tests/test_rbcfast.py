@@ -167,3 +167,62 @@ def test_run_is_the_pipeline_call(policy):
             b.set_random_state(rng_b, py_b)
             np.testing.assert_array_equal(rbcfast.run(a, img), b(image=img)["image"])
             assert (rng_a.random(), py_a.random()) == (rng_b.random(), py_b.random())
+
+
+@pytest.mark.parametrize("name,kw", [("MotionBlur", {}), ("MotionBlur", {"blur_limit": (3, 15), "allow_shifted": False}),
+                                     ("MotionBlur", {"direction_range": (-1.0, -1.0)}),
+                                     ("MotionBlur", {"direction_range": (0.0, 0.0), "blur_limit": 9}),
+                                     ("RingingOvershoot", {}), ("RingingOvershoot", {"blur_limit": (3, 21)})])
+def test_kernels_are_albumentations_kernels(name, kw):
+    """MotionBlur / RingingOvershoot build their kernels more cheaply: the same kernels from the same draws."""
+    for seed in range(300):
+        ours, theirs = rbcfast.FAST[name](p=1.0, **kw), getattr(A, name)(p=1.0, **kw)
+        ours.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        theirs.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        a, b = ours.get_params()["kernel"], theirs.get_params()["kernel"]
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+        assert ours.py_random.random() == theirs.py_random.random()
+
+
+def test_random_resized_crop_is_albumentations():
+    img = _smear(64, 1)[:, :48]
+    for size, scale, ratio in [((40, 40), (0.08, 1.0), (3 / 4, 4 / 3)), ((64, 48), (1.0, 1.0), (0.75, 0.75)),
+                               ((20, 30), (0.3, 0.6), (0.5, 2.0))]:
+        for seed in range(20):
+            a, *sa = _run(rbcfast.RandomResizedCrop, img, seed, size=size, scale=scale, ratio=ratio,
+                          interpolation=cv2.INTER_CUBIC)
+            b, *sb = _run(A.RandomResizedCrop, img, seed, size=size, scale=scale, ratio=ratio,
+                          interpolation=cv2.INTER_CUBIC)
+            np.testing.assert_array_equal(a, b)
+            assert sa == sb
+
+
+def test_dihedral_table_is_flips_then_rot90():
+    img = _smear(40, 2)[:, :30]  # not square
+    for (h, v, k), f in rbcfast._DIHEDRAL.items():
+        x = img[:, ::-1] if h else img
+        np.testing.assert_array_equal(f(img), np.rot90(x[::-1] if v else x, k))
+
+
+@pytest.mark.parametrize("rotate", [A.RandomRotate90, rbcfast.RandomRotate90])
+def test_flips_rotate_step_is_the_three_transforms(rotate):
+    """The fused flips + rotation step: the same pixels, generator states and applied params as the three calls."""
+    img = _smear(40, 3)[:, :28]
+    seen = set()
+
+    def pipe():
+        return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), rotate(p=0.7)], p=1.0, seed=0)
+
+    ours, theirs = pipe(), pipe()
+    assert any(isinstance(s, rbcfast.FlipsRotate) for s in rbcfast.compose_steps(ours))
+    for seed in range(200):
+        rng_a, py_a, rng_b, py_b = (np.random.default_rng(seed), random.Random(seed), np.random.default_rng(seed),
+                                    random.Random(seed))
+        rbcfast.set_random_state(ours, rng_a, py_a)
+        theirs.set_random_state(rng_b, py_b)
+        np.testing.assert_array_equal(rbcfast.run(ours, img), theirs(image=img)["image"])
+        assert (rng_a.random(), py_a.random()) == (rng_b.random(), py_b.random())
+        h, v, r = (bool(t.params) for t in ours.transforms)
+        seen.add((h, v, ours.transforms[2].params["factor"] if r else 0))
+    assert len(seen) == 16  # every flip / turn combination ran

@@ -10,8 +10,9 @@ Policies (``crops.policy``), each a builder ``CropConfig → CropPipelines`` (al
 * ``rbc``: RedDino (Zedda et al., MICCAI 2025): RandomResizedCrop → ``rbc_pick`` of 33 pixel-level
   albumentations transforms (each with p=``rbc_p``) → HorizontalFlip, VerticalFlip, RandomRotate90 (each
   p=``flip_rotate_p``). The costliest (RandomFog, GlassBlur, RandomSunFlare, FancyPCA, RandomRotate90, GaussNoise,
-  RandomShadow, ISONoise) run as :mod:`reddino.data.rbcfast`'s cheaper equals: same draws, same pixels (ISONoise:
-  equal in distribution), called through :func:`reddino.data.rbcfast.run`.
+  RandomShadow, ISONoise, MotionBlur, RingingOvershoot, and the crop) run as :mod:`reddino.data.rbcfast`'s cheaper
+  equals: same draws, same pixels (ISONoise: equal in distribution), called through :func:`reddino.data.rbcfast.run`
+  (which runs the flips and rotation as one step).
 * ``cell``: ours, for single-cell crops: the cues that name an RBC class (size, outline, aspect ratio,
   central pallor, colour) survive, the ones that do not (orientation, position, focus, noise, stain
   drift) vary. Square crops (aspect 1) at ``*_crops_scale`` → any-angle rotation (reflect border) → flips →
@@ -88,8 +89,9 @@ def _compose(transforms: list[Any]) -> A.Compose:
     return A.Compose(transforms, p=1.0, is_check_shapes=False, seed=0)
 
 
-def _crop(size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> A.RandomResizedCrop:
-    return A.RandomResizedCrop(size=(size, size), scale=tuple(scale), ratio=ratio, interpolation=cv2.INTER_CUBIC, p=1.0)
+def _crop(size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
+          fast: bool = False) -> A.RandomResizedCrop:
+    return (rbcfast.RandomResizedCrop if fast else A.RandomResizedCrop)(size=(size, size), scale=tuple(scale), ratio=ratio, interpolation=cv2.INTER_CUBIC, p=1.0)
 
 
 def build_none(crops: CropConfig) -> list[CropRecipe]:
@@ -118,7 +120,7 @@ def build_rbc(crops: CropConfig, fast: bool = True) -> CropPipelines:
     """RedDino's RBC policy: crop → ``rbc_pick`` of 33 pixel transforms → flips / 90° rotations."""
 
     def pipeline(size: int, scale: tuple[float, float]) -> A.Compose:
-        ts: list[Any] = [_crop(size, scale)]
+        ts: list[Any] = [_crop(size, scale, fast=fast)]
         if crops.rbc_pick > 0:
             n = min(crops.rbc_pick, len(RBC_TRANSFORMS))
             ts.append(A.SomeOf(rbc_pixel_transforms(crops.rbc_p, fast), n=n, replace=False, p=1.0))

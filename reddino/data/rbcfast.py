@@ -23,8 +23,13 @@ gives pixels equal in distribution, from the same parameter draws:
   Poisson counts drawn by inverting their CDF and the normals by ``cv2.randn``, both seeded from albumentations'
   own per-call seed (so the same seed still gives the same pixels).
 
+* ``MotionBlur``, ``RingingOvershoot``: the same kernels, built with less numpy overhead (RingingOvershoot's grid
+  of distances made once per size), convolved by albumentations' ``cv2.filter2D`` call without its wrappers.
+* ``RandomResizedCrop`` (the ``rbc`` policy's crop, not in :data:`FAST`): one ``cv2.resize`` of the crop's view.
+
 :func:`run` and :func:`set_random_state` call a ``Compose`` / ``SomeOf`` tree as albumentations does (same draws,
-same pixels) without its per-call plumbing.
+same pixels) without its per-call plumbing; a HorizontalFlip, VerticalFlip, RandomRotate90 triple runs as one
+:class:`FlipsRotate` step (each draws as alone, then one ``cv2`` call moves the image).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
+from albumentations.augmentations.blur.functional import sample_odd_from_range
 
 _MT_WORDS = 624  # CPython's and numpy's MT19937 state: 624 32-bit words + a position
 
@@ -163,9 +169,11 @@ def run(t: Any, img: np.ndarray) -> np.ndarray:
     cls = type(t)
     if cls is A.Compose and not (t.replay_mode or t.processors or t.save_applied_params or t.check_each_transform):
         if t.py_random.random() < t.p:  # drawn even at p=1 (force_apply is False)
-            for x in t.transforms:
+            for x in compose_steps(t):
                 img = run(x, img)
         return img
+    if cls is FlipsRotate:
+        return t.run(img)
     if cls is A.SomeOf and not (t.replay_mode or t.check_each_transform):
         if t.py_random.random() < t.p:
             for i in t._get_idx():
@@ -181,6 +189,84 @@ def run(t: Any, img: np.ndarray) -> np.ndarray:
         t.params = params
         return np.ascontiguousarray(t._key2func["image"](np.ascontiguousarray(img), **params))
     return t(image=img)["image"]
+
+
+class FlipsRotate:
+    """``HorizontalFlip``, ``VerticalFlip``, ``RandomRotate90`` in a row, as one step of :func:`run`: each makes its
+    draws as when run alone (same order, same generators), then the image moves once, by the one flip, rotation or
+    transpose they compose to (one ``cv2`` call; albumentations: one full-image copy per transform applied)."""
+
+    __slots__ = ("transforms",)
+
+    def __init__(self, transforms: tuple[Any, Any, Any]) -> None:
+        self.transforms = transforms
+
+    def run(self, img: np.ndarray) -> np.ndarray:
+        if not _rgb_uint8(img):
+            for x in self.transforms:
+                img = run(x, img)
+            return img
+        applied = []
+        for x in self.transforms:
+            x.params = {}
+            if not x.should_apply():
+                applied.append(False)
+                continue
+            data = {"image": img}  # the shape is all they read: flips keep it
+            params = x.update_transform_params(x.get_params(), data)
+            params.update(x.get_params_dependent_on_data(params, data))
+            x.params = params
+            applied.append(True)
+        h, v, r = applied
+        factor = int(self.transforms[2].params["factor"]) % 4 if r else 0
+        return _DIHEDRAL[h, v, factor](img)
+
+    @staticmethod
+    def matches(ts: list[Any]) -> bool:
+        """Whether ``ts`` is HorizontalFlip, VerticalFlip, RandomRotate90 (albumentations' or ours), all image-only
+        calls :func:`run` makes without albumentations' own call."""
+        return (len(ts) == 3 and type(ts[0]) is A.HorizontalFlip and type(ts[1]) is A.VerticalFlip
+                and type(ts[2]) in (A.RandomRotate90, RandomRotate90)
+                and not any(x.replay_mode or x.deterministic for x in ts))
+
+
+def compose_steps(t: A.Compose) -> list[Any]:
+    """A ``Compose``'s transforms as :func:`run` runs them: each flips + rotation triple as one :class:`FlipsRotate`.
+    Cached on the ``Compose`` (for its current list of transforms)."""
+    ts = t.transforms
+    cached = t.__dict__.get("_reddino_steps")
+    if cached is not None and cached[0] is ts and cached[1] == len(ts):
+        return cached[2]
+    steps, i = [], 0
+    while i < len(ts):
+        if FlipsRotate.matches(ts[i : i + 3]):
+            steps.append(FlipsRotate(tuple(ts[i : i + 3])))
+            i += 3
+        else:
+            steps.append(ts[i])
+            i += 1
+    t._reddino_steps = (ts, len(ts), steps)
+    return steps
+
+
+def _dihedral_table() -> dict[tuple[bool, bool, int], Any]:
+    """(horizontal flip, vertical flip, 90° turns) → the one ``cv2`` call that gives ``np.rot90(vflip(hflip(x)), k)``,
+    found by trying each candidate on a non-square image with distinct values."""
+    candidates = (
+        lambda x: x,
+        lambda x: cv2.flip(x, 1), lambda x: cv2.flip(x, 0), lambda x: cv2.flip(x, -1),
+        lambda x: cv2.rotate(x, cv2.ROTATE_90_CLOCKWISE), lambda x: cv2.rotate(x, cv2.ROTATE_90_COUNTERCLOCKWISE),
+        cv2.transpose, lambda x: cv2.flip(cv2.transpose(x), -1),
+    )
+    probe = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    table = {}
+    for h in (False, True):
+        for v in (False, True):
+            for k in range(4):
+                x = probe[:, ::-1] if h else probe
+                x = np.rot90(x[::-1] if v else x, k)
+                table[h, v, k] = next(f for f in candidates if np.array_equal(f(probe), x))
+    return table
 
 
 def set_random_state(pipe: Any, random_generator: np.random.Generator, py_random: random.Random) -> None:
@@ -492,6 +578,110 @@ class RandomRotate90(A.RandomRotate90):
 
 
 _ROTATIONS = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}  # np.rot90's k
+_DIHEDRAL = _dihedral_table()
+
+class RandomResizedCrop(A.RandomResizedCrop):
+    """albumentations' RandomResizedCrop with its image cut and resized by one ``cv2.resize`` of the crop's view (the
+    call albumentations makes, without its wrappers). Not in :data:`FAST` (it has no default size): the ``rbc`` policy
+    builds it (:func:`reddino.data.augment.build_rbc`)."""
+
+    def apply(self, img: np.ndarray, crop_coords: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+        if img.ndim != 3 or not 1 <= img.shape[2] <= 4:
+            return super().apply(img, crop_coords, **params)
+        x_min, y_min, x_max, y_max = crop_coords
+        if not (0 <= x_min < x_max <= img.shape[1] and 0 <= y_min < y_max <= img.shape[0]):
+            return super().apply(img, crop_coords, **params)  # albumentations raises
+        crop = img[y_min:y_max, x_min:x_max]
+        if tuple(self.size) == crop.shape[:2]:
+            return crop  # albumentations' resize returns it as is
+        interpolation = self._get_interpolation_for_resize(crop.shape[:2], "image")
+        return cv2.resize(crop, (self.size[1], self.size[0]), interpolation=interpolation)
+
+
+class MotionBlur(A.MotionBlur):
+    """albumentations' MotionBlur: a line kernel at a random angle, direction bias and shift. The same draws and
+    kernel, built without ``np.unique`` of its points (setting a point twice is setting it once) and numpy's scalar
+    ``clip``; the convolution is albumentations' ``cv2.filter2D`` call without its wrappers."""
+
+    def get_params(self) -> dict[str, Any]:
+        ksize = sample_odd_from_range(self.py_random, self.blur_limit[0], self.blur_limit[1])
+        angle = self.py_random.uniform(*self.angle_range)
+        direction = self.py_random.uniform(*self.direction_range)
+        kernel = motion_kernel(ksize, angle, direction, self.allow_shifted, self.py_random)
+        return {"kernel": kernel.astype(np.float32) / np.sum(kernel)}
+
+    def apply(self, img: np.ndarray, kernel: np.ndarray, **params: Any) -> np.ndarray:
+        return _filter(img, kernel) if _rgb_uint8(img) else super().apply(img, kernel, **params)
+
+
+def motion_kernel(kernel_size: int, angle: float, direction: float, allow_shifted: bool,
+                  random_state: random.Random) -> np.ndarray:
+    """albumentations' ``create_motion_kernel``, the same float64 arithmetic and draws, less numpy overhead."""
+    direction = min(max(direction, -1.0), 1.0)
+    kernel = np.zeros((kernel_size, kernel_size), dtype=np.float32)
+    center = kernel_size // 2
+    angle_rad = np.deg2rad(angle)
+    dx, dy = np.cos(angle_rad), np.sin(angle_rad)
+    line_length = kernel_size // 2
+    if direction < 0:
+        t_start, t_end = float(-line_length), line_length * (1 - abs(direction))
+    elif direction > 0:
+        t_start, t_end = -line_length * (1 - direction), float(line_length)
+    else:
+        t_start, t_end = float(-line_length), float(line_length)
+    t = np.linspace(t_start, t_end, kernel_size)
+    x = center + dx * t
+    y = center + dy * t
+    if allow_shifted:
+        x += random_state.uniform(-1, 1) * line_length / 2
+        y += random_state.uniform(-1, 1) * line_length / 2
+    top = kernel_size - 1
+    xi = np.minimum(np.maximum(np.round(x), 0), top).astype(int)
+    yi = np.minimum(np.maximum(np.round(y), 0), top).astype(int)
+    kernel[yi, xi] = 1
+    if not kernel.any():
+        kernel[center, center] = 1
+    return kernel
+
+
+def _filter(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """albumentations' ``convolve`` on uint8 RGB: its ``cv2.filter2D`` call (its wrappers change nothing there)."""
+    return cv2.filter2D(img, ddepth=-1, kernel=kernel)
+
+
+class RingingOvershoot(A.RingingOvershoot):
+    """albumentations' RingingOvershoot: a 2-D sinc-like low-pass kernel (``cutoff · J1(cutoff · r) / (2π r)``) of a
+    random odd size and cutoff. The same draws and kernel, with each size's grid of distances ``r`` made once."""
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        ksize = self.py_random.randrange(self.blur_limit[0], self.blur_limit[1] + 1, 2)
+        if ksize % 2 == 0:
+            ksize += 1
+        cutoff = self.py_random.uniform(*self.cutoff)
+        r = _ringing_radii(ksize)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kernel = cutoff * _special().j1(cutoff * r) / (2 * np.pi * r)
+        kernel[(ksize - 1) // 2, (ksize - 1) // 2] = cutoff**2 / (4 * np.pi)
+        return {"kernel": kernel.astype(np.float32) / np.sum(kernel)}
+
+    def apply(self, img: np.ndarray, kernel: np.ndarray, **params: Any) -> np.ndarray:
+        return _filter(img, kernel) if _rgb_uint8(img) else super().apply(img, kernel, **params)
+
+
+@functools.lru_cache(maxsize=None)
+def _ringing_radii(ksize: int) -> np.ndarray:
+    """float64 [ksize, ksize]: each cell's distance to the centre, as albumentations' ``np.fromfunction`` computes it."""
+    x, y = np.indices((ksize, ksize), dtype=float)
+    r = np.sqrt((x - (ksize - 1) / 2) ** 2 + (y - (ksize - 1) / 2) ** 2)
+    r.flags.writeable = False
+    return r
+
+
+def _special() -> Any:
+    from scipy import special  # as albumentations (imported there already)
+
+    return special
+
 
 #: The ops of :data:`FAST` that are equal to albumentations' in distribution, not pixel for pixel (same parameter draws,
 #: same seeded generators advanced the same way, per-pixel noise drawn more cheaply: see each class).
@@ -501,5 +691,5 @@ IN_DISTRIBUTION = frozenset({"ISONoise"})
 FAST: dict[str, type[A.BasicTransform]] = {
     "RandomFog": RandomFog, "RandomSunFlare": RandomSunFlare, "GlassBlur": GlassBlur, "FancyPCA": FancyPCA,
     "RandomRotate90": RandomRotate90, "GaussNoise": GaussNoise, "ISONoise": ISONoise,
-    "RandomShadow": RandomShadow,
+    "RandomShadow": RandomShadow, "MotionBlur": MotionBlur, "RingingOvershoot": RingingOvershoot,
 }
