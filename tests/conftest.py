@@ -41,11 +41,25 @@ def ray_train():
 
 
 @pytest.fixture()
-def mlflow_uri(tmp_path, monkeypatch):
+def use_mlflow_store(monkeypatch):
+    """``use(uri)``: MLFLOW_TRACKING_URI for one test, and MLflow's process-wide URIs unset for it, so the
+    variable is what `models:/` refs resolve against (an earlier mlflow.set_tracking_uri would win over it)."""
+    from mlflow.tracking._model_registry import utils as reg
+    from mlflow.tracking._tracking_service import utils as trk
+
+    def use(uri: str) -> str:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setattr(trk, "_tracking_uri", None)
+        monkeypatch.setattr(reg, "_registry_uri", None)
+        return uri
+
+    return use
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path, use_mlflow_store):
     """A throwaway sqlite MLflow store for one test."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+    return use_mlflow_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 @pytest.fixture()

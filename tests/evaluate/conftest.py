@@ -35,7 +35,6 @@ def _eval_mlflow_db(tmp_path_factory):
 
 
 @pytest.fixture()
-def eval_mlflow_uri(_eval_mlflow_db, monkeypatch):
+def eval_mlflow_uri(_eval_mlflow_db, use_mlflow_store):
     """One sqlite MLflow store for all evaluation tests (creating a store costs seconds)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", _eval_mlflow_db)
-    return _eval_mlflow_db
+    return use_mlflow_store(_eval_mlflow_db)

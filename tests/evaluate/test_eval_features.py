@@ -104,9 +104,8 @@ def test_resolve_model_refs(tmp_path, synth_table, eval_mlflow_uri):
     np.testing.assert_allclose(extract_features(m_dir, imgs), extract_features(net.eval(), imgs, 28), atol=1e-5)
 
     # MLflow: a run with the export logged as the `backbone/` artifact dir
-    mlflow.set_tracking_uri(eval_mlflow_uri)
     exp = mlflow.create_experiment("models-resolve", artifact_location=(tmp_path / "art").as_uri())
-    with mlflow.start_run(experiment_id=exp) as run:
+    with mlflow.start_run(experiment_id=exp) as run:  # the store of MLFLOW_TRACKING_URI (the fixture's)
         mlflow.log_artifacts(str(tmp_path / "ckpt"), artifact_path="backbone")
     m_ml, i_ml = resolve_model(f"runs:/{run.info.run_id}/backbone", cache_dir=tmp_path / "dl")
     assert i_ml["kind"] == "mlflow" and i_ml["model_run_id"] == run.info.run_id and i_ml["hash"] == i_file["hash"]
