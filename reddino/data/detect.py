@@ -531,10 +531,12 @@ def _nearest_centre(m: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """Label each pixel of mask ``m`` with its nearest centre (1-based), in chunks: bounded memory for huge clumps."""
     yy, xx = np.nonzero(m)
     seg = np.zeros(m.shape, np.int32)
-    for j in range(0, len(yy), 65536):
-        y_, x_ = yy[j:j + 65536, None], xx[j:j + 65536, None]
-        d2 = (y_ - centres[None, :, 0]) ** 2 + (x_ - centres[None, :, 1]) ** 2
-        seg[y_[:, 0], x_[:, 0]] = d2.argmin(1) + 1
+    cy, cx = centres[None, :, 0], centres[None, :, 1]
+    step = max(256, (1 << 19) // max(1, len(centres)))  # pixels x centres per chunk: 4 MB a temporary, whatever k
+    for j in range(0, len(yy), step):
+        y_, x_ = yy[j:j + step], xx[j:j + step]
+        d2 = (y_[:, None] - cy) ** 2 + (x_[:, None] - cx) ** 2
+        seg[y_, x_] = d2.argmin(1) + 1
     return seg
 
 
