@@ -119,6 +119,7 @@ class Detector(Protocol):
 @dataclass(frozen=True)
 class ClassicalParams:
     cell_radius: float | None = None  # px; None = estimated per image
+    scale_fill: float = 0.02  # radius estimate: holes up to this fraction of the image are filled (pallor)
     scale_debris: float = 0.5  # radius estimate: ignore distance maxima under this x their 60th percentile (debris)
     min_od: float = 0.04  # lowest optical-density step above the empty field (empty fields stay empty)
     noise_k: float = 5.0  # ... and at least this many noise sigmas above the peak
@@ -338,7 +339,7 @@ class ClassicalDetector:
         fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)).astype(bool)
         r = radius or p.cell_radius
         if r is None:
-            filled = _fill_holes(fg, 0.02 * fg.size)
+            filled = _fill_holes(fg, p.scale_fill * fg.size)
             r = self._estimate_radius(cv2.morphologyEx(filled.astype(np.uint8), cv2.MORPH_OPEN, _disk(3)).astype(bool))
             if r is None:
                 empty.note = "no cell-like objects found (cannot estimate the cell size)"
