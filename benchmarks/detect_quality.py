@@ -216,7 +216,7 @@ def _big_child(root: str, side: int, detector: str, params: dict, q) -> None:
 
     import cv2
 
-    from reddino.data.detect import get_detector
+    from reddino.data.detect import ClassicalParams, get_detector
     from reddino.data.images import decode_image_strict
 
     cv2.setNumThreads(1)
@@ -234,7 +234,7 @@ def _big_child(root: str, side: int, detector: str, params: dict, q) -> None:
     det = get_detector(detector, **params).detect(big)
     q.put({"side": side, "cells": det.n, "seconds": time.perf_counter() - t, "rss_before_mb": base,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "image_mb": big.nbytes / 2**20,
-           "tiles": params.get("tile", 2048), "mosaic_smears": k})
+           "tiles": params.get("tile", ClassicalParams.tile), "mosaic_smears": k})
 
 
 def big_image(root: Path, args) -> dict:

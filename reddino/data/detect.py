@@ -8,16 +8,22 @@ The default detector (``classical``) needs no weights and runs anywhere:
    dense pixels): a pink, purple or grey stain on a white, grey or blue field all give "dense = cell". Threshold:
    above the empty-field peak by ``noise_k`` noise sigmas, ``min_od`` and ``thr_frac`` of the way to a clipped
    Otsu cut (pale, hypochromic cells stay in); an empty or all-white field has no cells, not noise cells.
-2. **Scale.** The typical cell radius is estimated per image (distance-transform maxima, then the compact whole
+2. **Scale.** The typical cell radius is estimated per image (distance-transform maxima, the low ones of
+   platelets and debris left out below ``scale_debris`` x their 60th percentile, then the compact whole
    components' equivalent radius), or fixed with ``cell_radius``; every size rule below is relative to it, so
    40 px (Chula) and 100 px (BCCD) cells need no retuning.
 3. **Clean-up.** Holes smaller than ``hole_frac`` cells are filled (central pallor, target cells); an opening with
    a disc of ``open_frac`` x radius removes thin structures: text, scale bars, the glue between crenation spikes.
 4. **Splitting touching cells.** Components bigger than ``split_area`` cells or less convex than
    ``split_solidity`` are split by a marker watershed on the distance transform (markers: its maxima at least
-   ``peak_min_dist`` radii apart and ``peak_min_height`` radii deep). A tight clump of round cells can have fewer
-   maxima than cells: when its area holds more cells (area / ``clump_cell_area`` cell areas) it is cut into
-   that many nearest-centre regions around k-means centres of its pixels (seeded at the maxima).
+   ``peak_min_dist`` radii apart and ``peak_min_height`` radii deep). Cells lying over each other (BCCD) have
+   fewer distance maxima than cells, but each shows an arc of its outline (on the clump's edge, or where it
+   overlaps a neighbour: two layers are denser): the edges of the stain density vote along their gradient for a
+   centre one radius inside (circle Hough), and when a clump has more vote maxima (at least ``arc_min`` of a
+   whole outline, ``arc_min_dist`` radii apart, at most one per ``arc_cell_area`` cell areas) than distance
+   maxima, it is cut into nearest-centre regions around them. A tight clump of round cells can have fewer
+   maxima than cells still: when its area holds more cells (area / ``clump_cell_area`` cell areas) it is cut
+   into that many nearest-centre regions around k-means centres of its pixels (seeded at the maxima).
 5. **Filters.** Pieces smaller than ``min_area`` cell areas (platelets, debris), thinner than ``min_thickness``
    radii (lines, text), or nucleated (white cells: more than ``nucleus_frac`` of the piece, or half of it near a
    nucleus, is dense purple stain - blue passes where red cells absorb it; a grey pointer shadow does not count),
@@ -42,7 +48,7 @@ from typing import Any, Callable, Protocol
 import cv2
 import numpy as np
 
-CLASSICAL_VERSION = "1.1"
+CLASSICAL_VERSION = "1.2"
 BORDER_CUT = "border_cut"
 CLUMP = "clump"
 
@@ -113,6 +119,8 @@ class Detector(Protocol):
 @dataclass(frozen=True)
 class ClassicalParams:
     cell_radius: float | None = None  # px; None = estimated per image
+    scale_fill: float = 0.02  # radius estimate: holes up to this fraction of the image are filled (pallor)
+    scale_debris: float = 0.5  # radius estimate: ignore distance maxima under this x their 60th percentile (debris)
     min_od: float = 0.04  # lowest optical-density step above the empty field (empty fields stay empty)
     noise_k: float = 5.0  # ... and at least this many noise sigmas above the peak
     thr_frac: float = 0.3  # threshold = empty-field peak + this x (Otsu cut - peak)
@@ -137,6 +145,9 @@ class ClassicalParams:
     grey_rel: float = 0.3  # a dense pixel is grey when its OD_red / OD_green is this much above the cells' median ...
     grey_frac: float = 0.8  # ... and pieces with more grey dense pixels than this are dropped (fibres, dust, shadows)
     clump_area: float = 2.2  # flag pieces still bigger than this many cell areas
+    arc_min: float = 0.18  # split clumps at outline-vote maxima holding at least this fraction of a cell's outline
+    arc_min_dist: float = 0.6  # ... at least this many radii apart (overlapping cells' centres can be closer than 0.7)
+    arc_cell_area: float = 0.7  # ... and at most one per this many cell areas of the clump (an odd single cell stays whole)
     tile: int = 1024  # process images larger than this (either side) in tiles (memory grows with the tile)
     tile_overlap: float = 3.0  # tile margin, in cell radii
 
@@ -285,6 +296,9 @@ class ClassicalDetector:
         if len(pk) < 3:
             return None
         heights = dist[pk[:, 0], pk[:, 1]]
+        # platelets, debris and stain dots make many low maxima (BCCD: often more than there are cells, which
+        # dragged the estimate to a third of the cell size): drop those under ``scale_debris`` x the 60th percentile
+        heights = heights[heights >= self.p.scale_debris * np.percentile(heights, 60)]
         # filled gaps between clumped cells make a few huge maxima: the typical one is among the lower 60 %
         r0 = float(np.median(heights[heights <= np.percentile(heights, 60)]))
         n, lab, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
@@ -325,7 +339,7 @@ class ClassicalDetector:
         fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)).astype(bool)
         r = radius or p.cell_radius
         if r is None:
-            filled = _fill_holes(fg, 0.02 * fg.size)
+            filled = _fill_holes(fg, p.scale_fill * fg.size)
             r = self._estimate_radius(cv2.morphologyEx(filled.astype(np.uint8), cv2.MORPH_OPEN, _disk(3)).astype(bool))
             if r is None:
                 empty.note = "no cell-like objects found (cannot estimate the cell size)"
@@ -339,10 +353,12 @@ class ClassicalDetector:
             empty.note = "no cells"
             return empty
         dist = cv2.distanceTransform(fg, cv2.DIST_L2, 5)
+        acc = None  # outline votes for cell centres, computed at the first clump
         labels = np.zeros((h, w), np.int32)
         objs = ndi.find_objects(comp)
         nxt = 1
         min_dist = max(1, int(round(p.peak_min_dist * r)))
+        arc_dist = max(1, int(round(p.arc_min_dist * r)))
         for ci, sl in enumerate(objs, start=1):
             if sl is None:
                 continue
@@ -361,14 +377,20 @@ class ClassicalDetector:
                 # into k nearest-centre regions of k-means centres of its pixels, k = its area in cell areas
                 k_area = int(round(a / (p.clump_cell_area * area1)))
                 seg = None
-                if k_area >= 2 and k_area > len(pk):
+                # overlapping cells: each one's visible arc of outline votes for its centre
+                hk = np.zeros((0, 2), np.int64)
+                if p.arc_min > 0:
+                    if acc is None:
+                        acc = _arc_votes(fg, r, score)
+                    hk = peak_local_max(acc[sl] * m, min_distance=arc_dist, threshold_abs=p.arc_min,
+                                        labels=m.astype(np.int32), exclude_border=False)
+                    hk = hk[:max(1, int(round(a / (p.arc_cell_area * area1))))]  # the strongest, as many as fit
+                if len(hk) >= 2 and len(hk) > len(pk) and len(hk) >= k_area:
+                    seg = _nearest_centre(m, hk.astype(np.float32))
+                    pk = hk
+                elif k_area >= 2 and k_area > len(pk):
                     centres = _kmeans_seeds(m, k_area, pk)
-                    yy, xx = np.nonzero(m)
-                    seg = np.zeros(m.shape, np.int32)
-                    for j in range(0, len(yy), 65536):  # in chunks: bounded memory for huge clumps
-                        y_, x_ = yy[j:j + 65536, None], xx[j:j + 65536, None]
-                        d2 = (y_ - centres[None, :, 0]) ** 2 + (x_ - centres[None, :, 1]) ** 2
-                        seg[y_[:, 0], x_[:, 0]] = d2.argmin(1) + 1
+                    seg = _nearest_centre(m, centres)
                     pk = centres
                 elif len(pk) >= 2:
                     markers = np.zeros(m.shape, np.int32)
@@ -504,6 +526,72 @@ class ClassicalDetector:
                         m = det.labels[c.y0:c.y1, c.x0:c.x1] == i + 1
                         labels[by0:by1, bx0:bx1][m] = len(cells)
         return Detection(cells, self.name, self.version, float(r), dropped, labels)
+
+
+def _nearest_centre(m: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Label each pixel of mask ``m`` with its nearest centre (1-based), in chunks: bounded memory for huge clumps."""
+    yy, xx = np.nonzero(m)
+    seg = np.zeros(m.shape, np.int32)
+    cy, cx = centres[None, :, 0], centres[None, :, 1]
+    step = max(256, (1 << 19) // max(1, len(centres)))  # pixels x centres per chunk: 4 MB a temporary, whatever k
+    for j in range(0, len(yy), step):
+        y_, x_ = yy[j:j + step], xx[j:j + step]
+        d2 = (y_[:, None] - cy) ** 2 + (x_[:, None] - cx) ** 2
+        seg[y_, x_] = d2.argmin(1) + 1
+    return seg
+
+
+_ARC_RHO = np.linspace(0.75, 1.25, 6)  # outline pixels vote at these multiples of the cell radius
+
+
+def _vote(ys: np.ndarray, xs: np.ndarray, gy: np.ndarray, gx: np.ndarray, r: float, shape: tuple[int, int]) -> np.ndarray:
+    """Each edge pixel (ys, xs) votes for a centre along its gradient (pointing into the cell) at ``_ARC_RHO`` radii."""
+    h, w = shape
+    g = np.hypot(gy, gx)
+    ok = g > 1e-4
+    ys, xs, ny, nx = ys[ok], xs[ok], gy[ok] / g[ok], gx[ok] / g[ok]
+    acc = np.zeros(h * w, np.float32)
+    for rho in _ARC_RHO * r:
+        vy = np.round(ys + ny * rho).astype(np.int64)
+        vx = np.round(xs + nx * rho).astype(np.int64)
+        k = (vy >= 0) & (vy < h) & (vx >= 0) & (vx < w)
+        acc += np.bincount(vy[k] * w + vx[k], minlength=h * w).astype(np.float32)
+    return cv2.GaussianBlur(acc.reshape(h, w), (0, 0), max(1.0, 0.12 * r))
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    return mask.astype(bool) & ~cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
+def _arc_votes(fg: np.ndarray, r: float, score: np.ndarray) -> np.ndarray:
+    """Circle-Hough votes for cell centres, as the fraction of a whole cell's outline voting: about 1 at a round
+    isolated cell's centre, 0.2-0.5 at the centre of a cell half hidden under its neighbours.
+
+    The edges are those of the stain density (Canny, relative to the contrast of the foreground's outline): the
+    outline of a clump, and inside it the arcs where one cell lies over another (two layers: denser). Each edge
+    pixel votes along its density gradient, so a pale centre's rim votes away from the cell, not for a centre."""
+    h, w = fg.shape
+    ref = float(np.percentile(score[fg.astype(bool)], 95)) if fg.any() else 1.0
+    s8 = np.clip(score / max(ref, 1e-3) * 200, 0, 255).astype(np.uint8)
+    s8 = cv2.GaussianBlur(s8, (0, 0), max(1.0, 0.06 * r))
+    gx = cv2.Sobel(s8, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(s8, cv2.CV_32F, 0, 1, ksize=3)
+    fe = _outline(fg)
+    gref = float(np.median(np.hypot(gx[fe], gy[fe]))) if fe.any() else 50.0
+    edge = (cv2.Canny(s8, 0.25 * gref, 0.5 * gref, L2gradient=True) > 0) & cv2.dilate(fg.astype(np.uint8), _disk(2)).astype(bool)
+    edge[[0, -1], :] = False  # the image edge is not a cell outline
+    edge[:, [0, -1]] = False
+    ys, xs = np.nonzero(edge)
+    acc = _vote(ys, xs, gy[ys, xs], gx[ys, xs], r, (h, w))
+    # normalisation: the votes of a disc of radius r's one-pixel outline at its centre
+    side = int(math.ceil(3 * r)) | 1
+    disc = np.zeros((side, side), np.uint8)
+    cv2.circle(disc, (side // 2, side // 2), int(round(r)), 1, -1)
+    soft = cv2.GaussianBlur(disc.astype(np.float32), (0, 0), max(1.0, 0.06 * r))
+    dy, dx = np.nonzero(_outline(disc))
+    full = _vote(dy, dx, cv2.Sobel(soft, cv2.CV_32F, 0, 1, ksize=3)[dy, dx], cv2.Sobel(soft, cv2.CV_32F, 1, 0, ksize=3)[dy, dx],
+                 r, disc.shape).max()
+    return acc / max(float(full), 1e-6)
 
 
 def _kmeans_seeds(m: np.ndarray, k: int, init: np.ndarray | None = None, iters: int = 15) -> np.ndarray:
