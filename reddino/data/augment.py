@@ -53,7 +53,8 @@ from reddino.data import rbcfast
 from reddino.data.rbcfast import FAST
 
 
-#: Bump a policy's version whenever its output distribution changes (recorded with each run).
+#: Bump a policy's version whenever its output changes for a seed (each run's MLflow tag reddino.crops_policy;
+#: a resume across a bump warns).
 POLICY_VERSIONS = {"dinov2": 2, "rbc": 2, "cell": 1, "none": 2}  # dinov2/none 2: fastaug (torchvision's draws)
 # rbc 2: rbcfast.ISONoise, equal in distribution to albumentations' (same draws) but not the same pixels for a seed
 

@@ -287,7 +287,18 @@ def _open_mlflow_run(cfg: RunConfig, where: _RunPlace, data_hash: str | None, ml
         run = mlflow.start_run(run_id=existing, run_name=None if existing else where.run_name)
         if run_dir is not None:
             (run_dir / "mlflow_run_id").write_text(run.info.run_id)
-        if not existing:
+        from reddino.data.augment import POLICY_VERSIONS
+
+        # Which version of the augmentation policy made the run's crops: a resume across a change of it is exact
+        # in everything but the augmented pixels after the resume point, and says so.
+        policy = f"{cfg.crops.policy} v{POLICY_VERSIONS[cfg.crops.policy]}"
+        if existing:
+            started = mlflow.get_run(existing).data.tags.get("reddino.crops_policy")
+            if started and started != policy:
+                print(f"[reddino] WARNING resumed with augmentation policy {policy}; the run started with {started}: "
+                      "the crops after the resume point differ from an uninterrupted run's", flush=True)
+                mlflow.set_tag("reddino.crops_policy_resumed", policy)
+        else:
             params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.flat().items()}
             items = list(params.items())
             for i in range(0, len(items), 90):
@@ -295,7 +306,8 @@ def _open_mlflow_run(cfg: RunConfig, where: _RunPlace, data_hash: str | None, ml
             if mlflow_tags:
                 mlflow.set_tags(mlflow_tags)
             mlflow.set_tags({"reddino.config_hash": cfg.hash(), "reddino.data_hash": data_hash or "",
-                             "reddino.run_name": where.run_name, "reddino.arch": cfg.model.arch})
+                             "reddino.run_name": where.run_name, "reddino.arch": cfg.model.arch,
+                             "reddino.crops_policy": policy})
             if run_dir is not None:
                 mlflow.log_artifact(str(run_dir / "run_config.yaml"))
         mlflow.end_run(status="RUNNING")  # the workers log into it by id; the end of the run sets its outcome
