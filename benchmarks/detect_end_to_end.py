@@ -51,13 +51,12 @@ def features(table: pd.DataFrame, model: str, workers: int, cache: Path) -> np.n
         chunks = [imgs[i:i + 500] for i in range(0, len(imgs), 500)]
         with ProcessPoolExecutor(max(1, workers)) as pool:
             X = np.concatenate(list(pool.map(_feats_chunk, chunks)))
-    else:
+    else:  # anything `reddino evaluate` takes (an export, a run dir, models:/..., random:<arch>)
+        from reddino.features.extract import extract_features
         from reddino.features.models import resolve_model
 
-        net = resolve_model(model)
-        X = net.extract(imgs) if hasattr(net, "extract") else None
-        if X is None:
-            raise SystemExit(f"--model {model}: only 'handcrafted' or extractor models are supported here")
+        net, _ = resolve_model(model)
+        X = extract_features(net, imgs)  # at the model's own input size
     log(f"features {X.shape} in {time.perf_counter() - t:.0f} s -> {cache}")
     np.save(cache, X)
     return X
@@ -133,7 +132,10 @@ def main() -> None:
         keep = crops["group"].isin(full).to_numpy() | (rng.random(len(crops)) < args.max_train * args.folds / max(
             1, (args.folds - 1) * len(crops)))
         crops = crops[keep].reset_index(drop=True)
-    tag = f"{args.model}_every{args.every}_max{args.max_train}"
+    import hashlib
+
+    model_tag = args.model if args.model == "handcrafted" else hashlib.sha256(args.model.encode()).hexdigest()[:12]
+    tag = f"{model_tag}_every{args.every}_max{args.max_train}"
     Xc = features(crops, args.model, args.workers, args.work / f"X_crops_{tag}.npy")
     Xd = features(det, args.model, args.workers, args.work / f"X_detected_{tag}.npy")
 
