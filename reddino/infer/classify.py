@@ -75,11 +75,13 @@ def _plot(by_source: pd.DataFrame, by_smear: pd.DataFrame, classes: list[str], p
     cmap = plt.get_cmap("tab20")
     for ax, table, key, title in ((axes[0], by_source, "source", "per source"),
                                   (axes[1], smears, "group", f"per smear ({len(smears)} largest)")):
-        left = np.zeros(len(table))
+        left, rows = np.zeros(len(table)), np.arange(len(table))
         for i, c in enumerate(classes):
             vals = table[f"frac_{c}"].to_numpy()
-            ax.barh(table[key].astype(str), vals, left=left, color=cmap(i % 20), label=c)
+            # numeric positions, names as tick labels: smear names like "28" made matplotlib log a notice per bar
+            ax.barh(rows, vals, left=left, color=cmap(i % 20), label=c)
             left += vals
+        ax.set_yticks(rows, table[key].astype(str).tolist())
         ax.set_xlim(0, 1)
         ax.set_title(f"predicted morphology, {title}", fontsize=10)
         ax.tick_params(axis="y", labelsize=7)
