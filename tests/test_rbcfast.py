@@ -151,6 +151,16 @@ def test_rbc_policy_crops_equal_albumentations_only_policy():
         np.testing.assert_array_equal(a[k], b[k])
 
 
+def _assert_same_call(ours, theirs, img, seed: int) -> None:
+    """rbcfast.run(ours) gives albumentations' own call's pixels and leaves both generators in the same state."""
+    rng_a, py_a, rng_b, py_b = (np.random.default_rng(seed), random.Random(seed), np.random.default_rng(seed),
+                                random.Random(seed))
+    rbcfast.set_random_state(ours, rng_a, py_a)
+    theirs.set_random_state(rng_b, py_b)
+    np.testing.assert_array_equal(rbcfast.run(ours, img), theirs(image=img)["image"])
+    assert (rng_a.random(), py_a.random()) == (rng_b.random(), py_b.random())
+
+
 @pytest.mark.parametrize("policy", ["rbc", "rbc_albumentations", "cell"])
 def test_run_is_the_pipeline_call(policy):
     """rbcfast.run / set_random_state: the same pixels and the same generator states as albumentations' own call."""
@@ -161,12 +171,7 @@ def test_run_is_the_pipeline_call(policy):
     for seed in range(12):
         img = _smear(64, seed % 3)
         for a, b in zip([*ours.global_crops, ours.local_crops], [*theirs.global_crops, theirs.local_crops]):
-            rng_a, py_a, rng_b, py_b = (np.random.default_rng(seed), random.Random(seed), np.random.default_rng(seed),
-                                        random.Random(seed))
-            rbcfast.set_random_state(a, rng_a, py_a)
-            b.set_random_state(rng_b, py_b)
-            np.testing.assert_array_equal(rbcfast.run(a, img), b(image=img)["image"])
-            assert (rng_a.random(), py_a.random()) == (rng_b.random(), py_b.random())
+            _assert_same_call(a, b, img, seed)
 
 
 @pytest.mark.parametrize("name,kw", [("MotionBlur", {}), ("MotionBlur", {"blur_limit": (3, 15), "allow_shifted": False}),
@@ -217,12 +222,7 @@ def test_flips_rotate_step_is_the_three_transforms(rotate):
     ours, theirs = pipe(), pipe()
     assert any(isinstance(s, rbcfast.FlipsRotate) for s in rbcfast.compose_steps(ours))
     for seed in range(200):
-        rng_a, py_a, rng_b, py_b = (np.random.default_rng(seed), random.Random(seed), np.random.default_rng(seed),
-                                    random.Random(seed))
-        rbcfast.set_random_state(ours, rng_a, py_a)
-        theirs.set_random_state(rng_b, py_b)
-        np.testing.assert_array_equal(rbcfast.run(ours, img), theirs(image=img)["image"])
-        assert (rng_a.random(), py_a.random()) == (rng_b.random(), py_b.random())
+        _assert_same_call(ours, theirs, img, seed)
         h, v, r = (bool(t.params) for t in ours.transforms)
         seen.add((h, v, ours.transforms[2].params["factor"] if r else 0))
     assert len(seen) == 16  # every flip / turn combination ran
