@@ -111,6 +111,7 @@ def ingest_cmd(
     detect: bool = typer.Option(False, "--detect", help="--unit cell: find the cells in every smear photo with a detector (one row per detected cell; labels attached where the source's labels match)."),
     detector: str = typer.Option("classical", help="--detect: which detector (see reddino.data.detect.register_detector)."),
     detector_params: Optional[str] = typer.Option(None, help="--detect: detector parameters, key=value,... or JSON (e.g. cell_radius=48)."),
+    ray: bool = typer.Option(False, "--ray", help="Run the per-image work on Ray (RAY_ADDRESS's cluster, else a local Ray) instead of --workers processes; SRC must be on storage every node reads."),
 ) -> None:
     """Ingest raw images/annotations into a reddino Parquet dataset."""
     import logging
@@ -132,7 +133,7 @@ def ingest_cmd(
             overwrite=overwrite, progress=progress, command=_command(),
             report=lambda msg: err.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
             detect=detect, detector=detector, detector_params=_detector_params(detector_params) if detect else None,
-            detect_crop_size=crop_size if detect else None,
+            detect_crop_size=crop_size if detect else None, use_ray=ray,
         )
     except (IngestError, DatasetExistsError, ManifestError, FileNotFoundError) as exc:
         _fail(exc)

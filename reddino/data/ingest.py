@@ -554,8 +554,10 @@ _PLANNERS = {"folder": _plan_folder, "chula": _plan_chula, "voc": _plan_voc}
 # --------------------------------------------------------------------------- driver
 
 
-def _execute(tasks: list[tuple], workers: int, progress: bool, desc: str) -> Iterator[tuple[list, list]]:
-    """Run tasks in order (in-process for workers<=1, else a process pool), with a progress bar."""
+def _execute(tasks: list[tuple], workers: int, progress: bool, desc: str,
+             use_ray: bool = False) -> Iterator[tuple[list, list]]:
+    """Run tasks in order (in-process for workers<=1, else a process pool, or Ray tasks on the cluster with
+    ``use_ray``: each reads its photo from the shared path and returns its rows), with a progress bar."""
     bar = None
     if progress:
         from rich.console import Console
@@ -568,7 +570,15 @@ def _execute(tasks: list[tuple], workers: int, progress: bool, desc: str) -> Ite
     try:
         if bar:
             bar.start()
-        if workers <= 1 or len(tasks) <= 1:
+        if use_ray:
+            from ray.util.multiprocessing import Pool as RayPool
+
+            from reddino.runtime import init_ray
+
+            init_ray()  # RAY_ADDRESS's cluster, else a local Ray
+            pool = RayPool(initializer=_worker_init)  # one process per cluster CPU, as multiprocessing does
+            results = pool.imap(_run_task, tasks, chunksize=max(1, min(16, len(tasks) // 64)))  # in order
+        elif workers <= 1 or len(tasks) <= 1:
             results: Iterable = map(_run_task, tasks)
         else:
             import multiprocessing as mp
@@ -582,7 +592,9 @@ def _execute(tasks: list[tuple], workers: int, progress: bool, desc: str) -> Ite
             if bar:
                 bar.advance(tid)
     finally:
-        if pool is not None:
+        if pool is not None and use_ray:
+            pool.terminate()
+        elif pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         if bar:
             bar.stop()
@@ -627,6 +639,7 @@ def ingest(
     detector: str | None = None,
     detector_params: dict | None = None,
     detect_crop_size: int | None = None,
+    use_ray: bool = False,
 ) -> Manifest:
     """Ingest ``src`` (layout ``format``: folder | chula | voc) into the dataset dir ``out``.
 
@@ -638,7 +651,9 @@ def ingest(
     Skipped inputs are reported through ``report`` (default: logging) and recorded in the manifest.
     ``detect``: one row per cell found by ``detector`` (see :mod:`reddino.data.detect_ingest`) in every smear
     image, labelled where the source's labels match a detected cell; ``detect_crop_size`` fixes the crop side
-    (default: 3.2 cell radii of each smear).
+    (default: 3.2 cell radii of each smear). ``use_ray``: the per-image tasks (decode, crop or tile, detect) run on
+    Ray (the cluster of RAY_ADDRESS, else a local Ray) instead of ``workers`` processes; ``src`` must be readable
+    by every node (shared storage). The same rows in the same order either way.
     """
     src_p = Path(src).expanduser()
     encode = _checked_args(format, unit, src_p, encode, pad, crop_size, patch_size)
@@ -683,7 +698,7 @@ def ingest(
 
     def rows() -> Iterator[dict]:
         desc = f"ingest {format} → {unit} rows" + (f" (detect: {spec.name})" if spec else "")
-        for res in _execute(tasks, workers, progress, desc):
+        for res in _execute(tasks, workers, progress, desc, use_ray=use_ray):
             skips.extend(res[1])
             if len(res) > 2:  # --detect: per-smear detection summaries
                 per_smear.update(res[2])
