@@ -60,6 +60,13 @@ class DataConfig(_Section):
         return self
 
 
+#: The version of each augmentation policy (reddino.data.augment): bump it whenever a policy's output changes for a
+#: seed. Each run records it (MLflow tag reddino.crops_policy, e.g. "rbc v2"); a resume across a bump warns. Here,
+#: not beside the policies, so the driver reads it without importing albumentations and cv2.
+POLICY_VERSIONS = {"dinov2": 2, "rbc": 2, "cell": 1, "none": 2}  # dinov2/none 2: fastaug (torchvision's draws)
+# rbc 2: rbcfast.ISONoise, equal in distribution to albumentations' (same draws) but not the same pixels for a seed
+
+
 class CropConfig(_Section):
     """DINOv2 multi-crop and pixel augmentation."""
 

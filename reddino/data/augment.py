@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from reddino.config import CropConfig, MaskConfig
+from reddino.config import POLICY_VERSIONS, CropConfig, MaskConfig  # noqa: F401 (POLICY_VERSIONS: re-exported)
 from reddino.data.fastaug import (
     N_PARAMS, CropRecipe, apply_cpu, blur_cpu, colour_cpu, crop_resize_cpu, dinov2_recipes, draw_params, none_recipes,
     solarize_cpu,
@@ -52,11 +52,6 @@ from reddino.data.images import decode_for_size, normalize_chw, resize_square
 from reddino.data import rbcfast
 from reddino.data.rbcfast import FAST
 
-
-#: Bump a policy's version whenever its output changes for a seed (each run's MLflow tag reddino.crops_policy;
-#: a resume across a bump warns).
-POLICY_VERSIONS = {"dinov2": 2, "rbc": 2, "cell": 1, "none": 2}  # dinov2/none 2: fastaug (torchvision's draws)
-# rbc 2: rbcfast.ISONoise, equal in distribution to albumentations' (same draws) but not the same pixels for a seed
 
 #: Policies made of explicit per-crop parameters (:mod:`reddino.data.fastaug`), which ``crops.on_device`` can run on
 #: the training device; the others are albumentations pipelines and run on the CPU.

@@ -287,7 +287,7 @@ def _open_mlflow_run(cfg: RunConfig, where: _RunPlace, data_hash: str | None, ml
         run = mlflow.start_run(run_id=existing, run_name=None if existing else where.run_name)
         if run_dir is not None:
             (run_dir / "mlflow_run_id").write_text(run.info.run_id)
-        from reddino.data.augment import POLICY_VERSIONS
+        from reddino.config import POLICY_VERSIONS
 
         # Which version of the augmentation policy made the run's crops: a resume across a change of it is exact
         # in everything but the augmented pixels after the resume point, and says so.
