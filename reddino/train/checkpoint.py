@@ -134,7 +134,11 @@ def export_checkpoint(path: str | Path, *, step: int | None = None, out: str | P
     weights = {k[len(prefix):]: v for k, v in payload["model"].items() if k.startswith(prefix)}
     m = cfg.model
     backbone = create_backbone(m.arch, m.img_size, m.patch_size, timm_kwargs=m.timm_kwargs)
-    backbone.load_state_dict(weights)  # strict: every tensor of the architecture, nothing left over
+    try:
+        backbone.load_state_dict(weights)  # strict: every tensor of the architecture, nothing left over
+    except RuntimeError as exc:  # written by another version of the code: say which file and which config
+        raise PreflightError(f"{ckpt / STATE_FILE}: its teacher backbone does not fit {m.arch} as {ckpt / CONFIG_FILE} "
+                             f"describes it ({exc})") from None
     meta: dict[str, Any] = {"run_name": cfg.train.run_name or ckpt.parent.name, "step": int(payload["step"]),
                             "config_hash": cfg.hash(), "checkpoint": str(ckpt)}
     if cfg.distill.enabled:

@@ -69,3 +69,12 @@ def test_export_refuses_a_missing_step_or_a_folder_without_checkpoints(run_dir, 
         ckpt.export_checkpoint(run, step=3)
     with pytest.raises(PreflightError, match="no reddino checkpoint here"):
         ckpt.export_checkpoint(tmp_path)
+    import shutil  # a checkpoint whose run_config.yaml names another architecture than its weights
+
+    other = tmp_path / "other" / "checkpoint_0000002"
+    shutil.copytree(run / "checkpoint_0000002", other)
+    cfg = yaml.safe_load((other / "run_config.yaml").read_text())
+    cfg["model"]["arch"] = "vit_tiny_patch8_reddino"
+    (other / "run_config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(PreflightError, match=r"state\.pt: its teacher backbone does not fit vit_tiny_patch8_reddino"):
+        ckpt.export_checkpoint(other)
