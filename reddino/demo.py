@@ -101,10 +101,12 @@ def run_demo(out: str | Path = "reddino-demo", *, quick: bool = False, with_swee
     arch = cfg.model.arch
     refs = [str(trained.backbone_path), f"random:{arch}", "handcrafted"]
     labels = ["pretrained", "random init", "handcrafted"]  # same architecture for the first two
+    # use_ray=None: in process below evaluate's RAY_MIN_ROWS (the demo's ~1,000 cells embed in seconds; a Ray Data
+    # actor pool per model would cost ~30 s each here)
     kfold = evaluate(refs, str(cells), protocol="kfold", folds=3 if quick else 5, img_size=cfg.model.img_size,
-                     out_dir=out / "eval" / "kfold", tracking_uri=tracking_uri, use_ray=True, progress=True)
+                     out_dir=out / "eval" / "kfold", tracking_uri=tracking_uri, use_ray=None, progress=True)
     xsrc = evaluate(refs, str(cells), protocol="cross-source", img_size=cfg.model.img_size,
-                    out_dir=out / "eval" / "cross-source", tracking_uri=tracking_uri, use_ray=False, progress=True)
+                    out_dir=out / "eval" / "cross-source", tracking_uri=tracking_uri, use_ray=None, progress=True)
     for entry, label in zip(kfold["models"], labels):
         result.table.append(_row(entry, label))
     for entry, row in zip(xsrc["models"], result.table):

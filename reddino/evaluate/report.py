@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import re
@@ -201,9 +203,33 @@ def _umap(x: np.ndarray, seed: int) -> np.ndarray:
 
     import umap  # noqa: PLC0415
 
+    cache_umap_kernels()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return umap.UMAP(n_neighbors=min(15, len(x) - 1), random_state=seed, n_jobs=1).fit_transform(x)
+
+
+@functools.cache
+def cache_umap_kernels() -> int:
+    """Numba's on-disk cache for umap-learn's and pynndescent's jitted functions (most are not ``cache=True``):
+    without it every process compiles them on its first UMAP, ~35 s on 2 cores; with it that happens once per
+    machine (files next to their sources, or numba's user cache dir) and later processes load them in < 1 s.
+    Returns how many functions were switched; a function numba cannot cache just keeps compiling."""
+    import umap  # noqa: F401, PLC0415
+    from numba.core.registry import CPUDispatcher  # noqa: PLC0415
+
+    n = 0
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith(("umap", "pynndescent")) or mod is None:
+            continue
+        for fn in list(vars(mod).values()):
+            if isinstance(fn, CPUDispatcher) and type(fn._cache).__name__ == "NullCache":
+                try:
+                    fn.enable_caching()
+                    n += 1
+                except Exception:  # noqa: BLE001 - e.g. no writable cache location: compile as before
+                    pass
+    return n
 
 
 def plot_embedding(emb: np.ndarray, colour_by: np.ndarray, title: str, path: Path, legend_names=None) -> Path:

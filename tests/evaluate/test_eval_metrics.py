@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -99,6 +101,21 @@ def test_embedding_umap_and_pca_fallback(tmp_path):
     assert how == "PCA" and small.shape == (10, 2)
     p = plot_embedding(emb, np.repeat(["a", "b"], 20), "t", tmp_path / "e.png")
     assert p.stat().st_size > 1000
+
+
+def test_umap_kernels_are_compiled_once_per_machine_not_per_process():
+    """umap-learn's jitted functions go through numba's on-disk cache: after one UMAP the machine code of its
+    layout optimiser is on disk, where the next process loads it instead of compiling (~35 s on 2 cores)."""
+    import umap.umap_
+
+    from reddino.evaluate.report import cache_umap_kernels, embed_2d
+
+    embed_2d(np.random.default_rng(1).normal(size=(30, 4)), "umap")
+    cache_umap_kernels()
+    fn = umap.umap_.smooth_knn_dist
+    assert type(fn._cache).__name__ == "FunctionCache"
+    index = fn._cache._cache_file._index_path
+    assert os.path.exists(index), index
 
 
 def test_a_failed_umap_is_printed_and_recorded_not_silently_pca(monkeypatch, capsys):
