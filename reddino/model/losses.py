@@ -85,9 +85,8 @@ class EMACenter(nn.Module):
         t = teacher_logits.float().reshape(-1, self.center.shape[-1])
         total = _all_reduce(t.sum(dim=0, keepdim=True))
         count = _all_reduce(torch.tensor(float(t.shape[0]), device=t.device))
-        if count.item() == 0:
-            return
-        self.center.mul_(self.momentum).add_(total / count, alpha=1.0 - self.momentum)
+        # clamp, not `if count.item() == 0`: no host sync per step (a forward always has rows)
+        self.center.mul_(self.momentum).add_(total / count.clamp_min(1.0), alpha=1.0 - self.momentum)
 
 
 #: Valid ``loss.centering`` values → what implements them.

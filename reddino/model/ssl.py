@@ -194,7 +194,6 @@ class DINOv2SSL(nn.Module):
             if tuple(masks.shape) != (B, G, n_tokens):
                 raise ValueError(f"masks {tuple(masks.shape)} != (B, G, N) = {(B, G, n_tokens)}")
             m = masks.to(device=x_g.device, dtype=torch.bool).transpose(0, 1).flatten(0, 1)
-        n_masked = int(m.sum())
         do_ibot = lc.ibot_weight > 0
         shared = "ibot_head" not in self.student
 
@@ -229,7 +228,8 @@ class DINOv2SSL(nn.Module):
 
         total, parts = self.objective(s_cls_logits, t_cls_probs, G, s_patch_logits, t_patch_probs, m,
                                       s["cls"] if lc.koleo_weight > 0 else None)
-        parts["masked_fraction"] = torch.tensor(n_masked / max(m.numel(), 1), device=total.device)
+        # on the device, no int(): a host sync per step on a GPU, and a graph break under torch.compile
+        parts["masked_fraction"] = m.float().mean() if m.numel() else torch.zeros((), device=total.device)
         if self.gram is not None and gram_weight > 0:
             gram = self.gram(s["patch"], self._gram_teacher_patches(t["patch"], x_g, gram_crops), m)
             total = total + float(gram_weight) * gram
