@@ -15,22 +15,51 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 import pytest
 
 
-def _local_ray(num_cpus: int):
+_SHARED: dict = {}  # the local Ray the module fixtures share: its session name and CPUs
+
+
+def _session_name(ray) -> str:
+    return ray._private.worker.global_worker.node.session_name
+
+
+def _local_ray(num_cpus: int, shared: bool = True):
+    """A local Ray with ``num_cpus`` logical CPUs. ``shared``: the one the previous module used, when it is still
+    the live session and has as many CPUs (each start and stop costs ~10 s on 2 cores); stopped at the end of the
+    test session (or by whichever test stops or replaces it)."""
     import ray
 
     from reddino.runtime import init_ray
 
+    live = ray.is_initialized() and _SHARED.get("session") == _session_name(ray)
+    if shared and live and _SHARED.get("cpus") == num_cpus:
+        yield ray
+        return
     if ray.is_initialized():
         ray.shutdown()
     init_ray(num_cpus=num_cpus, log_to_driver=False)
+    _SHARED.clear()
+    if shared:
+        _SHARED.update(session=_session_name(ray), cpus=num_cpus)
     yield ray
-    ray.shutdown()
+    if not shared:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_ray():
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray session per test module (start-up costs seconds), stopped afterwards."""
-    yield from _local_ray(2)
+    """A local Ray for the module, shared with the modules before and after it (see ``_local_ray``). Six logical
+    CPUs on the 2 cores, as ``ray_train``, so both share one session."""
+    yield from _local_ray(6)
 
 
 @pytest.fixture(scope="module")
@@ -66,4 +95,4 @@ def mlflow_uri(tmp_path, use_mlflow_store):
 def ray_fresh():
     """A Ray session of its own for one test: a trial stopped by ASHA can hold its CPUs until Ray Train's
     placement-group cleaner releases it, which must not starve the next test's trials."""
-    yield from _local_ray(6)
+    yield from _local_ray(6, shared=False)

@@ -56,6 +56,8 @@ def test_an_unreachable_mlflow_server_is_named_within_seconds():
 
 def test_pretrain_and_sweep_refuse_bad_data_before_ray_starts_and_leave_nothing(datasets, tmp_path, monkeypatch):
     import ray
+
+    ray.shutdown()  # an earlier module's shared local Ray (tests/conftest.py): "nothing started" must be checkable
     from typer.testing import CliRunner
 
     from reddino.cli import app
