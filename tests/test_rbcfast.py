@@ -228,3 +228,18 @@ def test_flips_rotate_step_is_the_three_transforms(rotate):
         h, v, r = (bool(t.params) for t in ours.transforms)
         seen.add((h, v, ours.transforms[2].params["factor"] if r else 0))
     assert len(seen) == 16  # every flip / turn combination ran
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_pcg64_words_are_numpys_bounded_draws(dtype):
+    """Power-of-two ranges: numpy's integers are the top bits of rbcfast.pcg64_words, and the generator ends in the
+    same state, whatever 32-bit word was left buffered before (odd counts)."""
+    for seed in range(20):
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        for count, bits in [(7, 3), (10, 3), (1, 1), (0, 2), (33, 5), (1000, 3), (3, 31)]:
+            lo = -(2 ** (bits - 1))
+            want = a.integers(lo, lo + 2**bits, size=count, dtype=dtype)
+            got = lo + (rbcfast.pcg64_words(b, count) >> (32 - bits)).astype(np.int64)
+            np.testing.assert_array_equal(got, want)
+            assert a.bit_generator.state == b.bit_generator.state
+        assert a.random() == b.random()

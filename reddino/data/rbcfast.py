@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import random
+import sys
 from typing import Any
 
 import albumentations as A
@@ -81,6 +82,31 @@ def py_randints(py: random.Random, draws: list[tuple[int, int, int]], mt: np.ran
     s = mt.state["state"]
     py.setstate((state[0], (*s["key"].tolist(), int(s["pos"])), state[2]))
     return out
+
+
+def pcg64_words(gen: np.random.Generator, count: int) -> np.ndarray | None:
+    """uint32 [count]: the next ``count`` 32-bit words ``gen`` gives its bounded-integer draws (numpy's ``next_uint32``:
+    the low, then the high half of each 64-bit output, the high one kept for the next call), drawn at once with
+    ``random_raw``; ``gen`` is left exactly as after ``count`` such draws. None (nothing drawn) unless ``gen`` runs
+    on PCG64 on a little-endian machine. ``gen.integers(lo, lo + 2**k, ...)`` (32-bit ranges) takes one word per
+    value, ``lo + (word >> (32 - k))``: Lemire's method never rejects a power-of-two range."""
+    bg = gen.bit_generator
+    if type(bg) is not np.random.PCG64 or sys.byteorder != "little":
+        return None
+    head = np.zeros(0, np.uint32)
+    if count and bg.state["has_uint32"]:  # one word left over from an earlier odd count: it comes first
+        state = bg.state
+        head = np.array([state["uinteger"]], np.uint32)
+        state["has_uint32"] = 0
+        bg.state = state
+        count -= 1
+    words = bg.random_raw((count + 1) // 2).view(np.uint32)
+    if count:  # numpy keeps the last output's high half: buffered for the next 32-bit draw (odd count) or used
+        state = bg.state
+        state["has_uint32"], state["uinteger"] = count % 2, int(words[-1])
+        bg.state = state
+        words = words[:count]
+    return np.concatenate([head, words]) if len(head) else words
 
 
 @functools.lru_cache(maxsize=None)
@@ -415,6 +441,12 @@ class GlassBlur(A.GlassBlur):
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, np.ndarray]:
         h, w = params["shape"][:2]
         n = (h - 2 * self.max_delta) * (w - 2 * self.max_delta)
+        span = 2 * self.max_delta
+        if n > 0 and span & (span - 1) == 0:  # a power of two: Lemire's method takes each value's top bits
+            words = pcg64_words(self.random_generator, n * self.iterations * 2)
+            if words is not None:
+                dxy = (words >> (32 - (span.bit_length() - 1))).view(np.int32) - self.max_delta
+                return {"dxy": dxy.reshape(n, self.iterations, 2)}
         # int32: the same values as albumentations' int64 draw (both take one 32-bit word per value), half the bytes
         dxy = self.random_generator.integers(-self.max_delta, self.max_delta, size=(n, self.iterations, 2),
                                              dtype=np.int32)
