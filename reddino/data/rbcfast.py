@@ -8,7 +8,7 @@ gives pixels equal in distribution, from the same parameter draws:
 
 * ``RandomFog``: one blend per fog particle over the whole image becomes one count of the particles covering
   each pixel and a table of the blend iterated that many times. Its particle positions (thousands of
-  ``random.randint`` calls) are drawn at once from CPython's own Mersenne Twister stream.
+  ``random.randint`` calls) are drawn at once from CPython's own Mersenne Twister words (``getrandbits``).
 * ``RandomSunFlare``: 40 whole-image blends of concentric discs become, per pixel, the index of the first disc
   that covers it and a table of the blends from there; the small flare circles are blended on their pixels only.
 * ``GlassBlur``: the pixel swaps run on RGB packed into one uint32 per pixel with flat indices.
@@ -44,28 +44,24 @@ import cv2
 import numpy as np
 from albumentations.augmentations.blur.functional import sample_odd_from_range
 
-_MT_WORDS = 624  # CPython's and numpy's MT19937 state: 624 32-bit words + a position
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _load(mt: np.random.MT19937, state: tuple) -> None:
-    """Put ``mt`` in the state of a CPython ``random.Random`` (``getstate()``): it then gives the same 32-bit words."""
-    internal = state[1]
-    mt.state = {"bit_generator": "MT19937",
-                "state": {"key": np.array(internal[:_MT_WORDS], np.uint32), "pos": internal[_MT_WORDS]}}
+def _py_words(py: random.Random, count: int) -> np.ndarray:
+    """uint32 [count]: the next ``count`` 32-bit words of CPython's Mersenne Twister (``getrandbits`` fills its
+    integer with them, least significant first)."""
+    return np.frombuffer(py.getrandbits(32 * count).to_bytes(4 * count, "little"), "<u4") if count else \
+        np.zeros(0, np.uint32)
 
 
-def py_randints(py: random.Random, draws: list[tuple[int, int, int]], mt: np.random.MT19937) -> list[np.ndarray]:
+def py_randints(py: random.Random, draws: list[tuple[int, int, int]]) -> list[np.ndarray]:
     """For each ``(lo, hi, count)`` in order, ``count`` values of ``py.randint(lo, hi)``, as CPython draws them
-    (``_randbelow``: the top ``k = n.bit_length()`` bits of a 32-bit word, rejected while ≥ n), all at once
-    through ``mt`` (scratch: its state is overwritten); ``py`` is left as if the calls had been made."""
+    (``_randbelow``: the top ``k = n.bit_length()`` bits of a 32-bit word, rejected while ≥ n), all at once from
+    ``py``'s own words (``getrandbits``); ``py`` is left as if the calls had been made."""
     state = py.getstate()
-    _load(mt, state)
-    words = mt.random_raw(2 * sum(c for _, _, c in draws) + 64)  # acceptance > 1/2 per word
+    words = _py_words(py, 2 * sum(c for _, _, c in draws) + 64)  # acceptance > 1/2 per word
     out, used = [], 0
     for lo, hi, count in draws:
         n = hi - lo + 1
@@ -74,13 +70,11 @@ def py_randints(py: random.Random, draws: list[tuple[int, int, int]], mt: np.ran
             ok = np.flatnonzero(cand < n)[:count]
             if len(ok) == count:
                 break
-            words = np.concatenate([words, mt.random_raw(len(words))])
+            words = np.concatenate([words, _py_words(py, len(words))])
         out.append(lo + cand[ok].astype(np.int64))
         used += int(ok[-1]) + 1 if count else 0
-    _load(mt, state)
-    mt.random_raw(used)
-    s = mt.state["state"]
-    py.setstate((state[0], (*s["key"].tolist(), int(s["pos"])), state[2]))
+    py.setstate(state)
+    _py_words(py, used)
     return out
 
 
@@ -321,10 +315,6 @@ def set_random_state(pipe: Any, random_generator: np.random.Generator, py_random
 class RandomFog(A.RandomFog):
     """albumentations' RandomFog: fog particles (discs) blended one by one toward white, then a Gaussian blur."""
 
-    @functools.cached_property
-    def _mt(self) -> np.random.MT19937:
-        return np.random.MT19937(0)  # scratch for py_randints, made once: seeding one costs ~0.1 ms
-
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
         if h != w:  # x and y then alternate between two ranges: albumentations' draws, one by one
@@ -341,7 +331,7 @@ class RandomFog(A.RandomFog):
             side = int(side * (1 - 0.1))
         xy = np.zeros((0, 2), np.int64)
         if draws:  # none on images of a few pixels
-            xy = np.concatenate(py_randints(self.py_random, draws, self._mt)).reshape(-1, 2)
+            xy = np.concatenate(py_randints(self.py_random, draws)).reshape(-1, 2)
         r_max = max(2, int(w * 0.1 * intensity))
         radii = self.random_generator.integers(max(1, r_max // 2), r_max, size=len(xy))
         return {"particle_positions": xy, "intensity": intensity, "radiuses": radii}
