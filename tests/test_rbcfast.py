@@ -243,3 +243,15 @@ def test_pcg64_words_are_numpys_bounded_draws(dtype):
             np.testing.assert_array_equal(got, want)
             assert a.bit_generator.state == b.bit_generator.state
         assert a.random() == b.random()
+
+
+@pytest.mark.parametrize("size,kw", [(120, {}), (96, {"src_radius": 80}), (64, {"src_radius": 30})])
+def test_sun_flare_disc_map_is_albumentations(size, kw):
+    """RandomSunFlare's discs as a crop of one map made per src_radius (or drawn per image where the image reaches
+    past the map: some centres at src_radius 80 on 96 px, all at 30 on 64 px): albumentations' pixels on many flare centres."""
+    for seed in range(30):
+        img = _smear(size, seed % 4)
+        a, *sa = _run(rbcfast.RandomSunFlare, img, seed, **kw)
+        b, *sb = _run(A.RandomSunFlare, img, seed, **kw)
+        np.testing.assert_array_equal(a, b)
+        assert sa == sb

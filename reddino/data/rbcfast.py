@@ -396,17 +396,38 @@ class RandomSunFlare(A.RandomSunFlare):
         alphas = a * a * a  # albumentations' product, to the last bit
         discs = np.linspace(1, self.src_radius, num=n).astype(int)
         h, w = img.shape[:2]
-        corner = max(np.hypot(x - centre[0], y - centre[1]) for x in (0, w - 1) for y in (0, h - 1))
-        whole = min(int(np.searchsorted(discs, corner + 2)), n)  # discs from here on cover every pixel
-        first = np.full((h, w), whole, np.uint16)
-        for i in range(whole - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
-            cv2.circle(first, centre, int(discs[i]), i, -1)
+        (cx, cy), whole_map = centre, _sun_first(self.src_radius) if n < 255 else None
+        r = discs[-1]
+        if whole_map is not None and h - r - 1 <= cy <= r and w - r - 1 <= cx <= r:  # the image lies inside the map
+            first = whole_map[r - cy : r - cy + h, r - cx : r - cx + w]
+        else:
+            corner = max(np.hypot(x - centre[0], y - centre[1]) for x in (0, w - 1) for y in (0, h - 1))
+            whole = min(int(np.searchsorted(discs, corner + 2)), n)  # discs from here on cover every pixel
+            first = np.full((h, w), whole, np.uint16)
+            for i in range(whole - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
+                cv2.circle(first, centre, int(discs[i]), i, -1)
         steps = _blends(tuple(self.src_color[:3]), alphas) + np.arange(0, 768, 256, dtype=np.intp)[:, None]
         tables = np.empty((n + 1, 3, 256), np.uint8)
         tables[n] = np.arange(256)
         for j in range(n - 1, -1, -1):
-            tables[j] = np.take(tables[j + 1], steps[j])
+            tables[j + 1].take(steps[j], out=tables[j], mode="clip")  # in range: "clip" skips a buffered copy
         return _lookup(tables, first, img)
+
+
+@functools.lru_cache(maxsize=4)
+def _sun_first(src_radius: int) -> np.ndarray:
+    """uint8 [2R + 1, 2R + 1] (R: the largest disc's radius): the index of RandomSunFlare's smallest disc
+    (``cv2.circle``'s filled discs, radii ``linspace(1, src_radius, src_radius // 10)``) over each pixel around a
+    centre at [R, R], that count where none is; a crop of it, placed by the flare's centre, is that image's map
+    (the discs are drawn the same wherever their centre is). Made once per ``src_radius``."""
+    n = src_radius // 10
+    discs = np.linspace(1, src_radius, num=n).astype(int)
+    r = int(discs[-1])
+    first = np.full((2 * r + 1, 2 * r + 1), n, np.uint8)
+    for i in range(n - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
+        cv2.circle(first, (r, r), int(discs[i]), i, -1)
+    first.flags.writeable = False
+    return first
 
 
 def _in_discs(yx: tuple[np.ndarray, np.ndarray], circles: list[Any]) -> np.ndarray:
