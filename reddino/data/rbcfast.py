@@ -784,6 +784,31 @@ def _snow_table(snow_point: float, brightness_coeff: float) -> np.ndarray:
     return table
 
 
+
+class Defocus(A.Defocus):
+    """albumentations' Defocus: a disc kernel (radius 3-10 in a 17-21 px square), blurred by a small Gaussian (the
+    alias blur, a continuous draw), then ``cv2.filter2D``. Same pixels: each radius's normalised disc made once,
+    the Gaussian and ``cv2.filter2D`` calls albumentations makes, without its wrappers."""
+
+    def apply(self, img: np.ndarray, radius: int, alias_blur: float, **params: Any) -> np.ndarray:
+        if not _rgb_uint8(img):
+            return super().apply(img, radius, alias_blur, **params)
+        ksize = 3 if radius <= 8 else 5  # albumentations' EIGHT
+        return _filter(img, cv2.GaussianBlur(_defocus_disc(radius), (ksize, ksize), sigmaX=alias_blur))
+
+
+@functools.lru_cache(maxsize=None)
+def _defocus_disc(radius: int) -> np.ndarray:
+    """albumentations' ``defocus`` disc: float32 [2m + 1, 2m + 1] (m = max(8, radius)), 1 where x² + y² ≤ radius²,
+    divided by its sum (the same float32 operations)."""
+    length = np.arange(-max(8, radius), max(8, radius) + 1)
+    x, y = np.meshgrid(length, length)
+    disc = np.array((x**2 + y**2) <= radius**2, dtype=np.float32)
+    disc /= np.sum(disc)
+    disc.flags.writeable = False
+    return disc
+
+
 #: The ops of :data:`FAST` that are equal to albumentations' in distribution, not pixel for pixel (same parameter draws,
 #: same seeded generators advanced the same way, per-pixel noise drawn more cheaply: see each class).
 IN_DISTRIBUTION = frozenset({"ISONoise"})
@@ -793,5 +818,5 @@ FAST: dict[str, type[A.BasicTransform]] = {
     "RandomFog": RandomFog, "RandomSunFlare": RandomSunFlare, "GlassBlur": GlassBlur, "FancyPCA": FancyPCA,
     "RandomRotate90": RandomRotate90, "GaussNoise": GaussNoise, "ISONoise": ISONoise,
     "RandomShadow": RandomShadow, "MotionBlur": MotionBlur, "RingingOvershoot": RingingOvershoot,
-    "RandomRain": RandomRain, "RandomSnow": RandomSnow,
+    "RandomRain": RandomRain, "RandomSnow": RandomSnow, "Defocus": Defocus,
 }
