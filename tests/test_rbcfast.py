@@ -255,3 +255,13 @@ def test_sun_flare_disc_map_is_albumentations(size, kw):
         b, *sb = _run(A.RandomSunFlare, img, seed, **kw)
         np.testing.assert_array_equal(a, b)
         assert sa == sb
+
+
+def test_iterated_tables_are_repeated_lookups():
+    rng = np.random.default_rng(0)
+    for times in range(40):
+        table = rng.integers(0, 256, 256).astype(np.uint8)
+        want = [np.arange(256)]
+        for _ in range(times):
+            want.append(table[want[-1]])
+        np.testing.assert_array_equal(rbcfast._iterated(table, times), np.array(want))

@@ -116,39 +116,54 @@ def _disc_rows(r: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _disc_spans(rs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int [len(rs), 2·max(rs) + 1] twice: per disc, :func:`_disc_rows` of its radius with rows centred on the
+    """int32 [len(rs), 2·max(rs) + 1] twice: per disc, :func:`_disc_rows` of its radius with rows centred on the
     middle one; rows a disc does not reach are empty (first > last)."""
-    radii, which = np.unique(rs, return_inverse=True)
-    rmax = int(radii[-1])
-    first = np.ones((len(radii), 2 * rmax + 1), np.int64)
+    first, last = _span_table(int(rs.max()))
+    return first[rs], last[rs]
+
+
+@functools.lru_cache(maxsize=64)
+def _span_table(rmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """int32 [rmax + 1, 2·rmax + 1] twice: row r is :func:`_disc_rows` of radius r, centred, empty rows first > last."""
+    first = np.ones((rmax + 1, 2 * rmax + 1), np.int32)
     last = -first
-    for k, r in enumerate(radii.tolist()):
-        first[k, rmax - r : rmax + r + 1], last[k, rmax - r : rmax + r + 1] = _disc_rows(r)
-    return first[which], last[which]
+    for r in range(rmax + 1):
+        first[r, rmax - r : rmax + r + 1], last[r, rmax - r : rmax + r + 1] = _disc_rows(r)
+    first.flags.writeable = last.flags.writeable = False
+    return first, last
 
 
 def disc_cover_counts(shape: tuple[int, int], xs: np.ndarray, ys: np.ndarray, rs: np.ndarray) -> np.ndarray:
     """int [H, W]: how many of the filled discs (centres ``xs, ys``, radii ``rs``, as ``cv2.circle`` draws them)
-    cover each pixel; one +1/-1 pair per disc row, summed along the rows."""
+    cover each pixel; one +1/-1 pair per disc row, summed along the rows (rows off the image go to a scratch row,
+    spans off it become empty: their +1 and -1 fall on one place)."""
     h, w = shape
     first, last = _disc_spans(rs)
     rmax = first.shape[1] // 2
-    rows = ys[:, None] + np.arange(-rmax, rmax + 1)
-    lo = np.clip(xs[:, None] + first, 0, w)
-    hi = np.clip(xs[:, None] + last + 1, 0, w)
-    keep = (rows >= 0) & (rows < h) & (lo < hi)
-    start = rows[keep] * (w + 1)
-    n = h * (w + 1)
-    diff = np.bincount(start + lo[keep], minlength=n) - np.bincount(start + hi[keep], minlength=n)
-    return diff.reshape(h, w + 1).cumsum(1)[:, :w]
+    rows = np.asarray(ys, np.int32)[:, None] + np.arange(-rmax, rmax + 1, dtype=np.int32)
+    rows[(rows < 0) | (rows >= h)] = h
+    x = np.asarray(xs, np.int32)[:, None]
+    lo = np.minimum(np.maximum(x + first, 0), w)
+    hi = np.minimum(x + last + 1, w)
+    np.maximum(hi, lo, out=hi)
+    rows *= w + 1
+    n = (h + 1) * (w + 1)
+    diff = np.bincount((rows + lo).ravel(), minlength=n) - np.bincount((rows + hi).ravel(), minlength=n)
+    return diff.reshape(h + 1, w + 1)[:h].cumsum(1)[:, :w]
 
 
 def _iterated(table: np.ndarray, times: int) -> np.ndarray:
-    """uint8 [times + 1, 256]: row n is the 256-entry lookup ``table`` applied n times."""
+    """uint8 [times + 1, 256]: row n is the 256-entry lookup ``table`` applied n times (rows k..2k-2 from rows 1..k-1
+    and row k-1: table^(k-1+j) = table^(k-1) ∘ table^j, so ~log2(times) steps)."""
     out = np.empty((times + 1, 256), np.uint8)
     out[0] = np.arange(256)
-    for n in range(1, times + 1):
-        out[n] = table[out[n - 1]]
+    if times:
+        out[1] = table
+    k = 2
+    while k <= times:
+        new = min(k - 1, times + 1 - k)
+        out[k : k + new] = out[k - 1].take(out[1 : 1 + new])
+        k += new
     return out
 
 
