@@ -10,8 +10,10 @@ gives pixels equal in distribution, from the same parameter draws:
   each pixel and a table of the blend iterated that many times. Its particle positions (thousands of
   ``random.randint`` calls) are drawn at once from CPython's own Mersenne Twister words (``getrandbits``).
 * ``RandomSunFlare``: 40 whole-image blends of concentric discs become, per pixel, the index of the first disc
-  that covers it and a table of the blends from there; the small flare circles are blended on their pixels only.
-* ``GlassBlur``: the pixel swaps run on RGB packed into one uint32 per pixel with flat indices.
+  that covers it (a crop of one map per ``src_radius``) and a table of the blends from there; the small flare
+  circles are blended on their pixels only.
+* ``GlassBlur``: the pixel swaps run on RGB packed into one uint32 per pixel with flat indices; its ~190k bounded
+  draws are the top bits of the generator's raw 32-bit words (:func:`pcg64_words`: numpy's own values).
 * ``RandomRotate90`` (after the pixel transforms): ``cv2.rotate`` instead of a contiguous copy of ``np.rot90``.
 * ``FancyPCA``: the per-pixel colour noise is an affine map of RGB (one ``cv2.transform``), and the 3×3
   covariance is one ``cv2.mulTransposed`` instead of ``np.cov``'s float64 copies. Its mean colour is exact where
@@ -19,12 +21,15 @@ gives pixels equal in distribution, from the same parameter draws:
   patches at the default alpha).
 * ``GaussNoise``: the float32 noise written by ``cv2.randn`` directly, summed, clipped and cast in one buffer.
 * ``RandomShadow``: each polygon's darkening as a 256-entry table (``cv2.LUT``) copied onto its pixels.
+* ``RandomRain``: the brightness scaling as a cached 256-entry table of ``cv2.multiply``'s own values.
+* ``RandomSnow``: the lightness map of its "bleach" method as one table (``cv2.LUT``) on the HLS image.
 * ``ISONoise`` (equal in distribution): the same parameters, arithmetic and per-pixel noise distributions, the
   Poisson counts drawn by inverting their CDF and the normals by ``cv2.randn``, both seeded from albumentations'
   own per-call seed (so the same seed still gives the same pixels).
 
-* ``MotionBlur``, ``RingingOvershoot``: the same kernels, built with less numpy overhead (RingingOvershoot's grid
-  of distances made once per size), convolved by albumentations' ``cv2.filter2D`` call without its wrappers.
+* ``MotionBlur``, ``RingingOvershoot``, ``Defocus``: the same kernels, built with less numpy overhead
+  (RingingOvershoot's grid of distances made once per size, Defocus's disc once per radius), convolved by
+  albumentations' ``cv2.filter2D`` call without its wrappers.
 * ``RandomResizedCrop`` (the ``rbc`` policy's crop, not in :data:`FAST`): one ``cv2.resize`` of the crop's view.
 
 :func:`run` and :func:`set_random_state` call a ``Compose`` / ``SomeOf`` tree as albumentations does (same draws,
