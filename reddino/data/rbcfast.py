@@ -23,6 +23,7 @@ gives pixels equal in distribution, from the same parameter draws:
 * ``RandomShadow``: each polygon's darkening as a 256-entry table (``cv2.LUT``) copied onto its pixels.
 * ``RandomRain``: the brightness scaling as a cached 256-entry table of ``cv2.multiply``'s own values.
 * ``RandomSnow``: the lightness map of its "bleach" method as one table (``cv2.LUT``) on the HLS image.
+* ``Equalize``: ``cv2.equalizeHist`` on channels split and merged by cv2 (no strided copies).
 * ``ISONoise`` (equal in distribution): the same parameters, arithmetic and per-pixel noise distributions, the
   Poisson counts drawn by inverting their CDF and the normals by ``cv2.randn``, both seeded from albumentations'
   own per-call seed (so the same seed still gives the same pixels).
@@ -829,6 +830,18 @@ def _defocus_disc(radius: int) -> np.ndarray:
     return disc
 
 
+
+class Equalize(A.Equalize):
+    """albumentations' Equalize (``mode="cv"``, by channel, no mask): ``cv2.equalizeHist`` on each channel. Same
+    pixels: the channels split and merged by cv2 (albumentations hands cv2 a strided view of each channel, which
+    it copies, and writes each result back through a strided view)."""
+
+    def apply(self, img: np.ndarray, mask: np.ndarray | None = None, **params: Any) -> np.ndarray:
+        if self.mode != "cv" or not self.by_channels or mask is not None or not _rgb_uint8(img):
+            return super().apply(img, mask, **params)
+        return cv2.merge([cv2.equalizeHist(c) for c in cv2.split(img)])
+
+
 #: The ops of :data:`FAST` that are equal to albumentations' in distribution, not pixel for pixel (same parameter draws,
 #: same seeded generators advanced the same way, per-pixel noise drawn more cheaply: see each class).
 IN_DISTRIBUTION = frozenset({"ISONoise"})
@@ -838,5 +851,5 @@ FAST: dict[str, type[A.BasicTransform]] = {
     "RandomFog": RandomFog, "RandomSunFlare": RandomSunFlare, "GlassBlur": GlassBlur, "FancyPCA": FancyPCA,
     "RandomRotate90": RandomRotate90, "GaussNoise": GaussNoise, "ISONoise": ISONoise,
     "RandomShadow": RandomShadow, "MotionBlur": MotionBlur, "RingingOvershoot": RingingOvershoot,
-    "RandomRain": RandomRain, "RandomSnow": RandomSnow, "Defocus": Defocus,
+    "RandomRain": RandomRain, "RandomSnow": RandomSnow, "Defocus": Defocus, "Equalize": Equalize,
 }
