@@ -493,8 +493,11 @@ class GlassBlur(A.GlassBlur):
         d = self.max_delta
         p = _glass_pixels(h, w, d)
         inner = px.reshape(h, w)[d + 1 : h - d + 1, d + 1 : w - d + 1][::-1, ::-1].T  # px[p], as a view
+        off = dxy[:, :, 0] * np.int32(w)  # each swap's flat offset, all iterations at once (int32: |off| < 2³¹)
+        off += dxy[:, :, 1]
+        off = np.ascontiguousarray(off.T)
         for i in range(self.iterations):
-            q = p + dxy[:, i, 0] * w + dxy[:, i, 1]
+            q = p + off[i]
             moved, kept = px[q], inner.ravel()
             inner[...] = moved.reshape(inner.shape)
             px[q] = kept  # in this order, as albumentations: later duplicates of q win
