@@ -22,7 +22,6 @@ gives pixels equal in distribution, from the same parameter draws:
 * ``GaussNoise``: the float32 noise written by ``cv2.randn`` directly, summed, clipped and cast in one buffer.
 * ``RandomShadow``: each polygon's darkening as a 256-entry table (``cv2.LUT``) copied onto its pixels.
 * ``RandomRain``: the brightness scaling as a cached 256-entry table of ``cv2.multiply``'s own values.
-* ``RandomSnow``: the lightness map of its "bleach" method as one table (``cv2.LUT``) on the HLS image.
 * ``Equalize``: ``cv2.equalizeHist`` on channels split and merged by cv2 (no strided copies).
 * ``ISONoise`` (equal in distribution): the same parameters, arithmetic and per-pixel noise distributions, the
   Poisson counts drawn by inverting their CDF and the normals by ``cv2.randn``, both seeded from albumentations'
@@ -784,33 +783,6 @@ def _scale_table(coefficient: float) -> np.ndarray:
     return table
 
 
-class RandomSnow(A.RandomSnow):
-    """albumentations' RandomSnow (``method="bleach"``): in uint8 HLS, lightness below the snow point multiplied by
-    ``brightness_coeff`` (float32, clipped, truncated to uint8). Same pixels: that map of the lightness is a
-    256-entry table, computed by albumentations' own float32 expressions on every value, applied with one
-    ``cv2.LUT`` on the HLS image (albumentations: a float32 copy of the channel, a mask, a masked product)."""
-
-    def apply(self, img: np.ndarray, snow_point: float, snow_texture: np.ndarray, sparkle_mask: np.ndarray,
-              **params: Any) -> np.ndarray:
-        if self.method != "bleach" or not _rgb_uint8(img):
-            return super().apply(img, snow_point, snow_texture, sparkle_mask, **params)
-        hls = cv2.cvtColor(img, cv2.COLOR_RGB2HLS)
-        cv2.LUT(hls, _snow_table(snow_point, self.brightness_coeff), dst=hls)
-        return cv2.cvtColor(hls, cv2.COLOR_HLS2RGB)
-
-
-def _snow_table(snow_point: float, brightness_coeff: float) -> np.ndarray:
-    """uint8 [1, 256, 3]: identity on H and S, albumentations' ``add_snow_bleach`` map on L."""
-    threshold = (snow_point * 255 / 2) + (255 / 3)  # as albumentations: MAX_VALUES_BY_DTYPE[uint8] = 255
-    lightness = np.arange(256, dtype=np.float32)
-    mask = lightness < threshold
-    lightness[mask] *= brightness_coeff
-    table = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
-    table[0, :, 1] = np.clip(lightness, 0, 255)  # float32 → uint8 by truncation, as albumentations' assignment
-    return table
-
-
-
 class Defocus(A.Defocus):
     """albumentations' Defocus: a disc kernel (radius 3-10 in a 17-21 px square), blurred by a small Gaussian (the
     alias blur, a continuous draw), then ``cv2.filter2D``. Same pixels: each radius's normalised disc made once,
@@ -856,5 +828,5 @@ FAST: dict[str, type[A.BasicTransform]] = {
     "RandomFog": RandomFog, "RandomSunFlare": RandomSunFlare, "GlassBlur": GlassBlur, "FancyPCA": FancyPCA,
     "RandomRotate90": RandomRotate90, "GaussNoise": GaussNoise, "ISONoise": ISONoise,
     "RandomShadow": RandomShadow, "MotionBlur": MotionBlur, "RingingOvershoot": RingingOvershoot,
-    "RandomRain": RandomRain, "RandomSnow": RandomSnow, "Defocus": Defocus, "Equalize": Equalize,
+    "RandomRain": RandomRain, "Defocus": Defocus, "Equalize": Equalize,
 }
