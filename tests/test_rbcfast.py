@@ -114,7 +114,7 @@ def test_non_square_images_fall_back_to_albumentations_draws():
 def test_py_randints_is_cpythons_randint_stream():
     draws = [(0, 223, 500), (-5, 5, 7), (3, 3, 4), (10, 17, 300), (0, 1, 0), (0, 2**20, 50)]
     a, b = random.Random(11), random.Random(11)
-    got = rbcfast.py_randints(a, draws, np.random.MT19937(5))
+    got = rbcfast.py_randints(a, draws)
     for (lo, hi, count), values in zip(draws, got):
         assert values.tolist() == [b.randint(lo, hi) for _ in range(count)]
     assert a.random() == b.random()
@@ -226,3 +226,40 @@ def test_flips_rotate_step_is_the_three_transforms(rotate):
         h, v, r = (bool(t.params) for t in ours.transforms)
         seen.add((h, v, ours.transforms[2].params["factor"] if r else 0))
     assert len(seen) == 16  # every flip / turn combination ran
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_pcg64_words_are_numpys_bounded_draws(dtype):
+    """Power-of-two ranges: numpy's integers are the top bits of rbcfast.pcg64_words, and the generator ends in the
+    same state, whatever 32-bit word was left buffered before (odd counts)."""
+    for seed in range(20):
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        for count, bits in [(7, 3), (10, 3), (1, 1), (0, 2), (33, 5), (1000, 3), (3, 31)]:
+            lo = -(2 ** (bits - 1))
+            want = a.integers(lo, lo + 2**bits, size=count, dtype=dtype)
+            got = lo + (rbcfast.pcg64_words(b, count) >> (32 - bits)).astype(np.int64)
+            np.testing.assert_array_equal(got, want)
+            assert a.bit_generator.state == b.bit_generator.state
+        assert a.random() == b.random()
+
+
+@pytest.mark.parametrize("size,kw", [(120, {}), (96, {"src_radius": 80}), (64, {"src_radius": 30})])
+def test_sun_flare_disc_map_is_albumentations(size, kw):
+    """RandomSunFlare's discs as a crop of one map made per src_radius (or drawn per image where the image reaches
+    past the map: some centres at src_radius 80 on 96 px, all at 30 on 64 px): albumentations' pixels on many flare centres."""
+    for seed in range(30):
+        img = _smear(size, seed % 4)
+        a, *sa = _run(rbcfast.RandomSunFlare, img, seed, **kw)
+        b, *sb = _run(A.RandomSunFlare, img, seed, **kw)
+        np.testing.assert_array_equal(a, b)
+        assert sa == sb
+
+
+def test_iterated_tables_are_repeated_lookups():
+    rng = np.random.default_rng(0)
+    for times in range(40):
+        table = rng.integers(0, 256, 256).astype(np.uint8)
+        want = [np.arange(256)]
+        for _ in range(times):
+            want.append(table[want[-1]])
+        np.testing.assert_array_equal(rbcfast._iterated(table, times), np.array(want))

@@ -8,10 +8,12 @@ gives pixels equal in distribution, from the same parameter draws:
 
 * ``RandomFog``: one blend per fog particle over the whole image becomes one count of the particles covering
   each pixel and a table of the blend iterated that many times. Its particle positions (thousands of
-  ``random.randint`` calls) are drawn at once from CPython's own Mersenne Twister stream.
+  ``random.randint`` calls) are drawn at once from CPython's own Mersenne Twister words (``getrandbits``).
 * ``RandomSunFlare``: 40 whole-image blends of concentric discs become, per pixel, the index of the first disc
-  that covers it and a table of the blends from there; the small flare circles are blended on their pixels only.
-* ``GlassBlur``: the pixel swaps run on RGB packed into one uint32 per pixel with flat indices.
+  that covers it (a crop of one map per ``src_radius``) and a table of the blends from there; the small flare
+  circles are blended on their pixels only.
+* ``GlassBlur``: the pixel swaps run on RGB packed into one uint32 per pixel with flat indices; its ~190k bounded
+  draws are the top bits of the generator's raw 32-bit words (:func:`pcg64_words`: numpy's own values).
 * ``RandomRotate90`` (after the pixel transforms): ``cv2.rotate`` instead of a contiguous copy of ``np.rot90``.
 * ``FancyPCA``: the per-pixel colour noise is an affine map of RGB (one ``cv2.transform``), and the 3×3
   covariance is one ``cv2.mulTransposed`` instead of ``np.cov``'s float64 copies. Its mean colour is exact where
@@ -19,12 +21,15 @@ gives pixels equal in distribution, from the same parameter draws:
   patches at the default alpha).
 * ``GaussNoise``: the float32 noise written by ``cv2.randn`` directly, summed, clipped and cast in one buffer.
 * ``RandomShadow``: each polygon's darkening as a 256-entry table (``cv2.LUT``) copied onto its pixels.
+* ``RandomRain``: the brightness scaling as a cached 256-entry table of ``cv2.multiply``'s own values.
+* ``Equalize``: ``cv2.equalizeHist`` on channels split and merged by cv2 (no strided copies).
 * ``ISONoise`` (equal in distribution): the same parameters, arithmetic and per-pixel noise distributions, the
   Poisson counts drawn by inverting their CDF and the normals by ``cv2.randn``, both seeded from albumentations'
   own per-call seed (so the same seed still gives the same pixels).
 
-* ``MotionBlur``, ``RingingOvershoot``: the same kernels, built with less numpy overhead (RingingOvershoot's grid
-  of distances made once per size), convolved by albumentations' ``cv2.filter2D`` call without its wrappers.
+* ``MotionBlur``, ``RingingOvershoot``, ``Defocus``: the same kernels, built with less numpy overhead
+  (RingingOvershoot's grid of distances made once per size, Defocus's disc once per radius), convolved by
+  albumentations' ``cv2.filter2D`` call without its wrappers.
 * ``RandomResizedCrop`` (the ``rbc`` policy's crop, not in :data:`FAST`): one ``cv2.resize`` of the crop's view.
 
 :func:`run` and :func:`set_random_state` call a ``Compose`` / ``SomeOf`` tree as albumentations does (same draws,
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import random
+import sys
 from typing import Any
 
 import albumentations as A
@@ -43,28 +49,24 @@ import cv2
 import numpy as np
 from albumentations.augmentations.blur.functional import sample_odd_from_range
 
-_MT_WORDS = 624  # CPython's and numpy's MT19937 state: 624 32-bit words + a position
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _load(mt: np.random.MT19937, state: tuple) -> None:
-    """Put ``mt`` in the state of a CPython ``random.Random`` (``getstate()``): it then gives the same 32-bit words."""
-    internal = state[1]
-    mt.state = {"bit_generator": "MT19937",
-                "state": {"key": np.array(internal[:_MT_WORDS], np.uint32), "pos": internal[_MT_WORDS]}}
+def _py_words(py: random.Random, count: int) -> np.ndarray:
+    """uint32 [count]: the next ``count`` 32-bit words of CPython's Mersenne Twister (``getrandbits`` fills its
+    integer with them, least significant first)."""
+    return np.frombuffer(py.getrandbits(32 * count).to_bytes(4 * count, "little"), "<u4") if count else \
+        np.zeros(0, np.uint32)
 
 
-def py_randints(py: random.Random, draws: list[tuple[int, int, int]], mt: np.random.MT19937) -> list[np.ndarray]:
+def py_randints(py: random.Random, draws: list[tuple[int, int, int]]) -> list[np.ndarray]:
     """For each ``(lo, hi, count)`` in order, ``count`` values of ``py.randint(lo, hi)``, as CPython draws them
-    (``_randbelow``: the top ``k = n.bit_length()`` bits of a 32-bit word, rejected while ≥ n), all at once
-    through ``mt`` (scratch: its state is overwritten); ``py`` is left as if the calls had been made."""
+    (``_randbelow``: the top ``k = n.bit_length()`` bits of a 32-bit word, rejected while ≥ n), all at once from
+    ``py``'s own words (``getrandbits``); ``py`` is left as if the calls had been made."""
     state = py.getstate()
-    _load(mt, state)
-    words = mt.random_raw(2 * sum(c for _, _, c in draws) + 64)  # acceptance > 1/2 per word
+    words = _py_words(py, 2 * sum(c for _, _, c in draws) + 64)  # acceptance > 1/2 per word
     out, used = [], 0
     for lo, hi, count in draws:
         n = hi - lo + 1
@@ -73,14 +75,37 @@ def py_randints(py: random.Random, draws: list[tuple[int, int, int]], mt: np.ran
             ok = np.flatnonzero(cand < n)[:count]
             if len(ok) == count:
                 break
-            words = np.concatenate([words, mt.random_raw(len(words))])
+            words = np.concatenate([words, _py_words(py, len(words))])
         out.append(lo + cand[ok].astype(np.int64))
         used += int(ok[-1]) + 1 if count else 0
-    _load(mt, state)
-    mt.random_raw(used)
-    s = mt.state["state"]
-    py.setstate((state[0], (*s["key"].tolist(), int(s["pos"])), state[2]))
+    py.setstate(state)
+    _py_words(py, used)
     return out
+
+
+def pcg64_words(gen: np.random.Generator, count: int) -> np.ndarray | None:
+    """uint32 [count]: the next ``count`` 32-bit words ``gen`` gives its bounded-integer draws (numpy's ``next_uint32``:
+    the low, then the high half of each 64-bit output, the high one kept for the next call), drawn at once with
+    ``random_raw``; ``gen`` is left exactly as after ``count`` such draws. None (nothing drawn) unless ``gen`` runs
+    on PCG64 on a little-endian machine. ``gen.integers(lo, lo + 2**k, ...)`` (32-bit ranges) takes one word per
+    value, ``lo + (word >> (32 - k))``: Lemire's method never rejects a power-of-two range."""
+    bg = gen.bit_generator
+    if type(bg) is not np.random.PCG64 or sys.byteorder != "little":
+        return None
+    head = np.zeros(0, np.uint32)
+    if count and bg.state["has_uint32"]:  # one word left over from an earlier odd count: it comes first
+        state = bg.state
+        head = np.array([state["uinteger"]], np.uint32)
+        state["has_uint32"] = 0
+        bg.state = state
+        count -= 1
+    words = bg.random_raw((count + 1) // 2).view(np.uint32)
+    if count:  # numpy keeps the last output's high half: buffered for the next 32-bit draw (odd count) or used
+        state = bg.state
+        state["has_uint32"], state["uinteger"] = count % 2, int(words[-1])
+        bg.state = state
+        words = words[:count]
+    return np.concatenate([head, words]) if len(head) else words
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,39 +121,54 @@ def _disc_rows(r: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _disc_spans(rs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int [len(rs), 2·max(rs) + 1] twice: per disc, :func:`_disc_rows` of its radius with rows centred on the
+    """int32 [len(rs), 2·max(rs) + 1] twice: per disc, :func:`_disc_rows` of its radius with rows centred on the
     middle one; rows a disc does not reach are empty (first > last)."""
-    radii, which = np.unique(rs, return_inverse=True)
-    rmax = int(radii[-1])
-    first = np.ones((len(radii), 2 * rmax + 1), np.int64)
+    first, last = _span_table(int(rs.max()))
+    return first[rs], last[rs]
+
+
+@functools.lru_cache(maxsize=64)
+def _span_table(rmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """int32 [rmax + 1, 2·rmax + 1] twice: row r is :func:`_disc_rows` of radius r, centred, empty rows first > last."""
+    first = np.ones((rmax + 1, 2 * rmax + 1), np.int32)
     last = -first
-    for k, r in enumerate(radii.tolist()):
-        first[k, rmax - r : rmax + r + 1], last[k, rmax - r : rmax + r + 1] = _disc_rows(r)
-    return first[which], last[which]
+    for r in range(rmax + 1):
+        first[r, rmax - r : rmax + r + 1], last[r, rmax - r : rmax + r + 1] = _disc_rows(r)
+    first.flags.writeable = last.flags.writeable = False
+    return first, last
 
 
 def disc_cover_counts(shape: tuple[int, int], xs: np.ndarray, ys: np.ndarray, rs: np.ndarray) -> np.ndarray:
     """int [H, W]: how many of the filled discs (centres ``xs, ys``, radii ``rs``, as ``cv2.circle`` draws them)
-    cover each pixel; one +1/-1 pair per disc row, summed along the rows."""
+    cover each pixel; one +1/-1 pair per disc row, summed along the rows (rows off the image go to a scratch row,
+    spans off it become empty: their +1 and -1 fall on one place)."""
     h, w = shape
     first, last = _disc_spans(rs)
     rmax = first.shape[1] // 2
-    rows = ys[:, None] + np.arange(-rmax, rmax + 1)
-    lo = np.clip(xs[:, None] + first, 0, w)
-    hi = np.clip(xs[:, None] + last + 1, 0, w)
-    keep = (rows >= 0) & (rows < h) & (lo < hi)
-    start = rows[keep] * (w + 1)
-    n = h * (w + 1)
-    diff = np.bincount(start + lo[keep], minlength=n) - np.bincount(start + hi[keep], minlength=n)
-    return diff.reshape(h, w + 1).cumsum(1)[:, :w]
+    rows = np.asarray(ys, np.int32)[:, None] + np.arange(-rmax, rmax + 1, dtype=np.int32)
+    rows[(rows < 0) | (rows >= h)] = h
+    x = np.asarray(xs, np.int32)[:, None]
+    lo = np.minimum(np.maximum(x + first, 0), w)
+    hi = np.minimum(x + last + 1, w)
+    np.maximum(hi, lo, out=hi)
+    rows *= w + 1
+    n = (h + 1) * (w + 1)
+    diff = np.bincount((rows + lo).ravel(), minlength=n) - np.bincount((rows + hi).ravel(), minlength=n)
+    return diff.reshape(h + 1, w + 1)[:h].cumsum(1)[:, :w]
 
 
 def _iterated(table: np.ndarray, times: int) -> np.ndarray:
-    """uint8 [times + 1, 256]: row n is the 256-entry lookup ``table`` applied n times."""
+    """uint8 [times + 1, 256]: row n is the 256-entry lookup ``table`` applied n times (rows k..2k-2 from rows 1..k-1
+    and row k-1: table^(k-1+j) = table^(k-1) ∘ table^j, so ~log2(times) steps)."""
     out = np.empty((times + 1, 256), np.uint8)
     out[0] = np.arange(256)
-    for n in range(1, times + 1):
-        out[n] = table[out[n - 1]]
+    if times:
+        out[1] = table
+    k = 2
+    while k <= times:
+        new = min(k - 1, times + 1 - k)
+        out[k : k + new] = out[k - 1].take(out[1 : 1 + new])
+        k += new
     return out
 
 
@@ -295,10 +335,6 @@ def set_random_state(pipe: Any, random_generator: np.random.Generator, py_random
 class RandomFog(A.RandomFog):
     """albumentations' RandomFog: fog particles (discs) blended one by one toward white, then a Gaussian blur."""
 
-    @functools.cached_property
-    def _mt(self) -> np.random.MT19937:
-        return np.random.MT19937(0)  # scratch for py_randints, made once: seeding one costs ~0.1 ms
-
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
         if h != w:  # x and y then alternate between two ranges: albumentations' draws, one by one
@@ -315,7 +351,7 @@ class RandomFog(A.RandomFog):
             side = int(side * (1 - 0.1))
         xy = np.zeros((0, 2), np.int64)
         if draws:  # none on images of a few pixels
-            xy = np.concatenate(py_randints(self.py_random, draws, self._mt)).reshape(-1, 2)
+            xy = np.concatenate(py_randints(self.py_random, draws)).reshape(-1, 2)
         r_max = max(2, int(w * 0.1 * intensity))
         radii = self.random_generator.integers(max(1, r_max // 2), r_max, size=len(xy))
         return {"particle_positions": xy, "intensity": intensity, "radiuses": radii}
@@ -380,17 +416,38 @@ class RandomSunFlare(A.RandomSunFlare):
         alphas = a * a * a  # albumentations' product, to the last bit
         discs = np.linspace(1, self.src_radius, num=n).astype(int)
         h, w = img.shape[:2]
-        corner = max(np.hypot(x - centre[0], y - centre[1]) for x in (0, w - 1) for y in (0, h - 1))
-        whole = min(int(np.searchsorted(discs, corner + 2)), n)  # discs from here on cover every pixel
-        first = np.full((h, w), whole, np.uint16)
-        for i in range(whole - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
-            cv2.circle(first, centre, int(discs[i]), i, -1)
+        (cx, cy), whole_map = centre, _sun_first(self.src_radius) if n < 255 else None
+        r = discs[-1]
+        if whole_map is not None and h - r - 1 <= cy <= r and w - r - 1 <= cx <= r:  # the image lies inside the map
+            first = whole_map[r - cy : r - cy + h, r - cx : r - cx + w]
+        else:
+            corner = max(np.hypot(x - centre[0], y - centre[1]) for x in (0, w - 1) for y in (0, h - 1))
+            whole = min(int(np.searchsorted(discs, corner + 2)), n)  # discs from here on cover every pixel
+            first = np.full((h, w), whole, np.uint16)
+            for i in range(whole - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
+                cv2.circle(first, centre, int(discs[i]), i, -1)
         steps = _blends(tuple(self.src_color[:3]), alphas) + np.arange(0, 768, 256, dtype=np.intp)[:, None]
         tables = np.empty((n + 1, 3, 256), np.uint8)
         tables[n] = np.arange(256)
         for j in range(n - 1, -1, -1):
-            tables[j] = np.take(tables[j + 1], steps[j])
+            tables[j + 1].take(steps[j], out=tables[j], mode="clip")  # in range: "clip" skips a buffered copy
         return _lookup(tables, first, img)
+
+
+@functools.lru_cache(maxsize=4)
+def _sun_first(src_radius: int) -> np.ndarray:
+    """uint8 [2R + 1, 2R + 1] (R: the largest disc's radius): the index of RandomSunFlare's smallest disc
+    (``cv2.circle``'s filled discs, radii ``linspace(1, src_radius, src_radius // 10)``) over each pixel around a
+    centre at [R, R], that count where none is; a crop of it, placed by the flare's centre, is that image's map
+    (the discs are drawn the same wherever their centre is). Made once per ``src_radius``."""
+    n = src_radius // 10
+    discs = np.linspace(1, src_radius, num=n).astype(int)
+    r = int(discs[-1])
+    first = np.full((2 * r + 1, 2 * r + 1), n, np.uint8)
+    for i in range(n - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
+        cv2.circle(first, (r, r), int(discs[i]), i, -1)
+    first.flags.writeable = False
+    return first
 
 
 def _in_discs(yx: tuple[np.ndarray, np.ndarray], circles: list[Any]) -> np.ndarray:
@@ -415,6 +472,14 @@ class GlassBlur(A.GlassBlur):
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, np.ndarray]:
         h, w = params["shape"][:2]
         n = (h - 2 * self.max_delta) * (w - 2 * self.max_delta)
+        span = 2 * self.max_delta
+        if n > 0 and span & (span - 1) == 0:  # a power of two: Lemire's method takes each value's top bits
+            words = pcg64_words(self.random_generator, n * self.iterations * 2)
+            if words is not None:  # in place: each ~0.75 MB temporary costs ~180 page faults where memory was trimmed
+                words >>= 32 - (span.bit_length() - 1)
+                dxy = words.view(np.int32)
+                dxy -= self.max_delta
+                return {"dxy": dxy.reshape(n, self.iterations, 2)}
         # int32: the same values as albumentations' int64 draw (both take one 32-bit word per value), half the bytes
         dxy = self.random_generator.integers(-self.max_delta, self.max_delta, size=(n, self.iterations, 2),
                                              dtype=np.int32)
@@ -429,8 +494,11 @@ class GlassBlur(A.GlassBlur):
         d = self.max_delta
         p = _glass_pixels(h, w, d)
         inner = px.reshape(h, w)[d + 1 : h - d + 1, d + 1 : w - d + 1][::-1, ::-1].T  # px[p], as a view
+        off = dxy[:, :, 0] * np.int32(w)  # each swap's flat offset, all iterations at once (int32: |off| < 2³¹)
+        off += dxy[:, :, 1]
+        off = np.ascontiguousarray(off.T)
         for i in range(self.iterations):
-            q = p + dxy[:, i, 0] * w + dxy[:, i, 1]
+            q = p + off[i]
             moved, kept = px[q], inner.ravel()
             inner[...] = moved.reshape(inner.shape)
             px[q] = kept  # in this order, as albumentations: later duplicates of q win
@@ -683,6 +751,74 @@ def _special() -> Any:
     return special
 
 
+
+class RandomRain(A.RandomRain):
+    """albumentations' RandomRain: drops drawn as lines on a black layer, blurred, added to the image, then the image
+    scaled by ``brightness_coefficient`` (``cv2.multiply`` by a scalar, ~5 ns per value). Same pixels: the scaling is
+    a 256-entry table (``cv2.LUT``) made once per coefficient by that same ``cv2.multiply`` call on every value (the
+    op is per value), and the sum is written to a new array instead of a copy of the image."""
+
+    def apply(self, img: np.ndarray, slant: float, drop_length: int, rain_drops: np.ndarray,
+              **params: Any) -> np.ndarray:
+        if not _rgb_uint8(img) or not rain_drops.size:
+            return super().apply(img, slant, drop_length, rain_drops, **params)
+        rain = np.zeros_like(img)
+        ends = rain_drops + np.array([[slant, drop_length]])
+        lines = np.stack((rain_drops, ends), axis=1).astype(np.int32)
+        cv2.polylines(rain, lines, False, self.drop_color, self.drop_width, lineType=cv2.LINE_4)
+        if self.blur_value > 1:
+            cv2.blur(rain, (self.blur_value, self.blur_value), dst=rain)
+        out = cv2.add(img, rain)
+        if self.brightness_coefficient != 1.0:
+            cv2.LUT(out, _scale_table(float(self.brightness_coefficient)), dst=out)
+        return out
+
+
+@functools.lru_cache(maxsize=16)
+def _scale_table(coefficient: float) -> np.ndarray:
+    """uint8 [1, 256, 3]: ``cv2.multiply(v, coefficient, dtype=CV_8U)`` for every value v of each RGB channel."""
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+    table = cv2.multiply(levels, coefficient, dtype=cv2.CV_8U)
+    table.flags.writeable = False
+    return table
+
+
+class Defocus(A.Defocus):
+    """albumentations' Defocus: a disc kernel (radius 3-10 in a 17-21 px square), blurred by a small Gaussian (the
+    alias blur, a continuous draw), then ``cv2.filter2D``. Same pixels: each radius's normalised disc made once,
+    the Gaussian and ``cv2.filter2D`` calls albumentations makes, without its wrappers."""
+
+    def apply(self, img: np.ndarray, radius: int, alias_blur: float, **params: Any) -> np.ndarray:
+        if not _rgb_uint8(img):
+            return super().apply(img, radius, alias_blur, **params)
+        ksize = 3 if radius <= 8 else 5  # albumentations' EIGHT
+        return _filter(img, cv2.GaussianBlur(_defocus_disc(radius), (ksize, ksize), sigmaX=alias_blur))
+
+
+@functools.lru_cache(maxsize=None)
+def _defocus_disc(radius: int) -> np.ndarray:
+    """albumentations' ``defocus`` disc: float32 [2m + 1, 2m + 1] (m = max(8, radius)), 1 where x² + y² ≤ radius²,
+    divided by its sum (the same float32 operations)."""
+    length = np.arange(-max(8, radius), max(8, radius) + 1)
+    x, y = np.meshgrid(length, length)
+    disc = np.array((x**2 + y**2) <= radius**2, dtype=np.float32)
+    disc /= np.sum(disc)
+    disc.flags.writeable = False
+    return disc
+
+
+
+class Equalize(A.Equalize):
+    """albumentations' Equalize (``mode="cv"``, by channel, no mask): ``cv2.equalizeHist`` on each channel. Same
+    pixels: the channels split and merged by cv2 (albumentations hands cv2 a strided view of each channel, which
+    it copies, and writes each result back through a strided view)."""
+
+    def apply(self, img: np.ndarray, mask: np.ndarray | None = None, **params: Any) -> np.ndarray:
+        if self.mode != "cv" or not self.by_channels or mask is not None or not _rgb_uint8(img):
+            return super().apply(img, mask, **params)
+        return cv2.merge([cv2.equalizeHist(c) for c in cv2.split(img)])
+
+
 #: The ops of :data:`FAST` that are equal to albumentations' in distribution, not pixel for pixel (same parameter draws,
 #: same seeded generators advanced the same way, per-pixel noise drawn more cheaply: see each class).
 IN_DISTRIBUTION = frozenset({"ISONoise"})
@@ -692,4 +828,5 @@ FAST: dict[str, type[A.BasicTransform]] = {
     "RandomFog": RandomFog, "RandomSunFlare": RandomSunFlare, "GlassBlur": GlassBlur, "FancyPCA": FancyPCA,
     "RandomRotate90": RandomRotate90, "GaussNoise": GaussNoise, "ISONoise": ISONoise,
     "RandomShadow": RandomShadow, "MotionBlur": MotionBlur, "RingingOvershoot": RingingOvershoot,
+    "RandomRain": RandomRain, "Defocus": Defocus, "Equalize": Equalize,
 }
