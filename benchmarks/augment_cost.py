@@ -26,7 +26,8 @@ patches from a reddino Parquet dataset) with fixed seeds, for:
   (``fastaug.augment_on_device``), whose CPU cost *if run on a CPU* is printed as the work that left the workers.
 
 Each column first runs on 8 images untimed, and every rbc pixel op once (first calls: lazy imports and set-up,
-once per data worker). Per stage
+once per data worker). Then the columns take turns on ``--rounds`` chunks of the images (default 4, the order
+reversed every other round), so a load change during the run reaches every column alike. Per stage
 the same op runs on the same image: read = the encoded bytes (a file for official, the Parquet column
 for reddino); transfer = serialising the collated batch and reading it back (one copy each way: the worker →
 trainer hop of a DataLoader's shared memory or Ray's object store); masks = reddino's block masks for every side
@@ -384,11 +385,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="rows per collated batch (default 64)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 16 synthetic images, tiny_cpu crops")
     ap.add_argument("--json", type=Path, help="also write the table as JSON here")
+    ap.add_argument("--rounds", type=int, default=4, help="the columns take turns on this many chunks of the images "
+                    "(default 4), so load changes during the run reach all of them alike")
     ap.add_argument("--per-op", action="store_true", help="also time each rbcfast op against albumentations', and "
                     "all 33 ops of the rbc pick as the policy runs them")
     args = ap.parse_args()
     if args.quick:
-        args.images, args.preset, args.batch_size = 16, "tiny_cpu", 8
+        args.images, args.preset, args.batch_size, args.rounds = 16, "tiny_cpu", 8, 2
     header("augment_cost")
 
     import cv2
@@ -417,12 +420,22 @@ def main() -> None:
     for mode in modes:
         reddino(blobs[:warm], shas[:warm], cfg, mode, masks_fn, args.batch_size)
     warm_rbc_ops(blobs[0], cfg)
-    cols = {}
-    cols["official"] = official(paths, c, masks_fn, args.batch_size, cfg.train.seed)
+    # The columns take turns on chunks of the images (the order reversed every other round), so a change of the
+    # machine's load or clock during the run reaches every column alike instead of the ones that ran then.
+    acc: dict[str, dict[str, float]] = {col: defaultdict(float) for col in ("official", *modes)}
+    rounds = max(1, min(args.rounds, n))
+    bounds = [(n * r // rounds, n * (r + 1) // rounds) for r in range(rounds)]
+    for r, (a, b) in enumerate(bounds):
+        for col in ("official", *modes)[:: -1 if r % 2 else 1]:
+            rngs = [np.random.default_rng([cfg.train.seed, i, 1]) for i in range(n)]
+            chunk_masks = lambda i, a=a: masks_fn(a + i)  # noqa: E731
+            res = (official(paths[a:b], c, chunk_masks, args.batch_size, cfg.train.seed + r) if col == "official"
+                   else reddino(blobs[a:b], shas[a:b], cfg, col, chunk_masks, args.batch_size))
+            for stage, ms in res.items():
+                acc[col][stage] += ms * (b - a) / n
     read = parquet_read_ms(files, n)
-    for mode in modes:
-        rngs = [np.random.default_rng([cfg.train.seed, i, 1]) for i in range(n)]
-        cols[mode] = {"read": read, **reddino(blobs, shas, cfg, mode, masks_fn, args.batch_size)}
+    cols = {"official": dict(acc["official"])}
+    cols.update({mode: {"read": read, **acc[mode]} for mode in modes})
     dev = device_side_ms(blobs, shas, cfg, min(args.batch_size, n))
     names = {"official": "official DINOv2", "dinov2": "reddino dinov2", "albumentations": "dinov2 (albument.)",
              "rbc": "reddino rbc", "rbc_albumentations": "rbc (albument.)", "on_device": "on_device worker"}
