@@ -423,9 +423,7 @@ class RandomSunFlare(A.RandomSunFlare):
         else:
             corner = max(np.hypot(x - centre[0], y - centre[1]) for x in (0, w - 1) for y in (0, h - 1))
             whole = min(int(np.searchsorted(discs, corner + 2)), n)  # discs from here on cover every pixel
-            first = np.full((h, w), whole, np.uint16)
-            for i in range(whole - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
-                cv2.circle(first, centre, int(discs[i]), i, -1)
+            first = _smallest_disc((h, w), centre, discs, whole, np.uint16)
         steps = _blends(tuple(self.src_color[:3]), alphas) + np.arange(0, 768, 256, dtype=np.intp)[:, None]
         tables = np.empty((n + 1, 3, 256), np.uint8)
         tables[n] = np.arange(256)
@@ -443,10 +441,18 @@ def _sun_first(src_radius: int) -> np.ndarray:
     n = src_radius // 10
     discs = np.linspace(1, src_radius, num=n).astype(int)
     r = int(discs[-1])
-    first = np.full((2 * r + 1, 2 * r + 1), n, np.uint8)
-    for i in range(n - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
-        cv2.circle(first, (r, r), int(discs[i]), i, -1)
+    first = _smallest_disc((2 * r + 1, 2 * r + 1), (r, r), discs, n, np.uint8)
     first.flags.writeable = False
+    return first
+
+
+def _smallest_disc(shape: tuple[int, int], centre: tuple[int, int], discs: np.ndarray, count: int,
+                   dtype: Any) -> np.ndarray:
+    """[H, W] ``dtype``: per pixel the index of the smallest of the first ``count`` filled discs (``cv2.circle``,
+    radii ``discs``, around ``centre``) over it, ``count`` where none is."""
+    first = np.full(shape, count, dtype)
+    for i in range(count - 1, -1, -1):  # larger first: each pixel keeps the smallest disc over it
+        cv2.circle(first, centre, int(discs[i]), i, -1)
     return first
 
 
@@ -751,7 +757,6 @@ def _special() -> Any:
     return special
 
 
-
 class RandomRain(A.RandomRain):
     """albumentations' RandomRain: drops drawn as lines on a black layer, blurred, added to the image, then the image
     scaled by ``brightness_coefficient`` (``cv2.multiply`` by a scalar, ~5 ns per value). Same pixels: the scaling is
@@ -805,7 +810,6 @@ def _defocus_disc(radius: int) -> np.ndarray:
     disc /= np.sum(disc)
     disc.flags.writeable = False
     return disc
-
 
 
 class Equalize(A.Equalize):
