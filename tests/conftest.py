@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 import pytest
 
 
-_SHARED: dict = {}  # the local Ray the module fixtures share: its session name and CPUs
+_SHARED: dict = {}  # the local Ray the module fixtures share: its session name
 
 
 def _session_name(ray) -> str:
@@ -31,7 +31,7 @@ def _local_ray(num_cpus: int, shared: bool = True):
     from reddino.runtime import init_ray
 
     live = ray.is_initialized() and _SHARED.get("session") == _session_name(ray)
-    if shared and live and _SHARED.get("cpus") == num_cpus:
+    if shared and live and ray.cluster_resources().get("CPU") == num_cpus:
         yield ray
         return
     if ray.is_initialized():
@@ -39,7 +39,7 @@ def _local_ray(num_cpus: int, shared: bool = True):
     init_ray(num_cpus=num_cpus, log_to_driver=False)
     _SHARED.clear()
     if shared:
-        _SHARED.update(session=_session_name(ray), cpus=num_cpus)
+        _SHARED["session"] = _session_name(ray)
     yield ray
     if not shared:
         ray.shutdown()
