@@ -24,6 +24,8 @@ patches from a reddino Parquet dataset) with fixed seeds, for:
 * **reddino on_device (worker side)**: ``crops.on_device=true``: the data worker reads, decodes, draws the crop
   parameters and masks and ships the decoded image; the crops are made on the training device
   (``fastaug.augment_on_device``), whose CPU cost *if run on a CPU* is printed as the work that left the workers.
+* **on_device, tiff-zstd**: the same, the images stored as ``reddino ingest --encode tiff-zstd`` stores them (the
+  same pixels, re-encoded here and checked equal; read = a Parquet file of them written as shards are).
 
 Each column first runs on 8 images untimed, and every rbc pixel op once (first calls: lazy imports and set-up,
 once per data worker). Then the columns take turns on ``--rounds`` chunks of the images (default 4, the order
@@ -32,7 +34,8 @@ the same op runs on the same image: read = the encoded bytes (a file for officia
 for reddino); transfer = serialising the collated batch and reading it back (one copy each way: the worker →
 trainer hop of a DataLoader's shared memory or Ray's object store); masks = reddino's block masks for every side
 (the official MaskingGenerator is the same algorithm). RATIOs: official / reddino dinov2 and official / reddino rbc
-CPU ms per image (goal >= 3, i.e. <= 1/3 of the official cost); on_device worker side goal <= 2 ms per image.
+CPU ms per image (goal >= 3, i.e. <= 1/3 of the official cost); on_device worker side goal <= 2 ms per image (with
+the images as stored and as tiff-zstd).
 
     python benchmarks/augment_cost.py --data data/chula-patches            # 256 images, ~1 min
     python benchmarks/augment_cost.py --quick                              # 16 synthetic images, tiny_cpu crops
@@ -168,7 +171,7 @@ _ALB_STAGE = {"RandomResizedCrop": "crop+resize", "HorizontalFlip": "flip/rotate
 
 def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch: int) -> dict[str, float]:
     """mode: dinov2 (fastaug on CPU) | albumentations (dinov2 recipe) | rbc | rbc_albumentations | on_device
-    (worker side)."""
+    (worker side; on_device_tiff: the same on tiff-zstd bytes)."""
     import random
 
     import cv2
@@ -180,6 +183,8 @@ def reddino(blobs: list[bytes], shas: list[str], cfg, mode: str, masks_fn, batch
     from reddino.data.images import decode_for_size, resize_square
 
     c = cfg.crops
+    if mode == "on_device_tiff":
+        mode = "on_device"  # the same work; only the bytes differ
     policy = {"dinov2": "dinov2", "albumentations": "rbc", "rbc": "rbc", "rbc_albumentations": "rbc",
               "on_device": "dinov2"}[mode]
     t = MultiCropTransform(c.model_copy(update={"policy": policy}), cfg.mask, 14, resize=cfg.data.resize,
@@ -326,6 +331,28 @@ def warm_rbc_ops(blob: bytes, cfg) -> None:
                 t(image=crop)
 
 
+def tiff_zstd_copy(blobs: list[bytes], shas: list[str]) -> tuple[list[bytes], Path]:
+    """The images re-encoded as tiff-zstd (pixels checked equal) and a Parquet file of them written as shards are."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reddino.data.images import decode_for_size, encode_image
+
+    out = []
+    for b in blobs:
+        rgb = decode_for_size(b, None)
+        t = encode_image(rgb, "tiff-zstd")
+        assert np.array_equal(decode_for_size(t, None), rgb), "tiff-zstd is lossless"
+        out.append(t)
+    path = WORK_DIR / f"augcost_tiff_zstd_{len(out)}.parquet"
+    pq.write_table(pa.table({"image": out, "sha256": [hashlib.sha256(t).hexdigest() for t in out]}), path,
+                   compression="zstd")
+    return out, path
+
+
 def parquet_read_ms(files: list[str], n: int) -> float:
     import pyarrow.parquet as pq
 
@@ -414,11 +441,13 @@ def main() -> None:
     log(f"{n} images from {data}; crops {c.global_crops_number}x{c.global_crops_size} + {c.local_crops_number}x"
         f"{c.local_crops_size}, resize {cfg.data.resize}, batch {args.batch_size}; 1 thread, thread CPU time")
 
-    modes = ("dinov2", "albumentations", "rbc", "rbc_albumentations", "on_device")
+    modes = ("dinov2", "albumentations", "rbc", "rbc_albumentations", "on_device", "on_device_tiff")
+    tiff_blobs, tiff_file = tiff_zstd_copy(blobs, shas)
+    source = {mode: (tiff_blobs if mode == "on_device_tiff" else blobs) for mode in modes}
     warm = min(WARM_UP, n)  # first calls set things up (lazy imports, cv2 state): once per worker, not per image
     official(paths[:warm], c, masks_fn, args.batch_size, cfg.train.seed)
     for mode in modes:
-        reddino(blobs[:warm], shas[:warm], cfg, mode, masks_fn, args.batch_size)
+        reddino(source[mode][:warm], shas[:warm], cfg, mode, masks_fn, args.batch_size)
     warm_rbc_ops(blobs[0], cfg)
     # The columns take turns on chunks of the images (the order reversed every other round), so a change of the
     # machine's load or clock during the run reaches every column alike instead of the ones that ran then.
@@ -430,15 +459,17 @@ def main() -> None:
             rngs = [np.random.default_rng([cfg.train.seed, i, 1]) for i in range(n)]
             chunk_masks = lambda i, a=a: masks_fn(a + i)  # noqa: E731
             res = (official(paths[a:b], c, chunk_masks, args.batch_size, cfg.train.seed + r) if col == "official"
-                   else reddino(blobs[a:b], shas[a:b], cfg, col, chunk_masks, args.batch_size))
+                   else reddino(source[col][a:b], shas[a:b], cfg, col, chunk_masks, args.batch_size))
             for stage, ms in res.items():
                 acc[col][stage] += ms * (b - a) / n
     read = parquet_read_ms(files, n)
+    read_tiff = parquet_read_ms([str(tiff_file)], n)
     cols = {"official": dict(acc["official"])}
-    cols.update({mode: {"read": read, **acc[mode]} for mode in modes})
+    cols.update({mode: {"read": read_tiff if mode == "on_device_tiff" else read, **acc[mode]} for mode in modes})
     dev = device_side_ms(blobs, shas, cfg, min(args.batch_size, n))
     names = {"official": "official DINOv2", "dinov2": "reddino dinov2", "albumentations": "dinov2 (albument.)",
-             "rbc": "reddino rbc", "rbc_albumentations": "rbc (albument.)", "on_device": "on_device worker"}
+             "rbc": "reddino rbc", "rbc_albumentations": "rbc (albument.)", "on_device": "on_device worker",
+             "on_device_tiff": "on_dev. tiff-zstd"}
     print(f"\nms of CPU per image per core ({n} images, {args.preset} crops):")
     print(f"{'stage':16s}" + "".join(f"{names[k]:>20s}" for k in cols))
     totals = {k: sum(v.values()) for k, v in cols.items()}
@@ -465,6 +496,11 @@ def main() -> None:
                f"own ops {totals['rbc_albumentations']:.2f} ms]")
     ratio_line("augment_cost on_device worker-side ms per image", totals["on_device"], f"<= {GOAL_DEVICE_MS}",
                totals["on_device"] <= GOAL_DEVICE_MS, f"[official/on_device {totals['official'] / totals['on_device']:.1f}x]")
+    t = totals["on_device_tiff"]
+    ratio_line("augment_cost on_device worker-side ms per image, tiff-zstd", t, f"<= {GOAL_DEVICE_MS}",
+               t <= GOAL_DEVICE_MS, f"[official/on_device {totals['official'] / t:.1f}x; decode "
+               f"{cols['on_device']['decode']:.2f} -> {cols['on_device_tiff']['decode']:.2f} ms; stored bytes "
+               f"{sum(map(len, tiff_blobs)) / sum(map(len, blobs)):.2f}x]")
 
 
 if __name__ == "__main__":

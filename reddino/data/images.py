@@ -4,6 +4,7 @@ ImageNet normalisation (numpy on CPU, torch on the training device)."""
 from __future__ import annotations
 
 import io
+import struct
 from typing import Any
 
 import cv2
@@ -62,6 +63,9 @@ def decode_image(data: bytes) -> np.ndarray:
     """
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty image bytes")
+    arr = decode_tiff_zstd(data)  # before cv2, whose libtiff has no zstd (and says so on stderr)
+    if arr is not None:
+        return arr
     buf = np.frombuffer(data, dtype=np.uint8)
     arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if arr is not None:
@@ -103,18 +107,109 @@ def decode_image_strict(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+ENCODINGS = ("png", "jpeg", "tiff-zstd")
+
+
 def encode_image(rgb: np.ndarray, fmt: str = "png", *, jpeg_quality: int = 95, png_compression: int = 3) -> bytes:
-    """Encode an ``HxWx3`` uint8 RGB array as PNG or JPEG bytes (deterministic for the same input)."""
+    """Encode an ``HxWx3`` uint8 RGB array as PNG, JPEG or zstd TIFF bytes (deterministic for the same input)."""
+    if fmt == "tiff-zstd":
+        return encode_tiff_zstd(rgb)
     bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
     if fmt == "png":
         ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, int(png_compression)])
     elif fmt in ("jpeg", "jpg"):
         ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
     else:
-        raise ValueError(f"unknown encoding {fmt!r} (expected png or jpeg)")
+        raise ValueError(f"unknown encoding {fmt!r} (expected one of {', '.join(ENCODINGS)})")
     if not ok:
         raise RuntimeError(f"cv2 failed to encode a {rgb.shape} image as {fmt}")
     return buf.tobytes()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# zstd TIFF: lossless like PNG, ~1/4 of its decode CPU (no Paeth unfilter, zstd instead of inflate) for ~12 %
+# more bytes on smear patches (benchmarks/augment_cost.py). A baseline TIFF (one strip, 8-bit RGB, compression
+# 50000 = zstd as libtiff defines it): Pillow, tifffile and GDAL read it; written and read here with pyarrow's
+# zstd, so it needs no new package.
+# ----------------------------------------------------------------------------------------------------------
+
+TIFF_ZSTD = 50000
+ZSTD_LEVEL = 9  # decode cost is flat across levels; 9 is within 1 % of 19's size at ~1/10 of its encode time
+_SHORT, _LONG = 3, 4
+
+
+def encode_tiff_zstd(rgb: np.ndarray, level: int = ZSTD_LEVEL) -> bytes:
+    """An ``HxWx3`` uint8 RGB array as a little-endian baseline TIFF with one zstd-compressed strip."""
+    import pyarrow as pa
+
+    rgb = np.ascontiguousarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"tiff-zstd encodes HxWx3 uint8 images, got {rgb.dtype} {rgb.shape}")
+    h, w = rgb.shape[:2]
+    strip = pa.Codec("zstd", compression_level=level).compress(rgb.tobytes(), asbytes=True)
+    n_tags = 10
+    bits_at = 8 + 2 + 12 * n_tags + 4  # BitsPerSample's three values follow the IFD
+    strip_at = bits_at + 6
+    tags = [(256, _LONG, 1, w), (257, _LONG, 1, h), (258, _SHORT, 3, bits_at), (259, _SHORT, 1, TIFF_ZSTD),
+            (262, _SHORT, 1, 2), (273, _LONG, 1, strip_at), (277, _SHORT, 1, 3), (278, _LONG, 1, h),
+            (279, _LONG, 1, len(strip)), (284, _SHORT, 1, 1)]
+    ifd = struct.pack("<H", n_tags) + b"".join(
+        struct.pack("<HHIHH" if typ == _SHORT and cnt == 1 else "<HHII", tag, typ, cnt, val, *((0,) if typ == _SHORT
+                    and cnt == 1 else ())) for tag, typ, cnt, val in tags) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<3H", 8, 8, 8) + strip
+
+
+def _tiff_values(data: bytes, endian: str, typ: int, cnt: int, field: int, at: int) -> tuple[int, ...]:
+    size = {_SHORT: 2, _LONG: 4}.get(typ)
+    if size is None:
+        raise ValueError(f"tag type {typ}")
+    fmt = endian + ("H" if typ == _SHORT else "I") * cnt
+    return struct.unpack_from(fmt, data, at + 8 if size * cnt <= 4 else field)
+
+
+def decode_tiff_zstd(data: bytes) -> np.ndarray | None:
+    """The pixels of a zstd TIFF as :func:`encode_tiff_zstd` (or libtiff) writes it: 8-bit RGB, chunky, no
+    predictor, in strips; None for any other TIFF (cv2 / PIL decode those). Raises :class:`ImageDecodeError` when
+    the strips do not decompress to the image's size."""
+    if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    e = "<" if data[0] == 0x49 else ">"
+    try:
+        ifd = struct.unpack_from(e + "I", data, 4)[0]
+        tags: dict[int, tuple[int, ...]] = {}
+        for i in range(struct.unpack_from(e + "H", data, ifd)[0]):
+            at = ifd + 2 + 12 * i
+            tag, typ, cnt, field = struct.unpack_from(e + "HHII", data, at)
+            if tag in (256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317):
+                tags[tag] = _tiff_values(data, e, typ, cnt, field, at)
+    except struct.error as exc:
+        raise ImageDecodeError(f"truncated TIFF (its first directory runs past byte {len(data)})") from exc
+    except ValueError:
+        return None  # a tag type this reader does not know: the general decoders read it
+    if (tags.get(259, (0,))[0] != TIFF_ZSTD or tags.get(277, (1,))[0] != 3 or tags.get(258, (1,)) != (8, 8, 8)
+            or tags.get(262, (2,))[0] != 2 or tags.get(284, (1,))[0] != 1 or tags.get(317, (1,))[0] != 1
+            or not {256, 257, 273, 279} <= tags.keys()):
+        return None
+    import pyarrow as pa
+
+    w, h = tags[256][0], tags[257][0]
+    rows = min(tags.get(278, (h,))[0], h)
+    offsets, counts = tags[273], tags[279]
+    if len(offsets) != len(counts) or len(offsets) != -(-h // rows):
+        raise ImageDecodeError(f"zstd TIFF with {len(offsets)} strips for {h} rows of {rows}")
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    flat = out.reshape(-1)
+    codec, row_bytes = pa.Codec("zstd"), w * 3
+    for k, (o, c) in enumerate(zip(offsets, counts)):
+        n = (min(rows * (k + 1), h) - rows * k) * row_bytes
+        if o + c > len(data):
+            raise ImageDecodeError(f"truncated zstd TIFF (strip {k} ends at byte {o + c} of {len(data)})")
+        try:
+            part = codec.decompress(memoryview(data)[o : o + c], decompressed_size=n, asbytes=False)
+        except (OSError, ValueError) as exc:
+            raise ImageDecodeError(f"corrupt zstd TIFF data in strip {k} ({exc})") from exc
+        flat[rows * k * row_bytes : rows * k * row_bytes + n] = np.frombuffer(part, dtype=np.uint8)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,8 +244,9 @@ _PYSPNG = _spng()
 
 
 def decode_for_size(item: Any, size: int | None) -> np.ndarray:
-    """:func:`to_rgb_image`, but the cheapest decode of the pixels the training crops need: 8-bit RGB PNGs (smear
-    patches) through libspng (same pixels as cv2, ~30 % less CPU); a JPEG at least twice ``size`` on its short side is decoded at 1/2, 1/4 or 1/8
+    """:func:`to_rgb_image`, but the cheapest decode of the pixels the training crops need: zstd TIFFs through
+    :func:`decode_tiff_zstd`; 8-bit RGB PNGs (smear patches) through libspng (same pixels as cv2, ~30 % less
+    CPU); a JPEG at least twice ``size`` on its short side is decoded at 1/2, 1/4 or 1/8
     scale inside the decoder (PIL ``draft``: DCT scaling), never below ``size``: the pixels the resize to ``size``
     would throw away are not made. Other formats decode at full size (PNG has no reduced decode)."""
     if isinstance(item, np.ndarray) and item.ndim >= 2:

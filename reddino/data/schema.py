@@ -1,7 +1,7 @@
 """The one-row-per-image table every reddino dataset is stored as.
 
 A row is one image: a single-cell crop (``unit="cell"``) or a fixed-size smear tile
-(``unit="patch"``). ``image`` holds the encoded bytes (PNG/JPEG as stored; crops and tiles are
+(``unit="patch"``). ``image`` holds the encoded bytes (PNG/JPEG/zstd TIFF as stored; crops and tiles are
 encoded once at ingest), ``sha256`` is the hex digest of exactly those bytes, and ``image_id``
 says where the pixels came from (original file name plus crop coordinates).
 """

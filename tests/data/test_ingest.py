@@ -202,3 +202,16 @@ def test_real_bccd_boxes(tmp_path):
     assert m.num_rows == 4888 - 2
     assert len(m["skipped"]) == 2 and all("degenerate" in s["reason"] for s in m["skipped"])
     assert {v["name"]: v["count"] for v in m["labels"].values()} == {"Platelets": 361, "RBC": 4153, "WBC": 372}
+
+
+def test_tiff_zstd_ingest_stores_the_same_pixels_as_png(chula_tree, tmp_path):
+    kw = dict(unit="patch", patch_size=64, workers=1, progress=False)
+    ingest("chula", chula_tree, tmp_path / "png", **kw)
+    m = ingest("chula", chula_tree, tmp_path / "tz", encode="tiff-zstd", **kw)
+    assert m["meta"]["config"]["encode"] == "tiff-zstd"
+    png, tz = load_table(tmp_path / "png"), load_table(tmp_path / "tz")
+    assert png.column("image_id").to_pylist() == tz.column("image_id").to_pylist()
+    for a, b in zip(png.column("image").to_pylist(), tz.column("image").to_pylist()):
+        assert sniff_format(b) == "tiff" and np.array_equal(decode_image(a), decode_image(b))
+    with pytest.raises(IngestError, match="expected keep, png, jpeg, tiff-zstd"):
+        ingest("chula", chula_tree, tmp_path / "x", encode="qoi", **kw)
