@@ -146,18 +146,24 @@ def _on_device_batches(cfg, data: Path, batch: int, n: int = 2):
     return [{k: torch.from_numpy(out[k][ix]) for k in ("images", "crop_params", "masks")} for ix in idx]
 
 
-def worker_cpu_ms(cfg, data: Path, n: int) -> float:
-    """CPU ms per image of the data workers' side (decode + crop parameters + masks), thread CPU time, 1 thread."""
+def worker_cpu_ms(cfg, data: Path, n: int, encode: str | None = None) -> float:
+    """CPU ms per image of the data workers' side (decode + crop parameters + masks), thread CPU time, 1 thread;
+    ``encode``: the same pixels re-encoded so (``reddino ingest --encode``) instead of as stored."""
     import cv2
     import numpy as np
 
     from reddino.data import load_table
     from reddino.data.augment import MultiCropTransform
+    from reddino.data.images import decode_for_size, encode_image
 
     cv2.setNumThreads(1)
     table = load_table([data], columns=["image", "sha256"]).slice(0, n)
+    images = table.column("image").to_pylist()
+    if encode:
+        images = [encode_image(decode_for_size(b, None), encode) for b in images]
     t = MultiCropTransform(cfg.crops, cfg.mask, 14 if not DRY else 8, resize=cfg.data.resize, seed=0)
-    batch = {"image": np.array(table.column("image").to_pylist(), dtype=object),
+    t({"image": np.array(images[:2], dtype=object), "sha256": np.array(["warm", "up"])})  # first-call set-up
+    batch = {"image": np.array(images, dtype=object),
              "sha256": np.array(table.column("sha256").to_pylist())}
     t0 = time.thread_time_ns()
     t(batch)
@@ -170,12 +176,14 @@ def phase_feed(device, data: Path, batch: int, steps: int, warmup: int, workers:
     cfg = _vits14_cfg(["crops.on_device=true"])
     step_alone = measure_step(cfg, device, batch, steps, warmup, batches=_on_device_batches(cfg, data, batch))
     ms = worker_cpu_ms(cfg, data, 16 if DRY else 256)
-    need = step_alone["img_s"] * ms / 1000.0
+    ms_tz = worker_cpu_ms(cfg, data, 16 if DRY else 256, encode="tiff-zstd")
+    need, need_tz = (step_alone["img_s"] * x / 1000.0 for x in (ms, ms_tz))
     log(f"feed: step with device augmentation {step_alone['img_s']:.1f} img/s; workers {ms:.2f} CPU ms/img → "
-        f"{need:.1f} CPU workers keep one such step fed")
+        f"{need:.1f} CPU workers keep one such step fed (images as tiff-zstd: {ms_tz:.2f} ms, {need_tz:.1f} workers)")
     fed = _fed_rate(cfg, device, data, batch, workers, seconds)
     res = {"step_img_s_with_device_aug": step_alone["img_s"], "worker_cpu_ms_per_image": ms,
-           "workers_needed": need, "map_tasks": workers, **fed,
+           "workers_needed": need, "worker_cpu_ms_per_image_tiff_zstd": ms_tz, "workers_needed_tiff_zstd": need_tz,
+           "map_tasks": workers, **fed,
            "data_bound": fed["fed_img_s"] < 0.9 * step_alone["img_s"]}
     log(f"feed: {workers} map tasks fed {fed['fed_img_s']:.1f} img/s over {fed['steps']} steps "
         f"({'DATA-BOUND' if res['data_bound'] else 'GPU-bound'}; step alone {step_alone['img_s']:.1f} img/s)")
@@ -320,6 +328,8 @@ def summary(out: Path, s: dict) -> str:
         ("step with device augmentation", f"{f['step_img_s_with_device_aug']:.1f} img/s" if f else "not run"),
         ("data workers' CPU per image", f"{f['worker_cpu_ms_per_image']:.2f} ms → {f['workers_needed']:.1f} workers "
                                         "per GPU" if f else "not run"),
+        ("the same, images stored as tiff-zstd", f"{f['worker_cpu_ms_per_image_tiff_zstd']:.2f} ms → "
+                                                 f"{f['workers_needed_tiff_zstd']:.1f} workers per GPU" if f else "not run"),
         ("stream feeding the step", f"{f['fed_img_s']:.1f} img/s at {f['map_tasks']} map tasks: "
                                     f"{'data-bound' if f['data_bound'] else 'not data-bound'}" if f else "not run"),
         ("tiny_cpu pretraining (Chula cells)", f"{p['steps']} steps x {p['batch']} in {p['wall_s']} s = "

@@ -30,6 +30,7 @@ def test_gpu_session_dry_run_writes_every_result(tmp_path):
     assert s["mfu"]["compiled"]["compile"] is True
     f = s["feed"]
     assert f["steps"] >= 3 and f["fed_img_s"] > 0 and 0 < f["worker_cpu_ms_per_image"] < 50
+    assert 0 < f["worker_cpu_ms_per_image_tiff_zstd"] < 50
     p = s["pretrain"]
     assert p["steps"] == 3 and Path(p["backbone"]).is_file() and Path(p["learning_curve"]).is_file()
     assert s["embed"]["rows"] > 0 and s["embed"]["img_s"] > 0
