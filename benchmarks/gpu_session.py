@@ -165,9 +165,12 @@ def worker_cpu_ms(cfg, data: Path, n: int, encode: str | None = None) -> float:
     t({"image": np.array(images[:2], dtype=object), "sha256": np.array(["warm", "up"])})  # first-call set-up
     batch = {"image": np.array(images, dtype=object),
              "sha256": np.array(table.column("sha256").to_pylist())}
-    t0 = time.thread_time_ns()
-    t(batch)
-    return (time.thread_time_ns() - t0) / 1e6 / table.num_rows
+    best = float("inf")
+    for _ in range(2):  # the faster of two passes: the first also warms caches
+        t0 = time.thread_time_ns()
+        t(batch)
+        best = min(best, (time.thread_time_ns() - t0) / 1e6 / table.num_rows)
+    return best
 
 
 def phase_feed(device, data: Path, batch: int, steps: int, warmup: int, workers: int, seconds: float) -> dict:
