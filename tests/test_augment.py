@@ -171,3 +171,24 @@ def test_cell_policy_strong_colour_turns_some_crops_grey(colour, grey_expected):
     grey = (np.abs(crops[..., 0] - crops[..., 1]).max(axis=(2, 3)) <= 1) & (
         np.abs(crops[..., 1] - crops[..., 2]).max(axis=(2, 3)) <= 1)
     assert grey.any() == grey_expected
+
+
+def test_importing_the_augmentations_asks_no_server_and_loads_no_torch():
+    # A Ray Data worker imports this module: albumentations' own import would ask PyPI for its latest version
+    # (a network call at run time) and import torch (~2 s per worker process, for no tensor).
+    import subprocess
+    import sys
+
+    code = ("import sys, urllib.request\n"
+            "calls = []\n"
+            "real = urllib.request.build_opener\n"
+            "urllib.request.build_opener = lambda *a, **k: calls.append(a) or real(*a, **k)\n"
+            "from reddino.data.augment import MultiCropTransform\n"
+            "import albumentations.pytorch\n"  # still importable on purpose
+            "print(len(calls), sorted(m for m in ('torch', 'albumentations.pytorch') if m in sys.modules))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", code.replace("import albumentations.pytorch\n", "")], env=env,
+                         capture_output=True, text=True, check=True).stdout.split("\n")[0]
+    assert out == "0 []"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("0 ['albumentations.pytorch', 'torch']")

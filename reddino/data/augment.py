@@ -38,7 +38,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import albumentations as A
+from reddino.data._albumentations import A
 import cv2
 import numpy as np
 from PIL import Image

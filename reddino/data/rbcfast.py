@@ -44,10 +44,11 @@ import random
 import sys
 from typing import Any
 
-import albumentations as A
 import cv2
 import numpy as np
-from albumentations.augmentations.blur.functional import sample_odd_from_range
+
+from reddino.data._albumentations import A  # before any albumentations module: see there
+from albumentations.augmentations.blur.functional import sample_odd_from_range  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
 # Shared helpers
