@@ -280,12 +280,16 @@ class _Reporter:
         self.data_hash = plan.data_hash
         self.export_meta = dict(plan.export_meta)  # e.g. a distilled model's teacher lineage
 
-    def step_done(self, step: int, metrics: dict[str, Any], last_metrics: dict[str, Any], is_last: bool) -> None:
-        """A checkpoint every ``train.checkpoint_every`` steps and at the end (with the export), else the metrics."""
+    def step_done(self, step: int, metrics: dict[str, Any], last_metrics: dict[str, Any], is_last: bool,
+                  scored: bool) -> None:
+        """A checkpoint every ``train.checkpoint_every`` steps and at the end (with the export); else the metrics
+        of a step with a new kNN score (``scored``: what Tune's schedulers read). Step logs go to MLflow and the
+        console, not to Ray Train: its ``report`` blocks until the controller's next poll (every 2 s) has taken the
+        previous one, which held a run to one logged step per 2 s (fast steps: a GPU, a small model)."""
         every = self.cfg.train.checkpoint_every
         if (every and step % every == 0) or is_last:
             self({**last_metrics, **metrics, "step": step}, with_checkpoint=True, export=is_last)
-        elif metrics:
+        elif metrics and scored:
             self({**metrics, "step": step}, with_checkpoint=False)
 
     def __call__(self, metrics: dict[str, Any], with_checkpoint: bool, export: bool = False) -> None:
@@ -457,7 +461,8 @@ def train_loop_per_worker(loop_config: dict[str, WorkerPlan]) -> None:
             if any_rank(health.stop_reason is not None, device):  # every worker stops at the same step
                 stop_reason = health.stop_reason or "representation collapse on rank 0; run stopped"
 
-        if KnnEval.due(cfg, step, is_last):
+        scored = KnnEval.due(cfg, step, is_last)  # the same on every rank: Ray Train wants every rank's report
+        if scored:
             if knn_eval is not None:
                 metrics.update(knn_eval(model, step, is_last))
             _barrier()
@@ -472,7 +477,7 @@ def train_loop_per_worker(loop_config: dict[str, WorkerPlan]) -> None:
 
         if stop_reason:
             break
-        _report.step_done(step, metrics, last_metrics, is_last)
+        _report.step_done(step, metrics, last_metrics, is_last, scored)
 
     if stop_reason:
         _stop(stop_reason, rank, run_state, logger, {**last_metrics, "step": state.step})

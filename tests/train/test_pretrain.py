@@ -35,6 +35,18 @@ def _cfg(synth, tmp_path, steps, workers=2, **extra):
     return load_config(TINY_CONFIG, overrides)
 
 
+def _reported_steps(path):
+    """A Ray Train callback (it runs in the controller) writing the step of every report it receives to ``path``."""
+    from ray.train import UserCallback
+
+    class Steps(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(f"{metrics[0]['step']}\n")
+
+    return Steps()
+
+
 def _consumed(ckpt_dir):
     data = np.load(ckpt_dir / DATA_STATE_FILE)
     return data["consumed"], int(data["data_pass"])
@@ -68,8 +80,12 @@ def test_kill_then_resume_past_a_damaged_checkpoint_continues_step_and_data_posi
         state = run_dir / f"checkpoint_{step:07d}" / "state.pt"
         state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
 
-    result = pretrain(cfg, run_name="killed", resume=True)
+    reports = tmp_path / "reports.txt"
+    result = pretrain(cfg, run_name="killed", resume=True, callbacks=[_reported_steps(reports)])
     assert result.metrics["step"] == 16
+    # Ray Train got the checkpoints only (no kNN in this run): a step log is no report, since report() waits for
+    # the controller's next poll (2 s) and held the run to one logged step per poll.
+    assert [int(x) for x in reports.read_text().split()] == [12, 14, 16]
     assert result.metrics["resumed_from_step"] == 10  # the newest checkpoint that loads
     before, pass_before = _consumed(run_dir / "checkpoint_0000010")
     assert len(before) == 10 * 8 and len(np.unique(before)) == len(before) and pass_before == 0
