@@ -127,14 +127,14 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", *, jpeg_quality: int = 95, p
 
 
 # ----------------------------------------------------------------------------------------------------------
-# zstd TIFF: lossless like PNG, ~1/4 of its decode CPU (no Paeth unfilter, zstd instead of inflate) for ~12 %
+# zstd TIFF: lossless like PNG, ~1/3 of its decode CPU (no Paeth unfilter, zstd instead of inflate) for ~12 %
 # more bytes on smear patches (benchmarks/augment_cost.py). A baseline TIFF (one strip, 8-bit RGB, compression
 # 50000 = zstd as libtiff defines it): Pillow, tifffile and GDAL read it; written and read here with pyarrow's
 # zstd, so it needs no new package.
 # ----------------------------------------------------------------------------------------------------------
 
 TIFF_ZSTD = 50000
-ZSTD_LEVEL = 9  # decode cost is flat across levels; 9 is within 1 % of 19's size at ~1/10 of its encode time
+ZSTD_LEVEL = 9  # decode cost is about flat across levels; 19 is ~9 % smaller but far slower to write
 _SHORT, _LONG = 3, 4
 
 
@@ -193,7 +193,9 @@ def decode_tiff_zstd(data: bytes) -> np.ndarray | None:
     import pyarrow as pa
 
     w, h = tags[256][0], tags[257][0]
-    rows = min(tags.get(278, (h,))[0], h)
+    if not w or not h:
+        raise ImageDecodeError(f"zstd TIFF of {w}x{h} pixels")
+    rows = min(tags.get(278, (h,))[0] or h, h)
     offsets, counts = tags[273], tags[279]
     if len(offsets) != len(counts) or len(offsets) != -(-h // rows):
         raise ImageDecodeError(f"zstd TIFF with {len(offsets)} strips for {h} rows of {rows}")
