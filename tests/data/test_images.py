@@ -52,6 +52,9 @@ def test_damaged_zstd_tiff_is_one_clear_error():
         decode_image(data[: len(data) // 2])
     with pytest.raises(ImageDecodeError, match="truncated TIFF"):
         decode_image(data[:40])
+    empty = data[:18] + (0).to_bytes(4, "little") + data[22:]  # ImageWidth (the first tag's value) set to 0
+    with pytest.raises(ImageDecodeError, match="zstd TIFF of 0x96 pixels"):
+        decode_image(empty)
     with pytest.raises(ValueError, match="tiff-zstd encodes HxWx3 uint8"):
         encode_image(np.zeros((4, 4), np.uint8), "tiff-zstd")
     with pytest.raises(ValueError, match="expected one of png, jpeg, tiff-zstd"):
