@@ -49,6 +49,7 @@ class _MLflowLogger:
     """
 
     max_pending = 200_000
+    send_every_s = 2.0  # one request per 2 s at most: at GPU speed a log step comes every few tenths of a second
 
     def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
         self.client = None
@@ -56,6 +57,7 @@ class _MLflowLogger:
         self.lost = 0
         self._down_since: float | None = None
         self._next_try = 0.0
+        self._sent_at = 0.0
         if run_id:
             from mlflow.tracking import MlflowClient
 
@@ -84,9 +86,14 @@ class _MLflowLogger:
                   "metrics are buffered and retried", flush=True)
 
     def flush(self, force: bool = False) -> bool:
-        """Send what is buffered; False (and keep it) while the server is unreachable (retried every 10 s)."""
+        """Send what is buffered, at most every ``send_every_s`` unless ``force``d (each send is a synchronous
+        request the training step waits for); False (and keep it) while the server is unreachable (retried every
+        10 s)."""
         if self._down_since is not None and not force and time.time() < self._next_try:
             return False
+        if not force and self._down_since is None and time.time() - self._sent_at < self.send_every_s:
+            return True  # kept for the next send
+        self._sent_at = time.time()
         while self.client is not None and self._pending:
             chunk = self._pending[:1000]  # MLflow's log_batch limit
             try:
