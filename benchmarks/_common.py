@@ -60,6 +60,21 @@ def synthetic_patches(n_images: int, size: int = 224, root: Path | None = None) 
     return out
 
 
+def reencoded(blobs: list[bytes], fmt: str) -> list[bytes]:
+    """The same images re-encoded as ``fmt`` (as ``reddino ingest --encode fmt`` stores them), pixels checked equal."""
+    import numpy as np
+
+    from reddino.data.images import decode_for_size, encode_image
+
+    out = []
+    for b in blobs:
+        rgb = decode_for_size(b, None)
+        e = encode_image(rgb, fmt)
+        assert np.array_equal(decode_for_size(e, None), rgb), f"{fmt} changed the pixels"
+        out.append(e)
+    return out
+
+
 def ratio_line(name: str, value: float, goal: str, met: bool | None, extra: str = "") -> None:
     verdict = "n/a" if met is None else ("MET" if met else "NOT MET")
     print(f"RATIO {name} = {value:.3f} (goal {goal}: {verdict}){(' ' + extra) if extra else ''} | {loadavg()}",

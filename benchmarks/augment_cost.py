@@ -58,7 +58,7 @@ for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import WORK_DIR, header, log, ratio_line, synthetic_patches  # noqa: E402
+from _common import WORK_DIR, header, log, ratio_line, reencoded, synthetic_patches  # noqa: E402
 
 STAGES = ("read", "decode", "crop+resize", "flip/rotate", "colour", "rbc pixel pick", "blur", "solarize",
           "normalise", "params", "masks", "collation", "transfer")
@@ -331,22 +331,14 @@ def warm_rbc_ops(blob: bytes, cfg) -> None:
                 t(image=crop)
 
 
-def tiff_zstd_copy(blobs: list[bytes], shas: list[str]) -> tuple[list[bytes], Path]:
+def tiff_zstd_copy(blobs: list[bytes]) -> tuple[list[bytes], Path]:
     """The images re-encoded as tiff-zstd (pixels checked equal) and a Parquet file of them written as shards are."""
     import hashlib
 
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from reddino.data.images import decode_for_size, encode_image
-
-    out = []
-    for b in blobs:
-        rgb = decode_for_size(b, None)
-        t = encode_image(rgb, "tiff-zstd")
-        assert np.array_equal(decode_for_size(t, None), rgb), "tiff-zstd is lossless"
-        out.append(t)
+    out = reencoded(blobs, "tiff-zstd")
     path = WORK_DIR / f"augcost_tiff_zstd_{len(out)}.parquet"
     pq.write_table(pa.table({"image": out, "sha256": [hashlib.sha256(t).hexdigest() for t in out]}), path,
                    compression="zstd")
@@ -442,7 +434,7 @@ def main() -> None:
         f"{c.local_crops_size}, resize {cfg.data.resize}, batch {args.batch_size}; 1 thread, thread CPU time")
 
     modes = ("dinov2", "albumentations", "rbc", "rbc_albumentations", "on_device", "on_device_tiff")
-    tiff_blobs, tiff_file = tiff_zstd_copy(blobs, shas)
+    tiff_blobs, tiff_file = tiff_zstd_copy(blobs)
     source = {mode: (tiff_blobs if mode == "on_device_tiff" else blobs) for mode in modes}
     warm = min(WARM_UP, n)  # first calls set things up (lazy imports, cv2 state): once per worker, not per image
     official(paths[:warm], c, masks_fn, args.batch_size, cfg.train.seed)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import WORK_DIR, env_setup, log  # noqa: E402
+from _common import WORK_DIR, env_setup, log, reencoded  # noqa: E402
 
 DRY = False
 
@@ -154,13 +154,12 @@ def worker_cpu_ms(cfg, data: Path, n: int, encode: str | None = None) -> float:
 
     from reddino.data import load_table
     from reddino.data.augment import MultiCropTransform
-    from reddino.data.images import decode_for_size, encode_image
 
     cv2.setNumThreads(1)
     table = load_table([data], columns=["image", "sha256"]).slice(0, n)
     images = table.column("image").to_pylist()
     if encode:
-        images = [encode_image(decode_for_size(b, None), encode) for b in images]
+        images = reencoded(images, encode)
     t = MultiCropTransform(cfg.crops, cfg.mask, 14 if not DRY else 8, resize=cfg.data.resize, seed=0)
     t({"image": np.array(images[:2], dtype=object), "sha256": np.array(["warm", "up"])})  # first-call set-up
     batch = {"image": np.array(images, dtype=object),

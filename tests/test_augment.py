@@ -176,6 +176,7 @@ def test_cell_policy_strong_colour_turns_some_crops_grey(colour, grey_expected):
 def test_importing_the_augmentations_asks_no_server_and_loads_no_torch():
     # A Ray Data worker imports this module: albumentations' own import would ask PyPI for its latest version
     # (a network call at run time) and import torch (~2 s per worker process, for no tensor).
+    import os
     import subprocess
     import sys
 
@@ -186,7 +187,7 @@ def test_importing_the_augmentations_asks_no_server_and_loads_no_torch():
             "from reddino.data.augment import MultiCropTransform\n"
             "import albumentations.pytorch\n"  # still importable on purpose
             "print(len(calls), sorted(m for m in ('torch', 'albumentations.pytorch') if m in sys.modules))\n")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     out = subprocess.run([sys.executable, "-c", code.replace("import albumentations.pytorch\n", "")], env=env,
                          capture_output=True, text=True, check=True).stdout.split("\n")[0]
     assert out == "0 []"

@@ -153,9 +153,12 @@ def encode_tiff_zstd(rgb: np.ndarray, level: int = ZSTD_LEVEL) -> bytes:
     tags = [(256, _LONG, 1, w), (257, _LONG, 1, h), (258, _SHORT, 3, bits_at), (259, _SHORT, 1, TIFF_ZSTD),
             (262, _SHORT, 1, 2), (273, _LONG, 1, strip_at), (277, _SHORT, 1, 3), (278, _LONG, 1, h),
             (279, _LONG, 1, len(strip)), (284, _SHORT, 1, 1)]
-    ifd = struct.pack("<H", n_tags) + b"".join(
-        struct.pack("<HHIHH" if typ == _SHORT and cnt == 1 else "<HHII", tag, typ, cnt, val, *((0,) if typ == _SHORT
-                    and cnt == 1 else ())) for tag, typ, cnt, val in tags) + struct.pack("<I", 0)
+    def entry(tag: int, typ: int, cnt: int, val: int) -> bytes:
+        lone_short = typ == _SHORT and cnt == 1  # left-justified in the 4-byte value field
+        value = struct.pack("<HH", val, 0) if lone_short else struct.pack("<I", val)
+        return struct.pack("<HHI", tag, typ, cnt) + value
+
+    ifd = struct.pack("<H", n_tags) + b"".join(entry(*t) for t in tags) + struct.pack("<I", 0)
     return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<3H", 8, 8, 8) + strip
 
 
@@ -171,7 +174,7 @@ def decode_tiff_zstd(data: bytes) -> np.ndarray | None:
     """The pixels of a zstd TIFF as :func:`encode_tiff_zstd` (or libtiff) writes it: 8-bit RGB, chunky, no
     predictor, in strips; None for any other TIFF (cv2 / PIL decode those). Raises :class:`ImageDecodeError` when
     the strips do not decompress to the image's size."""
-    if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
+    if len(data) < 8 or sniff_format(data) != "tiff":
         return None
     e = "<" if data[0] == 0x49 else ">"
     try:

@@ -647,9 +647,9 @@ def ingest(
 
     ``unit``: ``"cell"`` (crops / single-cell files, labelled) or ``"patch"`` (unlabelled smear tiles).
     ``encode``: ``"keep"`` (store file bytes untouched; folder cells only, the default there),
-    ``"png"`` (default for crops/tiles), ``"tiff-zstd"`` (lossless, cheapest to decode) or ``"jpeg"``. ``classes``: explicit class names in id order
-    (list, comma-separated string or a file with one name per line). ``workers``: processes
-    (default ``os.cpu_count()``, 1 = in-process). Returns the written (or unchanged) manifest.
+    ``"png"`` (default for crops/tiles), ``"tiff-zstd"`` (lossless, cheapest to decode) or ``"jpeg"``.
+    ``classes``: explicit class names in id order (list, comma-separated string or a file with one name per line).
+    ``workers``: processes (default ``os.cpu_count()``, 1 = in-process). Returns the written (or unchanged) manifest.
     Skipped inputs are reported through ``report`` (default: logging) and recorded in the manifest.
     ``detect``: one row per cell found by ``detector`` (see :mod:`reddino.data.detect_ingest`) in every smear
     image, labelled where the source's labels match a detected cell; ``detect_crop_size`` fixes the crop side
